@@ -1,0 +1,238 @@
+"""Recipe schema and loading: YAML -> validated :class:`Recipe` (pydantic v2).
+
+Every key is declared; an unknown key, a wrong type or a missing file is an error that names the recipe
+file and the dotted key (e.g. ``recipes/x.yaml: optim.lr: Input should be a valid number``).
+Paper defaults live in the recipes, not here; the defaults below are only sane fallbacks.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "RecipeError",
+    "Recipe",
+    "DataConfig",
+    "SpaceConfig",
+    "StrategyConfig",
+    "OptimConfig",
+    "LossConfig",
+    "EvalConfig",
+    "load_recipe",
+    "resolve_data_root",
+]
+
+
+class RecipeError(ValueError):
+    """A recipe cannot be read or validated; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Strict):
+    """Training augmentation (torchvision v2)."""
+
+    flip: bool = True
+    color_jitter: bool = False
+    random_erasing: bool = False
+    pad: int = Field(0, ge=0)
+
+
+class DatasetRef(_Strict):
+    """A dataset by registry name, root folder (None: ``$NASREID_DATA``/default) and parser options."""
+
+    name: str
+    root: Optional[str] = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Strict):
+    """Training data, loader and input size."""
+
+    dataset: DatasetRef
+    height: int = Field(256, gt=0, multiple_of=16)
+    width: int = Field(128, gt=0, multiple_of=16)
+    batch_size: int = Field(64, gt=0)
+    num_instances: int = Field(4, gt=0, description="K of the PK sampler")
+    workers: int = Field(2, ge=0)
+    on_corrupt: Literal["error", "skip"] = "error"
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _pk(self):
+        if self.batch_size % self.num_instances:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of num_instances {self.num_instances}")
+        return self
+
+
+class SpaceConfig(_Strict):
+    """Search space by registry name and constructor arguments (width multiplier, feature dim, ...)."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class StrategyConfig(_Strict):
+    """Search strategy by registry name; ``kwargs`` are validated by the strategy's own schema."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimConfig(_Strict):
+    """Optimiser and learning-rate schedule of the network weights."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0)
+    nesterov: bool = False
+    epochs: int = Field(60, gt=0)
+    scheduler: Literal["cosine", "multistep", "constant"] = "cosine"
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: int = Field(0, ge=0)
+    warmup_factor: float = Field(0.1, gt=0, le=1)
+    grad_clip: Optional[float] = Field(None, gt=0)
+
+
+class LossConfig(_Strict):
+    """ID loss (cross-entropy with label smoothing) + optional batch-hard triplet."""
+
+    label_smooth: float = Field(0.1, ge=0, lt=1)
+    triplet_weight: float = Field(0.0, ge=0)
+    triplet_margin: float = Field(0.3, gt=0)
+
+
+class EvalConfig(_Strict):
+    """Evaluation: same-domain test split of the training dataset plus cross-domain ``targets``."""
+
+    every: int = Field(0, ge=0, description="evaluate every N epochs during training (0: at the end only)")
+    flip: bool = False
+    metric: Literal["cosine", "euclidean"] = "cosine"
+    batch_size: int = Field(128, gt=0)
+    ranks: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
+    targets: list[DatasetRef] = Field(default_factory=list)
+
+
+class ModelConfig(_Strict):
+    """Fixed network to train: a genotype file or a preset of the space (e.g. ``osnet_ain``)."""
+
+    genotype: Optional[str] = None
+    preset: Optional[str] = None
+
+
+class Recipe(_Strict):
+    """A whole run: search (``strategy`` set) or retrain (``model`` set)."""
+
+    name: str
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = False
+    channels_last: bool = False
+    output_root: str = "results"
+    data: DataConfig
+    space: SpaceConfig
+    strategy: Optional[StrategyConfig] = None
+    model: Optional[ModelConfig] = None
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    then_retrain: Optional[str] = Field(
+        None, description="retrain recipe run after a search on the derived genotype (path relative to this recipe)")
+    source: Optional[str] = Field(None, description="file the recipe was loaded from (set by load_recipe)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not (v == "cpu" or v == "cuda" or v.startswith("cuda:") or v == "mps"):
+            raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {v!r}")
+        return v
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML (written into every run folder)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(path: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key {loc!r}")
+        elif e["type"] == "missing":
+            lines.append(f"{path}: missing required key {loc!r}")
+        else:
+            lines.append(f"{path}: {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None) -> Recipe:
+    """Read and validate a YAML recipe.
+
+    Args:
+        path: the YAML file.
+        overrides: dotted-key overrides applied before validation, e.g. ``{"optim.epochs": 2}``.
+
+    Raises:
+        RecipeError: missing/unreadable file, YAML syntax error, unknown key, wrong type, missing key,
+            missing ``then_retrain`` file -- the message names the file and the key.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p}: YAML syntax error: {e}") from e
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{p}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        recipe = Recipe.model_validate({**raw, "source": str(p)})
+    except ValidationError as e:
+        raise RecipeError(_format_errors(str(p), e)) from None
+    if recipe.then_retrain:
+        rp = (p.parent / recipe.then_retrain) if not Path(recipe.then_retrain).is_absolute() else Path(recipe.then_retrain)
+        if not rp.is_file():
+            raise RecipeError(f"{p}: then_retrain: file not found: {rp}")
+    if recipe.model and recipe.model.genotype and not Path(recipe.model.genotype).is_file():
+        raise RecipeError(f"{p}: model.genotype: file not found: {recipe.model.genotype}")
+    return recipe
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise RecipeError(f"override {dotted!r}: {k!r} is not a mapping")
+    d[keys[-1]] = value
+
+
+DEFAULT_DATA_DIR = "../shared/data"
+
+
+def data_dir() -> Path:
+    """Base folder of datasets: ``$NASREID_DATA``, else ``../shared/data`` (the project's shared data
+    folder beside the repository)."""
+    return Path(os.environ.get("NASREID_DATA") or DEFAULT_DATA_DIR)
+
+
+def resolve_data_root(root: Optional[str], recipe_source: Optional[str] = None) -> Optional[str]:
+    """Dataset root of a recipe: absolute paths and paths that exist from the current folder are used
+    as they are; other relative paths are taken inside :func:`data_dir` (``$NASREID_DATA``);
+    ``None`` stays ``None`` (the dataset parser then uses ``$NASREID_DATA/<its default folder>``)."""
+    if root is None:
+        return None
+    r = Path(os.path.expandvars(os.path.expanduser(root)))
+    if r.is_absolute() or r.exists():
+        return str(r)
+    return str(data_dir() / r)

@@ -1,0 +1,29 @@
+"""Dataset parsers, one module per layout; importing this package registers them all."""
+from .base import (
+    IMAGE_EXTENSIONS,
+    CorruptImageError,
+    DatasetLayoutError,
+    ImageRecord,
+    ReIDDataset,
+    available_datasets,
+    build_dataset,
+    read_image_file,
+    register_dataset,
+    relabel,
+    resolve_root,
+)
+from .market1501 import Market1501, parse_market1501_name
+from .dukemtmc import DukeMTMCreID, parse_dukemtmc_name
+from .msmt17 import MSMT17, parse_msmt17_name
+from .cuhk03np import CUHK03NP, parse_cuhk03np_name
+from .cuhk01 import CUHK01, parse_cuhk01_name
+from .folder import FolderDataset
+from .synthetic import SyntheticReID, render_person
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "CorruptImageError", "DatasetLayoutError", "ImageRecord", "ReIDDataset",
+    "available_datasets", "build_dataset", "read_image_file", "register_dataset", "relabel", "resolve_root",
+    "Market1501", "parse_market1501_name", "DukeMTMCreID", "parse_dukemtmc_name", "MSMT17", "parse_msmt17_name",
+    "CUHK03NP", "parse_cuhk03np_name", "CUHK01", "parse_cuhk01_name", "FolderDataset", "SyntheticReID",
+    "render_person",
+]

@@ -1,0 +1,296 @@
+"""Core types shared by every re-ID dataset layout.
+
+A dataset is three lists of :class:`ImageRecord` (``train``, ``query``, ``gallery``) plus a way to read an
+image (:meth:`ReIDDataset.read_image`). Parsers for the official layouts live in sibling modules and register
+themselves with :func:`register_dataset`; :func:`build_dataset` looks them up by name.
+
+Label conventions (shared with ``nasreid.evaluation``):
+
+* train pids are relabelled to ``0..num_train_pids-1`` (contiguous, sorted by original pid);
+* query/gallery pids keep the original pid of the layout; ``-1`` marks junk images (excluded by evaluation)
+  and ``0`` marks Market-1501 distractors;
+* camids are 0-based camera indices;
+* ``dsetid`` is the domain index for multi-source training (``build_dataset(..., dsetid=k)``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from PIL import Image
+
+__all__ = [
+    "ImageRecord",
+    "ReIDDataset",
+    "CorruptImageError",
+    "DatasetLayoutError",
+    "register_dataset",
+    "build_dataset",
+    "available_datasets",
+    "resolve_root",
+    "relabel",
+    "IMAGE_EXTENSIONS",
+    "list_images",
+    "read_image_file",
+]
+
+#: file extensions treated as images by the folder parsers (case-insensitive); others (e.g. ``Thumbs.db``)
+#: are ignored.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+
+
+class CorruptImageError(OSError):
+    """An image file exists but cannot be decoded (truncated, garbage bytes, not an image).
+
+    The message always names the file; the path is also available as ``.path``. Picklable, so it
+    survives being raised inside a ``DataLoader`` worker.
+    """
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+    def __str__(self) -> str:  # OSError formats single-arg messages fine, keep it explicit
+        return str(self.args[0]) if self.args else ""
+
+
+class DatasetLayoutError(ValueError):
+    """The on-disk layout does not match what the parser expects.
+
+    Raised for a missing root/folder/list file, a file name that does not follow the layout's naming
+    scheme, an empty split, or a bad keyword value. The message names the offending path or value.
+    """
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a re-ID split.
+
+    Attributes:
+        path: file path, or for procedurally generated data a ``"synthetic://seed/pid/cam/idx"`` key.
+        pid: identity label. Train: relabelled ``0..N-1``; query/gallery: the layout's original pid;
+            ``-1`` junk; ``0`` distractor (Market-1501).
+        camid: 0-based camera index.
+        dsetid: domain/dataset index (multi-source training), default 0.
+    """
+
+    path: str
+    pid: int
+    camid: int
+    dsetid: int = 0
+
+
+def read_image_file(path: str | os.PathLike) -> Image.Image:
+    """Open an image file fully and return it as an RGB ``PIL.Image``.
+
+    Raises:
+        FileNotFoundError: the file does not exist (message names it).
+        CorruptImageError: the file exists but cannot be decoded (message names it).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise CorruptImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}", path=path) from exc
+
+
+class ReIDDataset:
+    """A person re-identification dataset: ``train``, ``query`` and ``gallery`` lists of :class:`ImageRecord`.
+
+    Subclasses parse one on-disk layout (or generate images) and call ``super().__init__`` with the three
+    lists. The constructor checks that no split is empty and computes ``num_train_pids`` / ``num_train_cams``.
+
+    Args:
+        name: dataset name (registry key).
+        train, query, gallery: record lists.
+        root: dataset root folder (for messages), ``None`` for generated data.
+        allow_empty: names of splits allowed to be empty (e.g. ``("query", "gallery")`` for a train-only
+            source domain); by default every split must be non-empty.
+
+    Raises:
+        DatasetLayoutError: a split is empty (message names the split and root), or train pids are not
+            contiguous ``0..N-1``.
+    """
+
+    name: str = "reid"
+
+    def __init__(
+        self,
+        name: str,
+        train: Sequence[ImageRecord],
+        query: Sequence[ImageRecord],
+        gallery: Sequence[ImageRecord],
+        root: str | os.PathLike | None = None,
+        allow_empty: Iterable[str] = (),
+    ):
+        self.name = name
+        self.root = None if root is None else str(root)
+        self.train = list(train)
+        self.query = list(query)
+        self.gallery = list(gallery)
+        allow_empty = set(allow_empty)
+        for split in ("train", "query", "gallery"):
+            if not getattr(self, split) and split not in allow_empty:
+                raise DatasetLayoutError(
+                    f"{name}: split '{split}' is empty (root: {self.root if self.root is not None else '<none>'})"
+                )
+        pids = sorted({r.pid for r in self.train})
+        if pids and pids != list(range(len(pids))):
+            raise DatasetLayoutError(
+                f"{name}: train pids must be relabelled to 0..N-1, got {pids[:5]}... (root: {self.root})"
+            )
+        self.num_train_pids = len(pids)
+        self.num_train_cams = len({r.camid for r in self.train})
+
+    # ------------------------------------------------------------------ reading
+    def read_image(self, record: ImageRecord) -> Image.Image:
+        """Read the image of ``record`` as an RGB ``PIL.Image`` (H×W×3 uint8 when converted to array).
+
+        Raises:
+            FileNotFoundError: the file does not exist.
+            CorruptImageError: the file cannot be decoded; the message names the file.
+        """
+        return read_image_file(record.path)
+
+    # ------------------------------------------------------------------ stats
+    @staticmethod
+    def split_stats(records: Sequence[ImageRecord]) -> tuple[int, int, int]:
+        """``(#ids, #images, #cams)`` of a record list."""
+        return len({r.pid for r in records}), len(records), len({r.camid for r in records})
+
+    def summary(self) -> str:
+        """A plain-text table of ``#ids``, ``#images`` and ``#cams`` per split."""
+        lines = [
+            f"=> {self.name}" + (f" ({self.root})" if self.root else ""),
+            "  ----------------------------------------",
+            "  subset   | # ids | # images | # cameras",
+            "  ----------------------------------------",
+        ]
+        for split in ("train", "query", "gallery"):
+            n_ids, n_img, n_cam = self.split_stats(getattr(self, split))
+            lines.append(f"  {split:<8} | {n_ids:5d} | {n_img:8d} | {n_cam:9d}")
+        lines.append("  ----------------------------------------")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, train={len(self.train)}, query={len(self.query)}, "
+            f"gallery={len(self.gallery)}, num_train_pids={self.num_train_pids})"
+        )
+
+    def with_dsetid(self, dsetid: int) -> "ReIDDataset":
+        """Set ``dsetid`` on every record (in place) and return ``self``."""
+        for split in ("train", "query", "gallery"):
+            setattr(self, split, [dataclasses.replace(r, dsetid=int(dsetid)) for r in getattr(self, split)])
+        return self
+
+
+# ---------------------------------------------------------------------- helpers
+def relabel(records: Sequence[ImageRecord]) -> list[ImageRecord]:
+    """Map the pids of ``records`` to ``0..N-1`` in sorted order of the original pid."""
+    mapping = {pid: i for i, pid in enumerate(sorted({r.pid for r in records}))}
+    return [dataclasses.replace(r, pid=mapping[r.pid]) for r in records]
+
+
+def resolve_root(root: str | os.PathLike | None, default_subdir: str, name: str) -> Path:
+    """Resolve a dataset root.
+
+    ``root=None`` means ``$NASREID_DATA/<default_subdir>``. If ``root`` exists and contains
+    ``default_subdir`` it is also accepted as the parent folder.
+
+    Raises:
+        DatasetLayoutError: root is ``None`` and ``NASREID_DATA`` is unset, or the folder does not exist
+            (message names the path).
+    """
+    if root is None:
+        base = os.environ.get("NASREID_DATA")
+        if not base:
+            raise DatasetLayoutError(
+                f"{name}: no root given and environment variable NASREID_DATA is not set "
+                f"(expected $NASREID_DATA/{default_subdir})"
+            )
+        path = Path(base) / default_subdir
+    else:
+        path = Path(root)
+    path = path.expanduser()
+    if not path.is_dir():
+        raise DatasetLayoutError(f"{name}: dataset root does not exist or is not a folder: {path}")
+    return path
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Sorted image files (by :data:`IMAGE_EXTENSIONS`) directly inside ``folder``."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def require_dir(path: Path, name: str) -> Path:
+    """Return ``path`` if it is a folder, else raise :class:`DatasetLayoutError` naming it."""
+    if not path.is_dir():
+        raise DatasetLayoutError(f"{name}: expected folder not found: {path}")
+    return path
+
+
+def warn_or_raise(strict: bool, message: str) -> None:
+    """Raise :class:`DatasetLayoutError` (strict) or emit a ``UserWarning`` with ``message``."""
+    if strict:
+        raise DatasetLayoutError(message)
+    warnings.warn(message, stacklevel=3)
+
+
+# ---------------------------------------------------------------------- registry
+_REGISTRY: dict[str, Callable[..., ReIDDataset]] = {}
+
+
+def register_dataset(name: str) -> Callable:
+    """Class/function decorator registering a dataset factory under ``name`` for :func:`build_dataset`.
+
+    The factory is called as ``factory(root=root, **kwargs)``.
+
+    Raises:
+        ValueError: ``name`` is already registered to a different factory.
+    """
+    key = name.lower()
+
+    def deco(factory):
+        if key in _REGISTRY and _REGISTRY[key] is not factory:
+            raise ValueError(f"dataset '{name}' is already registered to {_REGISTRY[key]!r}")
+        _REGISTRY[key] = factory
+        return factory
+
+    return deco
+
+
+def available_datasets() -> list[str]:
+    """Sorted names accepted by :func:`build_dataset`."""
+    return sorted(_REGISTRY)
+
+
+def build_dataset(name: str, root: str | os.PathLike | None = None, *, dsetid: int = 0, **kwargs) -> ReIDDataset:
+    """Build a registered dataset by name.
+
+    Args:
+        name: one of :func:`available_datasets` (``market1501``, ``dukemtmc``, ``msmt17``, ``cuhk03np``,
+            ``cuhk01``, ``folder``, ``synthetic``), case-insensitive.
+        root: dataset folder; ``None`` → ``$NASREID_DATA/<default subdir>`` (ignored by ``synthetic``).
+        dsetid: domain index stamped on every record (multi-source training).
+        **kwargs: layout-specific options (see each dataset class).
+
+    Raises:
+        KeyError: unknown name (message lists the known ones).
+        DatasetLayoutError: missing root, bad layout, empty split.
+    """
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise KeyError(f"unknown dataset '{name}'; known: {', '.join(available_datasets())}")
+    ds = _REGISTRY[key](root=root, **kwargs)
+    if dsetid:
+        ds.with_dsetid(dsetid)
+    return ds

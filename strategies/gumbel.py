@@ -1,0 +1,214 @@
+"""One-shot Gumbel-softmax search (OSNet-AIN, Zhou et al. TPAMI 2021, Sec. 3.3, Eq. 5-15).
+
+Each choice becomes a :class:`GumbelMixedOp` holding learnable architecture parameters pi (one per
+candidate; ``softmax(pi)`` is P(alpha_omega = 1) of Eq. 7). Every forward pass draws Gumbel noise
+``z = -log(-log u)`` and forms the relaxed one-hot
+
+    alpha = softmax((log softmax(pi) + z) / lambda)                                   (Eq. 8)
+
+and the block output ``y = sum_omega alpha_omega * omega(x)`` (Eq. 5). Weights theta and pi are trained
+jointly by SGD on the Monte-Carlo estimate of Eq. 9 with S samples (Eq. 12 and 15). The temperature lambda
+starts at ``lambda_start`` and drops by ``lambda_step`` every ``lambda_every`` epochs down to
+``lambda_min`` (paper: 10, 0.5, 20, floor 1 -- "setting lambda < 1 makes the training unstable").
+
+Modes:
+* ``soft`` -- every candidate runs and is weighted by alpha (Eq. 5 as written);
+* ``hard`` -- straight-through: the forward pass runs only ``argmax alpha`` and scales it by
+  ``h = onehot - stopgrad(alpha) + alpha`` (value 1), so pi still receives the gradient of alpha
+  (Jang et al. 2017, Sec. 2.2); one path per step, about the cost of the derived network.
+
+At the end the derived architecture takes ``argmax pi`` per block ("Search Outcome").
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.nn import functional as F
+
+from nasreid.mutables import LayerChoice
+from nasreid.registry import register_strategy
+
+from .base import Strategy
+
+__all__ = ["GumbelMixedOp", "GumbelStrategy", "gumbel_softmax_sample", "lambda_schedule"]
+
+
+def gumbel_softmax_sample(pi: torch.Tensor, lam: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Relaxed one-hot alpha of Eq. 8 for logits ``pi`` (shape ``[N]``) at temperature ``lam`` > 0.
+
+    ``log pi_omega`` of Eq. 8 is the log-probability ``log_softmax(pi)`` (pi are unnormalised logits).
+    Returns ``[N]`` non-negative weights summing to 1, differentiable w.r.t. ``pi``.
+    """
+    u = torch.rand(pi.shape, generator=generator, device="cpu", dtype=torch.float32).to(pi.device, pi.dtype)
+    z = -torch.log(-torch.log(u.clamp_(1e-10, 1 - 1e-7)))
+    return F.softmax((F.log_softmax(pi, dim=-1) + z) / lam, dim=-1)
+
+
+def lambda_schedule(epoch: int, start: float, step: float, every: int, minimum: float) -> float:
+    """Temperature at (0-based) ``epoch``: ``max(minimum, start - step * (epoch // every))``."""
+    return max(minimum, start - step * (epoch // every))
+
+
+class GumbelMixedOp(LayerChoice):
+    """A :class:`LayerChoice` whose forward mixes candidates with Gumbel-softmax weights (Eq. 5, 8).
+
+    Keeps the choice's ``label`` and ``candidates`` (so :func:`nasreid.mutables.freeze` works on the
+    supernet) and adds ``pi``: ``nn.Parameter [num_candidates]``, initialised to zeros (uniform P).
+
+    In eval mode the op runs the argmax candidate only (the derived network).
+    """
+
+    def __init__(self, choice: LayerChoice, mode: str = "hard", lam: float = 10.0,
+                 init_std: float = 1e-3, generator: torch.Generator | None = None):
+        super().__init__({str(k): m for k, m in choice.candidates.items()}, label=choice.label)
+        self._keys = list(choice.values)
+        self.mode = mode
+        self.lam = lam
+        self.generator = generator
+        self.pi = nn.Parameter(torch.randn(len(self._keys), generator=generator) * init_std)
+        self.last_alpha: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = list(self.candidates.values())
+        if not self.training:
+            return ops[int(self.pi.argmax())](x)
+        alpha = gumbel_softmax_sample(self.pi, self.lam, self.generator)
+        self.last_alpha = alpha.detach()
+        if self.mode == "soft":
+            out = None
+            for a, op in zip(alpha, ops):
+                y = a * op(x)
+                out = y if out is None else out + y
+            return out
+        idx = int(alpha.argmax())
+        hard = torch.zeros_like(alpha)
+        hard[idx] = 1.0
+        h = hard - alpha.detach() + alpha  # straight-through: value one-hot, gradient of alpha
+        return h[idx] * ops[idx](x)
+
+    def probabilities(self) -> dict[str, float]:
+        """``softmax(pi)`` as ``{value: p}`` (Eq. 7)."""
+        p = F.softmax(self.pi.detach().float(), dim=-1).tolist()
+        return {str(k): float(v) for k, v in zip(self._keys, p)}
+
+    def extra_repr(self) -> str:
+        return f"label={self.label!r}, mode={self.mode!r}, lambda={self.lam}"
+
+
+@register_strategy("gumbel")
+class GumbelStrategy(Strategy):
+    """Gumbel-softmax one-shot search (OSNet-AIN Sec. 3.3). See the module docstring for equations.
+
+    Kwargs (``strategy.kwargs`` of the recipe):
+        mode: ``"hard"`` (straight-through, one path per step) or ``"soft"`` (all candidates).
+        samples: S, Monte-Carlo samples per step (Eq. 12, 15); losses of the S forwards are averaged.
+        lambda_start, lambda_step, lambda_every, lambda_min: temperature schedule (paper 10, 0.5, 20, 1).
+        arch_lr: learning rate of pi (None: the weights' lr); arch_weight_decay: weight decay of pi.
+        seed: seed of the Gumbel noise generator.
+
+    Raises:
+        StrategyConfigError: unknown or invalid kwargs (names the key).
+    """
+
+    name = "gumbel"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        mode: Literal["hard", "soft"] = "hard"
+        samples: int = Field(1, ge=1)
+        lambda_start: float = Field(10.0, gt=0)
+        lambda_step: float = Field(0.5, ge=0)
+        lambda_every: int = Field(20, ge=1)
+        lambda_min: float = Field(1.0, gt=0)
+        arch_lr: float | None = Field(None, gt=0)
+        arch_weight_decay: float = Field(0.0, ge=0)
+        init_std: float = Field(1e-3, ge=0)
+        seed: int = 0
+
+    def __init__(self, space, **kwargs: Any):
+        super().__init__(space, **kwargs)
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.lam = self.cfg.lambda_start
+        self.ops: dict[str, GumbelMixedOp] = {}
+
+    def attach(self) -> nn.Module:
+        def factory(lc: LayerChoice) -> GumbelMixedOp:
+            op = GumbelMixedOp(lc, mode=self.cfg.mode, lam=self.lam, init_std=self.cfg.init_std, generator=self.generator)
+            self.ops[lc.label] = op
+            return op
+
+        return self._replace_choices(factory)
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [op.pi for op in self.ops.values()]
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimiser groups: weights (recipe lr / wd) and pi (``arch_lr`` / ``arch_weight_decay``)."""
+        return [
+            {"params": self.weight_parameters(), "lr": lr, "weight_decay": weight_decay, "name": "weights"},
+            {"params": self.arch_parameters(), "lr": self.cfg.arch_lr or lr,
+             "weight_decay": self.cfg.arch_weight_decay, "name": "arch"},
+        ]
+
+    def set_lambda(self, lam: float) -> None:
+        self.lam = lam
+        for op in self.ops.values():
+            op.lam = lam
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> dict[str, float]:
+        c = self.cfg
+        self.set_lambda(lambda_schedule(epoch, c.lambda_start, c.lambda_step, c.lambda_every, c.lambda_min))
+        return {"lambda": self.lam}
+
+    def train_step(self, images, pids, loss_fn: Callable, optimizer, scaler=None, grad_clip=None,
+                   autocast: Callable | None = None, **batch) -> dict[str, float]:
+        """Eq. 12 & 15: average the loss over S Gumbel samples, one SGD step on theta and pi jointly."""
+        model = self.model
+        optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        S = self.cfg.samples
+        for _ in range(S):
+            ctx = autocast() if autocast is not None else _nullcontext()
+            with ctx:
+                out = model(images)
+                loss, parts = loss_fn(out, pids)
+                loss = loss / S
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / S
+        if scaler is not None:
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(self.weight_parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            if grad_clip:
+                nn.utils.clip_grad_norm_(self.weight_parameters(), grad_clip)
+            optimizer.step()
+        totals["lambda"] = self.lam
+        return totals
+
+    def probabilities(self) -> dict[str, dict[str, float]]:
+        return {label: op.probabilities() for label, op in self.ops.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lambda": self.lam, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.set_lambda(float(state["lambda"]))
+        self.generator.set_state(state["generator"])
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False

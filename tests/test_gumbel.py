@@ -1,0 +1,123 @@
+"""Gumbel-softmax one-shot strategy (OSNet-AIN Eq. 7-15): gradients to pi, lambda schedule, modes, S."""
+import pytest
+import torch
+from torch import nn
+
+from nasreid.losses import build_reid_loss
+from nasreid.mutables import LayerChoice, freeze
+from nasreid.registry import get_space, get_strategy
+from nasreid.strategies import StrategyConfigError
+from nasreid.strategies.gumbel import GumbelMixedOp, gumbel_softmax_sample, lambda_schedule
+
+
+def make(mode="hard", **kw):
+    torch.manual_seed(0)
+    space = get_space("osnet_ain")(num_classes=4, width_mult=0.25)
+    strat = get_strategy("gumbel")(space, mode=mode, **kw)
+    model = strat.attach()
+    return strat, model
+
+
+def test_lambda_schedule_follows_paper():
+    # lambda starts at 10 and decreases by 0.5 every 20 epochs, floor 1 (Sec. 4.2)
+    got = [lambda_schedule(e, 10.0, 0.5, 20, 1.0) for e in (0, 19, 20, 39, 40, 119)]
+    assert got == [10.0, 10.0, 9.5, 9.5, 9.0, 7.5]
+    assert lambda_schedule(10_000, 10.0, 0.5, 20, 1.0) == 1.0
+    strat, _ = make(lambda_start=4.0, lambda_step=1.0, lambda_every=2, lambda_min=1.5)
+    seen = [strat.on_epoch_start(e, 10)["lambda"] for e in range(8)]
+    assert seen == [4.0, 4.0, 3.0, 3.0, 2.0, 2.0, 1.5, 1.5]
+    assert all(op.lam == 1.5 for op in strat.ops.values())
+
+
+def test_gumbel_softmax_sample_is_a_distribution_and_sharpens_with_lambda():
+    pi = torch.tensor([2.0, 0.0, -1.0, 0.5], requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    a = gumbel_softmax_sample(pi, 1.0, g)
+    assert torch.isclose(a.sum(), torch.tensor(1.0)) and (a >= 0).all()
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    hot, cold = gumbel_softmax_sample(pi, 10.0, g1), gumbel_softmax_sample(pi, 0.1, g2)
+    assert cold.max() > hot.max()  # same noise, lower temperature -> closer to one-hot
+    # frequency of argmax follows softmax(pi) (Eq. 7): Gumbel-max trick
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.zeros(4)
+    for _ in range(4000):
+        counts[gumbel_softmax_sample(pi.detach(), 1.0, gen).argmax()] += 1
+    assert torch.allclose(counts / 4000, torch.softmax(pi.detach(), 0), atol=0.03)
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_pi_receives_gradients_in_both_modes(mode):
+    strat, model = make(mode)
+    loss_fn = build_reid_loss(4)
+    opt = torch.optim.SGD(strat.param_groups(0.1, 5e-4), lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 3, 64, 32), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    before = [op.pi.detach().clone() for op in strat.ops.values()]
+    parts = strat.train_step(x, y, loss_fn, opt)
+    assert parts["lambda"] == 10.0 and parts["loss"] > 0
+    for op in strat.ops.values():
+        assert op.pi.grad is not None and torch.isfinite(op.pi.grad).all()
+        assert op.pi.grad.abs().sum() > 0, op.label
+    moved = sum(float((op.pi.detach() - b).abs().sum()) for op, b in zip(strat.ops.values(), before))
+    assert moved > 0  # pi updated by the same SGD step as the weights
+    assert {g["name"] for g in opt.param_groups} == {"weights", "arch"}
+
+
+def test_soft_mode_is_alpha_weighted_sum_and_hard_mode_runs_one_path():
+    torch.manual_seed(0)
+    cands = {"a": nn.Linear(3, 3), "b": nn.Linear(3, 3), "c": nn.Linear(3, 3)}
+    lc = LayerChoice(cands, label="x")
+    x = torch.randn(5, 3)
+    soft = GumbelMixedOp(lc, mode="soft", lam=1.0, generator=torch.Generator().manual_seed(7))
+    out = soft(x)
+    a = soft.last_alpha
+    want = sum(w * m(x) for w, m in zip(a, cands.values()))
+    assert torch.allclose(out, want, atol=1e-6)
+
+    calls = []
+    hard = GumbelMixedOp(lc, mode="hard", lam=1.0, generator=torch.Generator().manual_seed(7))
+    for k, m in hard.candidates.items():
+        m.register_forward_hook(lambda mod, i, o, k=k: calls.append(k))
+    y = hard(x)
+    assert len(calls) == 1  # one path per step
+    assert torch.allclose(y, hard.candidates[calls[0]](x), atol=1e-6)  # straight-through value is 1
+    y.sum().backward()
+    assert hard.pi.grad is not None and hard.pi.grad.abs().sum() > 0
+    hard.eval()
+    calls.clear()
+    hard(x)
+    assert calls == [list(hard.candidates)[int(hard.pi.argmax())]]
+
+
+def test_monte_carlo_samples_average_the_loss():
+    strat, model = make("soft", samples=3)
+    n_forward = []
+    model.register_forward_hook(lambda *a: n_forward.append(1))
+    opt = torch.optim.SGD(strat.param_groups(0.0, 0.0), lr=0.0)
+    parts = strat.train_step(torch.randn(4, 3, 64, 32), torch.tensor([0, 0, 1, 1]), build_reid_loss(4), opt)
+    assert len(n_forward) == 3 and parts["loss"] > 0
+
+
+def test_export_is_argmax_pi_and_freezes():
+    strat, model = make()
+    with torch.no_grad():
+        for i, op in enumerate(strat.ops.values()):
+            op.pi.zero_()
+            op.pi[i % 4] = 1.0
+    sample = strat.export()
+    assert list(sample.values()) == ["os", "os_in_in", "os_in_out", "os_in_in_out", "os", "os_in_in"]
+    probs = strat.probabilities()
+    assert abs(sum(probs["conv2_1"].values()) - 1) < 1e-6
+    fixed = freeze(model, sample)
+    model.eval(); fixed.eval()
+    x = torch.randn(2, 3, 64, 32)
+    assert torch.equal(model(x), fixed(x))
+
+
+def test_bad_strategy_kwargs_name_the_key():
+    space = get_space("osnet_ain")(num_classes=4, width_mult=0.25)
+    with pytest.raises(StrategyConfigError, match="strategy.kwargs.temperature"):
+        get_strategy("gumbel")(space, temperature=3)
+    with pytest.raises(StrategyConfigError, match="strategy.kwargs.mode"):
+        get_strategy("gumbel")(space, mode="medium")
+    with pytest.raises(KeyError, match="unknown strategy"):
+        get_strategy("evolution")
