@@ -200,9 +200,12 @@ def load_recipe(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
     except ValidationError as e:
         raise RecipeError(_format_errors(str(p), e)) from None
     if recipe.then_retrain:
-        rp = (p.parent / recipe.then_retrain) if not Path(recipe.then_retrain).is_absolute() else Path(recipe.then_retrain)
+        rp = Path(recipe.then_retrain)
+        if not rp.is_absolute():  # relative to the recipe's folder, else to the current folder
+            rp = p.parent / rp if (p.parent / rp).is_file() else rp
         if not rp.is_file():
-            raise RecipeError(f"{p}: then_retrain: file not found: {rp}")
+            raise RecipeError(f"{p}: then_retrain: file not found: {recipe.then_retrain}")
+        recipe.then_retrain = str(rp)
     if recipe.model and recipe.model.genotype and not Path(recipe.model.genotype).is_file():
         raise RecipeError(f"{p}: model.genotype: file not found: {recipe.model.genotype}")
     return recipe

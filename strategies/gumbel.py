@@ -13,9 +13,14 @@ starts at ``lambda_start`` and drops by ``lambda_step`` every ``lambda_every`` e
 
 Modes:
 * ``soft`` -- every candidate runs and is weighted by alpha (Eq. 5 as written);
-* ``hard`` -- straight-through: the forward pass runs only ``argmax alpha`` and scales it by
-  ``h = onehot - stopgrad(alpha) + alpha`` (value 1), so pi still receives the gradient of alpha
-  (Jang et al. 2017, Sec. 2.2); one path per step, about the cost of the derived network.
+* ``hard`` -- straight-through Gumbel estimator (Jang et al., ICLR 2017, Sec. 2.2):
+  ``y = sum_omega h_omega * omega(x)`` with ``h = onehot(argmax alpha) - stopgrad(alpha) + alpha``, whose
+  value is the one-hot sample, so the weights theta are trained through the sampled path only, while
+  ``dL/dalpha_omega = <dL/dy, omega(x)>`` for *every* candidate. With ``hard_gradient: full`` (default) the
+  other candidates run without autograd (their outputs enter only the gradient of alpha); with ``selected``
+  only the sampled path runs (GDAS-style, cheapest). ``selected`` gives pi no gradient when the block is
+  followed by a scale-invariant layer (a BN right after the block, e.g. OSNet's transitions and conv5):
+  ``dL/dh = <dL/dy, y> = 0`` there, which is why ``full`` is the default.
 
 At the end the derived architecture takes ``argmax pi`` per block ("Search Outcome").
 """
@@ -62,10 +67,11 @@ class GumbelMixedOp(LayerChoice):
     """
 
     def __init__(self, choice: LayerChoice, mode: str = "hard", lam: float = 10.0,
-                 init_std: float = 1e-3, generator: torch.Generator | None = None):
+                 init_std: float = 1e-3, generator: torch.Generator | None = None, hard_gradient: str = "full"):
         super().__init__({str(k): m for k, m in choice.candidates.items()}, label=choice.label)
         self._keys = list(choice.values)
         self.mode = mode
+        self.hard_gradient = hard_gradient
         self.lam = lam
         self.generator = generator
         self.pi = nn.Parameter(torch.randn(len(self._keys), generator=generator) * init_std)
@@ -87,7 +93,14 @@ class GumbelMixedOp(LayerChoice):
         hard = torch.zeros_like(alpha)
         hard[idx] = 1.0
         h = hard - alpha.detach() + alpha  # straight-through: value one-hot, gradient of alpha
-        return h[idx] * ops[idx](x)
+        out = h[idx] * ops[idx](x)
+        if self.hard_gradient == "full":
+            for k, op in enumerate(ops):
+                if k != idx:
+                    with torch.no_grad():
+                        other = op(x)
+                    out = out + h[k] * other  # value + 0; gradient <dL/dy, omega_k(x)> to alpha_k
+        return out
 
     def probabilities(self) -> dict[str, float]:
         """``softmax(pi)`` as ``{value: p}`` (Eq. 7)."""
@@ -104,6 +117,8 @@ class GumbelStrategy(Strategy):
 
     Kwargs (``strategy.kwargs`` of the recipe):
         mode: ``"hard"`` (straight-through, one path per step) or ``"soft"`` (all candidates).
+        hard_gradient: ``"full"`` (all candidates' outputs feed the gradient of alpha, computed without
+            autograd) or ``"selected"`` (sampled path only; see the module docstring).
         samples: S, Monte-Carlo samples per step (Eq. 12, 15); losses of the S forwards are averaged.
         lambda_start, lambda_step, lambda_every, lambda_min: temperature schedule (paper 10, 0.5, 20, 1).
         arch_lr: learning rate of pi (None: the weights' lr); arch_weight_decay: weight decay of pi.
@@ -118,6 +133,7 @@ class GumbelStrategy(Strategy):
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         mode: Literal["hard", "soft"] = "hard"
+        hard_gradient: Literal["full", "selected"] = "full"
         samples: int = Field(1, ge=1)
         lambda_start: float = Field(10.0, gt=0)
         lambda_step: float = Field(0.5, ge=0)
@@ -136,7 +152,8 @@ class GumbelStrategy(Strategy):
 
     def attach(self) -> nn.Module:
         def factory(lc: LayerChoice) -> GumbelMixedOp:
-            op = GumbelMixedOp(lc, mode=self.cfg.mode, lam=self.lam, init_std=self.cfg.init_std, generator=self.generator)
+            op = GumbelMixedOp(lc, mode=self.cfg.mode, lam=self.lam, init_std=self.cfg.init_std,
+                               generator=self.generator, hard_gradient=self.cfg.hard_gradient)
             self.ops[lc.label] = op
             return op
 

@@ -74,18 +74,51 @@ def test_soft_mode_is_alpha_weighted_sum_and_hard_mode_runs_one_path():
     assert torch.allclose(out, want, atol=1e-6)
 
     calls = []
-    hard = GumbelMixedOp(lc, mode="hard", lam=1.0, generator=torch.Generator().manual_seed(7))
+    hard = GumbelMixedOp(lc, mode="hard", lam=1.0, generator=torch.Generator().manual_seed(7),
+                         hard_gradient="selected")
     for k, m in hard.candidates.items():
-        m.register_forward_hook(lambda mod, i, o, k=k: calls.append(k))
+        m.register_forward_hook(lambda mod, i, o, k=k: calls.append((k, torch.is_grad_enabled())))
     y = hard(x)
     assert len(calls) == 1  # one path per step
-    assert torch.allclose(y, hard.candidates[calls[0]](x), atol=1e-6)  # straight-through value is 1
+    chosen = calls[0][0]
+    assert torch.allclose(y, hard.candidates[chosen](x), atol=1e-6)  # straight-through value is 1
     y.sum().backward()
     assert hard.pi.grad is not None and hard.pi.grad.abs().sum() > 0
     hard.eval()
     calls.clear()
     hard(x)
-    assert calls == [list(hard.candidates)[int(hard.pi.argmax())]]
+    assert [c[0] for c in calls] == [list(hard.candidates)[int(hard.pi.argmax())]]
+
+    # full straight-through gradient: other candidates run without autograd, value unchanged,
+    # their weights get no gradient, but every alpha_k does
+    full = GumbelMixedOp(lc, mode="hard", lam=1.0, generator=torch.Generator().manual_seed(7))
+    for m in full.candidates.values():
+        m.zero_grad()
+    calls.clear()
+    y_full = full(x)
+    assert torch.allclose(y_full, y, atol=1e-6)
+    assert sum(g for _, g in calls) == 1 and len(calls) == 3
+    y_full.sum().backward()
+    for k, m in full.candidates.items():
+        assert (m.weight.grad is not None) == (k == chosen), k
+    assert (full.pi.grad != 0).all()
+
+
+def test_full_straight_through_reaches_blocks_followed_by_bn():
+    """A block feeding a BN (transition / conv5) is scale-invariant: with gradients through the sampled
+    path only, its pi gets ~0 gradient; the full straight-through estimator fixes that."""
+    grads = {}
+    for hg in ("selected", "full"):
+        torch.manual_seed(0)
+        space = get_space("osnet_ain")(num_classes=4, width_mult=0.25)
+        strat = get_strategy("gumbel")(space, mode="hard", hard_gradient=hg)
+        model = strat.attach()
+        loss, _ = build_reid_loss(4)(model(torch.randn(8, 3, 64, 32)), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+        loss.backward()
+        grads[hg] = {k: float(op.pi.grad.abs().sum()) for k, op in strat.ops.items()}
+    for label in ("conv2_2", "conv3_2", "conv4_2"):  # followed by transition / conv5 (conv + BN)
+        assert grads["selected"][label] < 1e-5 * grads["full"][label] + 1e-6, label
+        assert grads["full"][label] > 1e-5, label
 
 
 def test_monte_carlo_samples_average_the_loss():

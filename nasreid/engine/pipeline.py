@@ -85,16 +85,10 @@ def _prepare_run(recipe: Recipe, run_dir: Optional[str | os.PathLike], resume: b
             raise FileExistsError(f"{run} already holds a run; pass --resume to continue it or choose another folder")
         run.mkdir(parents=True, exist_ok=True)
     if not (resume and (run / "recipe.yaml").exists()):
-        dumped = recipe.model_copy(update={"source": None, "then_retrain": _abs(recipe, recipe.then_retrain)})
+        dumped = recipe.model_copy(update={"source": None})
         (run / "recipe.yaml").write_text(dumped.to_yaml())
     setup_logging(run)
     return run
-
-
-def _abs(recipe: Recipe, path: Optional[str]) -> Optional[str]:
-    if path is None or Path(path).is_absolute() or recipe.source is None:
-        return path
-    return os.path.relpath(Path(recipe.source).parent / path)
 
 
 def _build_data(recipe: Recipe):
@@ -170,8 +164,6 @@ def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resu
                                             "sample": strategy.export()},
                                    lambda s: strategy.load_state_dict(s["strategy"])),
                       writer=writer, progress=_progress() if progress is None else progress)
-    if epoch_start is not None and trainer.ckpt_path.exists():
-        pass
     history = trainer.fit()
     writer.close()
     metrics = read_json(run / "metrics.json", {}) or {}
@@ -331,7 +323,7 @@ def _evaluate_dataset(model: nn.Module, dataset, recipe: Recipe, ctx) -> dict[st
                               workers=d.workers, on_corrupt=d.on_corrupt)
     t0 = time.time()
     res = evaluate_model(model, q, g, device=ctx.device, flip=e.flip, metric=e.metric, amp=ctx.amp,
-                         ranks=tuple(e.ranks))
+                         ranks=tuple(e.ranks), progress=_progress())
     res["seconds"] = time.time() - t0
     return res
 

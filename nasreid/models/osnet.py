@@ -101,8 +101,9 @@ class OSResidual(nn.Module):
     Forward: ``[B, in_ch, H, W] -> (residual [B, out_ch, H, W], shortcut [B, out_ch, H, W])``.
 
     With ``memoize=True`` the last result is reused when called again on the *same* input tensor
-    (same object, same version, same grad mode): the OSNet-AIN candidates that share one residual
-    branch then compute it once per forward pass (see :class:`OSBlock`). :meth:`clear_cache` drops it.
+    (same object, same version, same train/eval mode; a result computed with grad is also served, detached,
+    to a no-grad call): the OSNet-AIN candidates that share one residual branch then compute it once per
+    forward pass (see :class:`OSBlock`). :meth:`clear_cache` drops it.
     """
 
     def __init__(self, in_ch: int, out_ch: int, streams: int = 4, bottleneck_reduction: int = 4,
@@ -125,8 +126,11 @@ class OSResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self._cache
         grad = torch.is_grad_enabled()
-        if c is not None and c[0] is x and c[1] == x._version and c[2] == grad and c[3] == self.training:
-            return c[4]
+        if c is not None and c[0] is x and c[1] == x._version and c[3] == self.training:
+            if c[2] == grad:
+                return c[4]
+            if not grad:  # a no-grad caller (e.g. a straight-through estimator's other candidates)
+                return tuple(t.detach() for t in c[4])
         identity = x if self.downsample is None else self.downsample(x)
         h = self.conv1(x)
         res = None

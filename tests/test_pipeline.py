@@ -1,0 +1,164 @@
+"""End to end on real CUHK01 images: search -> derive -> train -> evaluate -> plot, interrupted-run
+resume, and clear errors for corrupt images and bad CLI input."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from nasreid import cli
+from nasreid.config import load_recipe
+from nasreid.engine import pipeline
+from nasreid.engine.checkpoint import load_checkpoint
+from nasreid.genotype import Genotype
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "device": "cpu",
+    "data": {
+        "dataset": {"name": "cuhk01", "root": None, "kwargs": {"split_seed": 0, "max_ids": 24}},
+        "height": 64, "width": 32, "batch_size": 16, "num_instances": 4, "workers": 0,
+        "augment": {"flip": True, "color_jitter": True},
+    },
+    "space": {"name": "osnet_ain", "kwargs": {"width_mult": 0.125, "feature_dim": 64}},
+    "strategy": {"name": "gumbel", "kwargs": {"mode": "hard", "lambda_start": 3.0, "lambda_step": 1.0,
+                                                "lambda_every": 1, "lambda_min": 1.0, "arch_lr": 0.5}},
+    "optim": {"lr": 0.05, "epochs": 3, "scheduler": "cosine"},
+    "eval": {"flip": False, "batch_size": 64},
+}
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, shared_data):
+    def make(**over):
+        d = json.loads(json.dumps(TINY))
+        d["data"]["dataset"]["root"] = str(shared_data / "cuhk01")
+        d["output_root"] = str(tmp_path / "results")
+        for k, v in over.items():
+            node = d
+            keys = k.split(".")
+            for kk in keys[:-1]:
+                node = node[kk]
+            node[keys[-1]] = v
+        p = tmp_path / f"{d['name']}.yaml"
+        p.write_text(yaml.safe_dump(d))
+        return p
+    return make
+
+
+def test_search_derive_train_evaluate_plot_on_cuhk01(tiny_recipe, tmp_path, shared_data):
+    search_run = pipeline.run_search(load_recipe(tiny_recipe()), run_dir=tmp_path / "search", progress=False)
+    # alphas.csv: one row per (epoch, label, value); probabilities are distributions
+    rows = (search_run / "alphas.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3 * 6 * 4
+    geno = Genotype.load(search_run / "genotype.json")
+    assert geno.space == "osnet_ain" and len(geno.choices) == 6
+    for label, probs in geno.probabilities.items():
+        assert abs(sum(probs.values()) - 1) < 1e-5
+        assert geno.choices[label] == max(probs, key=probs.get)  # derive = argmax pi
+    # pi moved away from uniform under training (arch_lr 0.5)
+    assert max(max(p.values()) for p in geno.probabilities.values()) > 0.26
+    metrics = json.loads((search_run / "metrics.json").read_text())
+    assert [h["lambda"] for h in metrics["history"]] == [3.0, 2.0, 1.0]
+    assert (search_run / "genotype.graphml").is_file() and any((search_run / "tb").iterdir())
+
+    # CLI derive and plot on the same run
+    assert cli.main(["derive", str(search_run)]) == 0
+    assert cli.main(["plot", str(search_run)]) == 0
+    assert (search_run / "alpha_trajectories.png").stat().st_size > 0
+
+    train_recipe = tiny_recipe(name="tiny_train", strategy=None, **{"optim.epochs": 2, "loss": {"triplet_weight": 1.0}})
+    run = pipeline.run_train(load_recipe(train_recipe), genotype=search_run / "genotype.json",
+                             run_dir=tmp_path / "train", progress=False)
+    m = json.loads((run / "metrics.json").read_text())
+    ev = m["evaluation"]["cuhk01 (same-domain)"]
+    assert ev["num_query"] == ev["num_gallery"] > 0
+    assert 0 <= ev["mAP"] <= 100 and ev["rank1"] <= ev["rank5"] <= ev["rank10"]
+    # the trained network is exactly the genotype's
+    net = Genotype.load(run / "genotype.json").build(num_classes=12)
+    variants = [b.variant for b in (*net.conv2, *net.conv3, *net.conv4)]
+    assert variants == list(geno.choices.values())
+
+    # cross-domain evaluation on another layout: a Market-1501 tree built from CUHK01 test ids
+    market = tmp_path / "market"
+    src = sorted((shared_data / "cuhk01" / "campus").glob("04[0-4]*.png"))
+    for sub in ("bounding_box_train", "bounding_box_test", "query"):
+        (market / sub).mkdir(parents=True)
+    for i, f in enumerate(src):
+        pid, img = int(f.stem[:4]), int(f.stem[4:])
+        cam = 1 if img <= 2 else 2
+        name = f"{pid:04d}_c{cam}s1_{img:06d}_00.png"
+        dst = "query" if cam == 1 and img == 1 else ("bounding_box_train" if pid < 402 else "bounding_box_test")
+        shutil.copy(f, market / dst / name)
+    res = pipeline.run_evaluate(run, targets=[pipeline.DatasetRef(name="market1501", root=str(market))], same_domain=False)
+    key = "market1501 (cross-domain)"
+    assert key in res and res[key]["num_query"] > 0 and 0 <= res[key]["mAP"] <= 100
+    assert key in json.loads((run / "metrics.json").read_text())["evaluation"]
+
+
+def test_interrupted_search_resumes_exactly(tiny_recipe, tmp_path, monkeypatch):
+    recipe = load_recipe(tiny_recipe(**{"optim.epochs": 2}))
+    ref = pipeline.run_search(recipe, run_dir=tmp_path / "ref", progress=False)
+    ref_state = load_checkpoint(ref / "checkpoints" / "last.pt")
+
+    from nasreid.strategies.gumbel import GumbelStrategy
+    orig = GumbelStrategy.train_step
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # first epoch has 3 steps: die inside the second epoch
+            raise KeyboardInterrupt("simulated interruption")
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(GumbelStrategy, "train_step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_search(recipe, run_dir=tmp_path / "cut", progress=False)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["epoch"] == 0
+    monkeypatch.setattr(GumbelStrategy, "train_step", orig)
+    # a fresh start on an existing run is refused; --resume continues it
+    assert cli.main(["search", str(tiny_recipe()), "--out", str(tmp_path / "cut")]) == 2
+    assert cli.main(["search", "--resume", str(tmp_path / "cut")]) == 0
+    cut_state = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert cut_state["epoch"] == 1
+    for k, v in ref_state["model"].items():
+        assert torch.equal(v, cut_state["model"][k]), k
+    assert json.loads((tmp_path / "cut" / "genotype.json").read_text())["choices"] == \
+        json.loads((ref / "genotype.json").read_text())["choices"]
+    # alphas.csv has each epoch once despite the interruption
+    rows = (tmp_path / "cut" / "alphas.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 * 6 * 4
+
+
+def test_corrupt_image_is_reported_by_name(tiny_recipe, tmp_path, shared_data):
+    from nasreid.data import build_dataset
+
+    root = tmp_path / "cuhk01"
+    shutil.copytree(shared_data / "cuhk01", root)
+    kwargs = TINY["data"]["dataset"]["kwargs"]
+    victim = Path(build_dataset("cuhk01", root, **kwargs).train[0].path)
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n garbage, not an image")
+    recipe = load_recipe(tiny_recipe(**{"data.dataset.root": str(root), "optim.epochs": 1}))
+    with pytest.raises(Exception, match=victim.name):
+        pipeline.run_search(recipe, run_dir=tmp_path / "bad", progress=False)
+    # with on_corrupt: skip the run goes on and warns, naming the file
+    recipe = load_recipe(tiny_recipe(**{"data.dataset.root": str(root), "data.on_corrupt": "skip", "optim.epochs": 1}))
+    with pytest.warns(UserWarning, match=victim.name):
+        run = pipeline.run_search(recipe, run_dir=tmp_path / "skip", progress=False)
+    assert (run / "genotype.json").is_file()
+
+
+def test_cli_reports_bad_input(tmp_path, capsys, tiny_recipe):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndata: {dataset: {name: cuhk01}}\nspace: {name: osnet_ain}\nstrategy: {name: gumbel}\noptim: {lr: fast}\n")
+    assert cli.main(["search", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "optim.lr" in err
+    assert cli.main(["derive", str(tmp_path)]) == 2
+    assert "not a nasreid run folder" in capsys.readouterr().err
+    p = tiny_recipe(**{"strategy.name": "evolution"})
+    assert cli.main(["search", str(p)]) == 2
+    assert "unknown strategy 'evolution'" in capsys.readouterr().err
