@@ -154,3 +154,41 @@ def test_bad_strategy_kwargs_name_the_key():
         get_strategy("gumbel")(space, mode="medium")
     with pytest.raises(KeyError, match="unknown strategy"):
         get_strategy("evolution")
+
+
+def test_shared_residual_is_computed_once_and_soft_output_is_exact():
+    """share_weights: the four IN variants of a layer share one residual branch, run once per forward."""
+    torch.manual_seed(0)
+    space = get_space("osnet_ain")(num_classes=4, width_mult=0.25)
+    strat = get_strategy("gumbel")(space, mode="soft")
+    model = strat.attach()
+    op = strat.ops["conv3_1"]
+    residual = op.candidates["os"].residual
+    assert all(c.residual is residual for c in op.candidates.values())
+    runs = []
+    residual.conv1.register_forward_hook(lambda *a: runs.append(1))
+    x = torch.randn(2, 64, 16, 8)  # conv3_1 input: 256 * 0.25 channels
+    y = op(x)
+    assert len(runs) == 1
+    alpha = op.last_alpha
+    residual.clear_cache()
+    want = sum(a * c(x) for a, c in zip(alpha, op.candidates.values()))
+    assert torch.allclose(y, want, atol=1e-5)
+    # forward of the whole supernet leaves no memoised tensors behind
+    model(torch.randn(2, 3, 64, 32))
+    from nasreid.models.osnet import OSResidual
+    assert all(m._cache is None for m in model.modules() if isinstance(m, OSResidual))
+
+
+def test_random_baseline_is_seeded_and_valid():
+    space = get_space("osnet_ain")(num_classes=4, width_mult=0.25)
+    a = get_strategy("random")(space, seed=3).export()
+    b = get_strategy("random")(get_space("osnet_ain")(num_classes=4, width_mult=0.25), seed=3).export()
+    assert a == b and set(a) == {"conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv4_1", "conv4_2"}
+    strat = get_strategy("random")(space, seed=3)
+    model = strat.attach()
+    opt = torch.optim.SGD(strat.param_groups(0.01, 0.0), lr=0.01)
+    parts = strat.train_step(torch.randn(4, 3, 64, 32), torch.tensor([0, 0, 1, 1]), build_reid_loss(4), opt)
+    assert parts["loss"] > 0
+    fixed = freeze(model, strat.export())
+    assert [b.variant for b in (*fixed.conv2, *fixed.conv3, *fixed.conv4)] == list(a.values())

@@ -329,16 +329,19 @@ def _evaluate_dataset(model: nn.Module, dataset, recipe: Recipe, ctx) -> dict[st
 
 
 def evaluate_run_model(model: nn.Module, recipe: Recipe, ctx, dataset=None,
-                       targets: Optional[list[DatasetRef]] = None) -> dict[str, dict[str, Any]]:
+                       targets: Optional[list[DatasetRef]] = None,
+                       same_domain: bool = True) -> dict[str, dict[str, Any]]:
     """CMC/mAP of ``model`` on the training dataset's test split (``same-domain``) and on each target
     dataset (``cross-domain``); keys are ``"<dataset> (same-domain)"`` / ``"<dataset> (cross-domain)"``."""
     from nasreid.data import build_dataset
 
     results: dict[str, dict[str, Any]] = {}
     src = recipe.data.dataset
-    if dataset is None:
-        dataset = build_dataset(src.name, resolve_data_root(src.root), **src.kwargs)
-    jobs = [(dataset, "same-domain")]
+    jobs = []
+    if same_domain:
+        if dataset is None:
+            dataset = build_dataset(src.name, resolve_data_root(src.root), **src.kwargs)
+        jobs.append((dataset, "same-domain"))
     for t in (recipe.eval.targets if targets is None else targets):
         jobs.append((build_dataset(t.name, resolve_data_root(t.root), **t.kwargs), "cross-domain"))
     for ds, kind in jobs:
@@ -382,15 +385,9 @@ def run_evaluate(run_dir: str | os.PathLike, targets: Optional[list[DatasetRef]]
     model.load_state_dict(state)
     ctx = device_context(recipe.device, recipe.amp, recipe.channels_last)
     model = ctx.model(model)
-    results: dict[str, dict[str, Any]] = {}
-    if same_domain:
-        results.update(evaluate_run_model(model, recipe, ctx, targets=[]))
     if targets is None:
         targets = recipe.eval.targets
-    if targets:
-        for key, res in evaluate_run_model(model, recipe, ctx, targets=targets).items():
-            if res["protocol"] == "cross-domain":
-                results[key] = res
+    results = evaluate_run_model(model, recipe, ctx, targets=targets, same_domain=same_domain)
     metrics = read_json(run / "metrics.json", {}) or {}
     metrics.setdefault("evaluation", {}).update(results)
     write_json(run / "metrics.json", metrics)
