@@ -48,6 +48,17 @@ def _targets(specs: Sequence[str]):
     return refs
 
 
+def _recipe_and_run(args):
+    """(recipe, run folder) of ``search``/``train``: the recipe given, or the run's own with --resume."""
+    from nasreid.config import load_recipe
+
+    if args.resume:
+        return load_recipe(Path(args.resume) / "recipe.yaml", _overrides(args.set)), args.resume
+    if args.recipe:
+        return load_recipe(args.recipe, _overrides(args.set)), args.out
+    raise SystemExit(f"nasreid {args.command}: give a recipe or --resume RUN")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nasreid", description="Neural architecture search for person re-ID.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -86,20 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from nasreid.config import RecipeError, load_recipe
+    from nasreid.config import RecipeError
     from nasreid.engine import pipeline
     from nasreid.genotype import GenotypeError, preset_genotype
 
     try:
         if args.command == "search":
-            if args.resume:
-                recipe = load_recipe(Path(args.resume) / "recipe.yaml", _overrides(args.set))
-                run_dir = args.resume
-            elif args.recipe:
-                recipe = load_recipe(args.recipe, _overrides(args.set))
-                run_dir = args.out
-            else:
-                raise SystemExit("nasreid search: give a recipe or --resume RUN")
+            recipe, run_dir = _recipe_and_run(args)
             if args.no_retrain:
                 recipe = recipe.model_copy(update={"then_retrain": None})
             run = pipeline.run_search(recipe, run_dir=run_dir, resume=bool(args.resume))
@@ -110,14 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(g.summary())
             print(f"wrote {Path(args.out or args.run) / 'genotype.json'}")
         elif args.command == "train":
-            if args.resume:
-                recipe = load_recipe(Path(args.resume) / "recipe.yaml", _overrides(args.set))
-                run_dir = args.resume
-            elif args.recipe:
-                recipe = load_recipe(args.recipe, _overrides(args.set))
-                run_dir = args.out
-            else:
-                raise SystemExit("nasreid train: give a recipe or --resume RUN")
+            recipe, run_dir = _recipe_and_run(args)
             geno: Any = args.genotype
             if geno and geno.startswith("preset:"):
                 geno = preset_genotype(recipe.space.name, geno.split(":", 1)[1])

@@ -80,6 +80,16 @@ class Strategy:
         assert self.model is not None, "call attach() first"
         return [p for p in self.model.parameters() if id(p) not in arch and p.requires_grad]
 
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups: the weights (recipe ``optim.lr`` / ``weight_decay``) and, when the
+        strategy has any, the architecture parameters (its own ``arch_lr`` / ``arch_weight_decay``)."""
+        groups = [{"params": self.weight_parameters(), "lr": lr, "weight_decay": weight_decay, "name": "weights"}]
+        arch = self.arch_parameters()
+        if arch:
+            groups.append({"params": arch, "lr": getattr(self.cfg, "arch_lr", None) or lr,
+                           "weight_decay": getattr(self.cfg, "arch_weight_decay", 0.0), "name": "arch"})
+        return groups
+
     def on_epoch_start(self, epoch: int, epochs: int) -> dict[str, float]:
         """Hook at the start of each epoch (0-based); returns scalars to log (e.g. ``{"lambda": 9.5}``)."""
         return {}

@@ -26,6 +26,7 @@ At the end the derived architecture takes ``argmax pi`` per block ("Search Outco
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Literal, Mapping
 
 import torch
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
+from nasreid.engine.trainer import backward, optimizer_step
 from nasreid.mutables import LayerChoice
 from nasreid.registry import register_strategy
 
@@ -162,14 +164,6 @@ class GumbelStrategy(Strategy):
     def arch_parameters(self) -> list[nn.Parameter]:
         return [op.pi for op in self.ops.values()]
 
-    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """Optimiser groups: weights (recipe lr / wd) and pi (``arch_lr`` / ``arch_weight_decay``)."""
-        return [
-            {"params": self.weight_parameters(), "lr": lr, "weight_decay": weight_decay, "name": "weights"},
-            {"params": self.arch_parameters(), "lr": self.cfg.arch_lr or lr,
-             "weight_decay": self.cfg.arch_weight_decay, "name": "arch"},
-        ]
-
     def set_lambda(self, lam: float) -> None:
         self.lam = lam
         for op in self.ops.values():
@@ -188,27 +182,14 @@ class GumbelStrategy(Strategy):
         totals: dict[str, float] = {}
         S = self.cfg.samples
         for _ in range(S):
-            ctx = autocast() if autocast is not None else _nullcontext()
-            with ctx:
+            with autocast() if autocast is not None else contextlib.nullcontext():
                 out = model(images)
                 loss, parts = loss_fn(out, pids)
                 loss = loss / S
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            backward(loss, scaler)
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / S
-        if scaler is not None:
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(self.weight_parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            if grad_clip:
-                nn.utils.clip_grad_norm_(self.weight_parameters(), grad_clip)
-            optimizer.step()
+        optimizer_step(optimizer, self.weight_parameters(), scaler, grad_clip)
         totals["lambda"] = self.lam
         return totals
 
@@ -221,11 +202,3 @@ class GumbelStrategy(Strategy):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.set_lambda(float(state["lambda"]))
         self.generator.set_state(state["generator"])
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False

@@ -7,6 +7,7 @@ architecture has to beat at equal retraining budget.
 """
 from __future__ import annotations
 
+import contextlib
 import random as _random
 from typing import Any, Mapping
 
@@ -14,7 +15,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from nasreid.mutables import Categorical, LayerChoice
+from nasreid.engine.trainer import backward, optimizer_step
+from nasreid.mutables import LayerChoice
 from nasreid.registry import register_strategy
 
 from .base import Strategy
@@ -59,26 +61,12 @@ class RandomStrategy(Strategy):
             return op
         return self._replace_choices(factory)
 
-    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        return [{"params": self.weight_parameters(), "lr": lr, "weight_decay": weight_decay, "name": "weights"}]
-
     def train_step(self, images, pids, loss_fn, optimizer, scaler=None, grad_clip=None, autocast=None, **batch):
         optimizer.zero_grad(set_to_none=True)
-        if autocast is not None:
-            with autocast():
-                loss, parts = loss_fn(self.model(images), pids)
-        else:
+        with autocast() if autocast is not None else contextlib.nullcontext():
             loss, parts = loss_fn(self.model(images), pids)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if grad_clip:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(self.weight_parameters(), grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        backward(loss, scaler)
+        optimizer_step(optimizer, self.weight_parameters(), scaler, grad_clip)
         return {k: float(v) for k, v in parts.items()}
 
     def probabilities(self) -> dict[str, dict[str, float]]:

@@ -27,7 +27,7 @@ from nasreid.genotype import Genotype, GenotypeError, preset_genotype
 from nasreid.registry import get_space, get_strategy
 
 from .checkpoint import load_checkpoint, new_run_dir, read_json, save_checkpoint, seed_everything, write_json
-from .trainer import Trainer, build_optimizer, build_scheduler, device_context
+from .trainer import Trainer, backward, build_optimizer, build_scheduler, device_context, optimizer_step
 
 __all__ = ["run_search", "derive", "run_train", "run_evaluate", "setup_logging", "load_run_recipe"]
 
@@ -271,18 +271,8 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
         optimizer.zero_grad(set_to_none=True)
         with ctx.autocast():
             loss, parts = loss_fn(model(images), pids)
-        if ctx.scaler is not None:
-            ctx.scaler.scale(loss).backward()
-            if recipe.optim.grad_clip:
-                ctx.scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-            ctx.scaler.step(optimizer)
-            ctx.scaler.update()
-        else:
-            loss.backward()
-            if recipe.optim.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-            optimizer.step()
+        backward(loss, ctx.scaler)
+        optimizer_step(optimizer, model.parameters(), ctx.scaler, recipe.optim.grad_clip)
         return parts
 
     def epoch_end(epoch):

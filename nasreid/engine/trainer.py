@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
-__all__ = ["Trainer", "build_optimizer", "build_scheduler", "device_context", "DeviceContext"]
+__all__ = ["Trainer", "build_optimizer", "build_scheduler", "device_context", "DeviceContext", "backward",
+           "optimizer_step"]
 
 log = logging.getLogger("nasreid")
 
@@ -64,6 +65,26 @@ def device_context(device: str, amp: bool = False, channels_last: bool = False) 
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return DeviceContext(dev, use_amp, channels_last and dev.type == "cuda", scaler)
+
+
+def backward(loss: torch.Tensor, scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+    """``loss.backward()``, through the AMP grad scaler when there is one."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params=None, scaler: Optional["torch.amp.GradScaler"] = None,
+                   grad_clip: Optional[float] = None) -> None:
+    """One optimiser step after :func:`backward`: unscale (AMP), clip the global gradient norm of
+    ``params`` to ``grad_clip`` when set, step, and update the scaler."""
+    if grad_clip:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 def build_optimizer(groups: list[dict[str, Any]], cfg) -> torch.optim.Optimizer:
