@@ -322,7 +322,8 @@ def evaluate_run_model(model: nn.Module, recipe: Recipe, ctx, dataset=None,
                        targets: Optional[list[DatasetRef]] = None,
                        same_domain: bool = True) -> dict[str, dict[str, Any]]:
     """CMC/mAP of ``model`` on the training dataset's test split (``same-domain``) and on each target
-    dataset (``cross-domain``); keys are ``"<dataset> (same-domain)"`` / ``"<dataset> (cross-domain)"``."""
+    dataset (``cross-domain``); keys are ``"<dataset> (same-domain)"`` / ``"<dataset>[k=v,...] (cross-domain)"``
+    (the target's parser options in brackets, so two settings of one dataset do not overwrite each other)."""
     from nasreid.data import build_dataset
 
     results: dict[str, dict[str, Any]] = {}
@@ -333,11 +334,15 @@ def evaluate_run_model(model: nn.Module, recipe: Recipe, ctx, dataset=None,
             dataset = build_dataset(src.name, resolve_data_root(src.root), **src.kwargs)
         jobs.append((dataset, "same-domain"))
     for t in (recipe.eval.targets if targets is None else targets):
-        jobs.append((build_dataset(t.name, resolve_data_root(t.root), **t.kwargs), "cross-domain"))
-    for ds, kind in jobs:
+        jobs.append((build_dataset(t.name, resolve_data_root(t.root), **t.kwargs), "cross-domain", t.kwargs))
+    if jobs and len(jobs[0]) == 2:
+        jobs[0] = (*jobs[0], {})
+    for ds, kind, kwargs in jobs:
         res = _evaluate_dataset(model, ds, recipe, ctx)
         res["protocol"] = kind
-        key = f"{ds.name} ({kind})"
+        res["dataset_kwargs"] = dict(kwargs)
+        tag = "[" + ",".join(f"{k}={v}" for k, v in sorted(kwargs.items())) + "]" if kwargs else ""
+        key = f"{ds.name}{tag} ({kind})"
         results[key] = res
         log.info("%s: rank-1 %.2f  rank-5 %.2f  rank-10 %.2f  mAP %.2f  (%d query, %d gallery)", key,
                  res["rank1"], res.get("rank5", float("nan")), res.get("rank10", float("nan")), res["mAP"],
