@@ -60,6 +60,7 @@ def _recipe_and_run(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``nasreid`` argument parser (sub-commands search, derive, train, evaluate, plot)."""
     ap = argparse.ArgumentParser(prog="nasreid", description="Neural architecture search for person re-ID.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``nasreid`` console script. Returns 0 on success and 2 on a user error
+    (bad recipe, genotype, dataset or run folder), printed as one ``nasreid <command>: error: ...`` line."""
     args = build_parser().parse_args(argv)
     from nasreid.config import RecipeError
     from nasreid.engine import pipeline

@@ -43,6 +43,7 @@ class Genotype:
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dictionary (see the module docstring)."""
         return asdict(self)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -56,6 +57,8 @@ class Genotype:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "Genotype":
+        """Validate and build from a parsed JSON object. Raises :class:`GenotypeError` naming ``source``
+        and the missing/unknown field."""
         if not isinstance(d, dict):
             raise GenotypeError(f"{source}: a genotype must be a JSON object")
         for key in ("space", "choices"):

@@ -165,6 +165,7 @@ class GumbelStrategy(Strategy):
         return [op.pi for op in self.ops.values()]
 
     def set_lambda(self, lam: float) -> None:
+        """Set the Gumbel-softmax temperature lambda (Eq. 8) of every mixed op."""
         self.lam = lam
         for op in self.ops.values():
             op.lam = lam

@@ -43,10 +43,12 @@ class DeviceContext:
         return contextlib.nullcontext()
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
+        """Move a ``[B, 3, H, W]`` batch to the device (channels_last when enabled)."""
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def model(self, m: nn.Module) -> nn.Module:
+        """Move a model to the device (channels_last when enabled)."""
         m = m.to(self.device)
         return m.to(memory_format=torch.channels_last) if self.channels_last else m
 
@@ -171,6 +173,7 @@ class Trainer:
         return st["epoch"] + 1
 
     def save(self, epoch: int) -> None:
+        """Atomically write ``last.pt`` after ``epoch`` (0-based) with everything :meth:`resume` restores."""
         save_checkpoint(self.ckpt_path, {
             "epoch": epoch,
             "model": self.model.state_dict(),

@@ -121,6 +121,7 @@ class OSResidual(nn.Module):
         self._cache: tuple | None = None
 
     def clear_cache(self) -> None:
+        """Drop the memoised result (called by the space at the end of every forward pass)."""
         self._cache = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
