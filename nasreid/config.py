@@ -229,7 +229,7 @@ def data_dir() -> Path:
     return Path(os.environ.get("NASREID_DATA") or DEFAULT_DATA_DIR)
 
 
-def resolve_data_root(root: Optional[str], recipe_source: Optional[str] = None) -> Optional[str]:
+def resolve_data_root(root: Optional[str]) -> Optional[str]:
     """Dataset root of a recipe: absolute paths and paths that exist from the current folder are used
     as they are; other relative paths are taken inside :func:`data_dir` (``$NASREID_DATA``);
     ``None`` stays ``None`` (the dataset parser then uses ``$NASREID_DATA/<its default folder>``)."""

@@ -21,7 +21,7 @@ from typing import Any
 import networkx as nx
 from torch import nn
 
-from nasreid.mutables import freeze, space_graph, validate_sample
+from nasreid.mutables import freeze, space_graph
 from nasreid.registry import get_space
 
 __all__ = ["Genotype", "GenotypeError", "preset_genotype"]
@@ -108,13 +108,6 @@ class Genotype:
             return freeze(space, self.choices, copy_weights=False)
         except ValueError as e:
             raise GenotypeError(f"genotype does not fit space {self.space!r}: {e}") from e
-
-    def validate(self, space: nn.Module) -> None:
-        """Raise :class:`GenotypeError` if the choices are not a complete sample of ``space``."""
-        try:
-            validate_sample(space, self.choices)
-        except ValueError as e:
-            raise GenotypeError(str(e)) from e
 
     def to_networkx(self, space: nn.Module | None = None) -> nx.DiGraph:
         """Graph of the derived network (nodes: stages and chosen blocks with ``value`` attributes)."""

@@ -31,7 +31,6 @@ from collections import OrderedDict
 from typing import Any, Iterator, Mapping, Sequence
 
 import networkx as nx
-import torch
 from torch import nn
 
 __all__ = [

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from _trees import add_junk_and_distractors, build_market_tree, market_name
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
@@ -15,3 +17,20 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared re-ID data not found at {path} (set NASREID_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def cuhk01_dir(shared_data) -> Path:
+    d = shared_data / "cuhk01" / "campus"
+    if not d.is_dir():
+        pytest.skip("cuhk01 not present")
+    return d
+
+
+@pytest.fixture
+def market_root(tmp_path, cuhk01_dir) -> Path:
+    """Market-1501 tree from CUHK01 ids: 6 train ids, 4 query/gallery ids, junk (-1) and distractors (0000)."""
+    root = tmp_path / "market1501"
+    build_market_tree(root, cuhk01_dir, market_name)
+    add_junk_and_distractors(root, cuhk01_dir)
+    return root

@@ -55,8 +55,7 @@ def test_input_size_and_pk_batch_are_checked(tmp_path):
     p = write(tmp_path, BASE.replace("height: 128", "height: 130"))
     with pytest.raises(RecipeError, match="data.height"):
         load_recipe(p)
-    p = write(tmp_path, BASE + "  batch_size: 30\n  num_instances: 4\n".replace("  b", "").replace("  n", "") if False else
-              BASE.replace("width: 64", "width: 64\n  batch_size: 30\n  num_instances: 4"))
+    p = write(tmp_path, BASE.replace("width: 64", "width: 64\n  batch_size: 30\n  num_instances: 4"))
     with pytest.raises(RecipeError, match="multiple of num_instances"):
         load_recipe(p)
 

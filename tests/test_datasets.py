@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
+from _trees import build_market_tree, cuhk_png, duke_name, market_name, to_jpg
 from nasreid.data import (
     CorruptImageError,
     DatasetLayoutError,
@@ -33,24 +33,6 @@ def market_samples(shared_data) -> list[Path]:
     if not files:
         pytest.skip("market1501_samples not present")
     return files
-
-
-@pytest.fixture(scope="module")
-def cuhk01_dir(shared_data) -> Path:
-    d = shared_data / "cuhk01" / "campus"
-    if not d.is_dir():
-        pytest.skip("cuhk01 not present")
-    return d
-
-
-def cuhk_png(cuhk01_dir: Path, pid: int, idx: int) -> Path:
-    return cuhk01_dir / f"{pid:04d}{idx:03d}.png"
-
-
-def to_jpg(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with Image.open(src) as im:
-        im.convert("RGB").save(dst, quality=90)
 
 
 # --------------------------------------------------------------------------- name parsers on real names
@@ -98,43 +80,6 @@ def test_parse_real_msmt17_names(market_samples):
     for bad in ("0400_c2s1_046426_00.jpg", "bbb.jpg", "0318_001_16_0303noon_0111_4_ex.jpg"):
         with pytest.raises(ValueError, match=re.escape(bad)):
             parse_msmt17_name(bad)
-
-
-# --------------------------------------------------------------------------- Market-1501 tree built from CUHK01
-def build_market_tree(root: Path, cuhk01_dir: Path, name_fn) -> None:
-    """ids 1..6 train, 7..10 test (query: camera A image 001; gallery: camera B images), plus junk/distractors."""
-    for pid in range(1, 7):
-        for idx in range(1, 5):
-            cam = 1 if idx <= 2 else 2
-            to_jpg(cuhk_png(cuhk01_dir, pid, idx), root / "bounding_box_train" / name_fn(pid, cam, idx))
-    for pid in range(7, 11):
-        to_jpg(cuhk_png(cuhk01_dir, pid, 1), root / "query" / name_fn(pid, 1, 1))
-        for idx in (3, 4):
-            to_jpg(cuhk_png(cuhk01_dir, pid, idx), root / "bounding_box_test" / name_fn(pid, 2, idx))
-
-
-def market_name(pid, cam, idx):
-    return f"{pid:04d}_c{cam}s1_{idx:06d}_00.jpg"
-
-
-def duke_name(pid, cam, idx):
-    return f"{pid:04d}_c{cam}_f{idx:07d}.jpg"
-
-
-def add_junk_and_distractors(root: Path, cuhk01_dir: Path) -> None:
-    to_jpg(cuhk_png(cuhk01_dir, 20, 1), root / "bounding_box_train" / "-1_c1s1_000020_00.jpg")
-    to_jpg(cuhk_png(cuhk01_dir, 21, 1), root / "bounding_box_train" / "0000_c2s1_000021_00.jpg")
-    to_jpg(cuhk_png(cuhk01_dir, 20, 2), root / "bounding_box_test" / "-1_c1s1_000022_00.jpg")
-    to_jpg(cuhk_png(cuhk01_dir, 21, 2), root / "bounding_box_test" / "0000_c2s1_000023_00.jpg")
-    (root / "bounding_box_test" / "Thumbs.db").write_bytes(b"not an image, ignored")
-
-
-@pytest.fixture
-def market_root(tmp_path, cuhk01_dir) -> Path:
-    root = tmp_path / "market1501"
-    build_market_tree(root, cuhk01_dir, market_name)
-    add_junk_and_distractors(root, cuhk01_dir)
-    return root
 
 
 def test_market1501_layout(market_root):

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
 from nasreid.config import DatasetRef, Recipe, RecipeError, load_recipe, resolve_data_root
@@ -332,11 +331,9 @@ def evaluate_run_model(model: nn.Module, recipe: Recipe, ctx, dataset=None,
     if same_domain:
         if dataset is None:
             dataset = build_dataset(src.name, resolve_data_root(src.root), **src.kwargs)
-        jobs.append((dataset, "same-domain"))
+        jobs.append((dataset, "same-domain", {}))
     for t in (recipe.eval.targets if targets is None else targets):
         jobs.append((build_dataset(t.name, resolve_data_root(t.root), **t.kwargs), "cross-domain", t.kwargs))
-    if jobs and len(jobs[0]) == 2:
-        jobs[0] = (*jobs[0], {})
     for ds, kind, kwargs in jobs:
         res = _evaluate_dataset(model, ds, recipe, ctx)
         res["protocol"] = kind

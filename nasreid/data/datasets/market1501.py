@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 from .base import (
-    DatasetLayoutError,
     ImageRecord,
     ReIDDataset,
     list_images,
