@@ -195,10 +195,10 @@ class Trainer:
             row: dict[str, float] = {"epoch": epoch}
             if self.on_epoch_start is not None:
                 row.update(self.on_epoch_start(epoch) or {})
-            sampler = getattr(self.loader, "batch_sampler", None)
-            for s in (getattr(self.loader, "sampler", None), sampler, getattr(sampler, "sampler", None)):
-                if hasattr(s, "set_epoch"):
-                    s.set_epoch(epoch)
+            batch_sampler = getattr(self.loader, "batch_sampler", None)
+            samplers = (getattr(self.loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
+            for s in {id(s): s for s in samplers if hasattr(s, "set_epoch")}.values():
+                s.set_epoch(epoch)  # each sampler once (the PK sampler is reachable by two paths)
             sums: dict[str, float] = {}
             n = 0
             bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress,
