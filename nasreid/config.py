@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+from nasreid.errors import NasreidError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
@@ -27,7 +28,7 @@ __all__ = [
 ]
 
 
-class RecipeError(ValueError):
+class RecipeError(NasreidError, ValueError):
     """A recipe cannot be read or validated; the message names the file and the key."""
 
 

@@ -21,13 +21,14 @@ from typing import Any
 import networkx as nx
 from torch import nn
 
+from nasreid.errors import NasreidError
 from nasreid.mutables import freeze, space_graph
 from nasreid.registry import get_space
 
 __all__ = ["Genotype", "GenotypeError", "preset_genotype"]
 
 
-class GenotypeError(ValueError):
+class GenotypeError(NasreidError, ValueError):
     """A genotype file is missing, malformed or does not fit its space; the message names the file/field."""
 
 

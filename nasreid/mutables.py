@@ -33,6 +33,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import networkx as nx
 from torch import nn
 
+from nasreid.errors import NasreidError
+
 __all__ = [
     "Mutable",
     "Categorical",
@@ -54,7 +56,7 @@ _LABEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 _state = threading.local()
 
 
-class MutableError(ValueError):
+class MutableError(NasreidError, ValueError):
     """A sample or a declaration does not fit the space (unknown label, value not among the choices, ...)."""
 
 

@@ -22,12 +22,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from nasreid.errors import NasreidError
 from nasreid.mutables import LayerChoice, ModelSpace, iter_layer_choices, simplify
 
 __all__ = ["Strategy", "StrategyConfigError", "replace_module"]
 
 
-class StrategyConfigError(ValueError):
+class StrategyConfigError(NasreidError, ValueError):
     """Invalid strategy kwargs; the message names the key (``strategy.kwargs.<key>``)."""
 
 

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from nasreid.errors import NasreidError
+
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
@@ -28,7 +30,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(NasreidError, RuntimeError):
     """A checkpoint is missing or unreadable; the message names the file."""
 
 

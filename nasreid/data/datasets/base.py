@@ -23,6 +23,9 @@ from typing import Callable, Iterable, Sequence
 
 from PIL import Image
 
+from nasreid.errors import NasreidError
+from nasreid.registry import DATASETS
+
 __all__ = [
     "ImageRecord",
     "ReIDDataset",
@@ -43,7 +46,7 @@ __all__ = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
 
-class CorruptImageError(OSError):
+class CorruptImageError(NasreidError, OSError):
     """An image file exists but cannot be decoded (truncated, garbage bytes, not an image).
 
     The message always names the file; the path is also available as ``.path``. Picklable, so it
@@ -58,7 +61,7 @@ class CorruptImageError(OSError):
         return str(self.args[0]) if self.args else ""
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(NasreidError, ValueError):
     """The on-disk layout does not match what the parser expects.
 
     Raised for a missing root/folder/list file, a file name that does not follow the layout's naming
@@ -246,31 +249,21 @@ def warn_or_raise(strict: bool, message: str) -> None:
 
 
 # ---------------------------------------------------------------------- registry
-_REGISTRY: dict[str, Callable[..., ReIDDataset]] = {}
-
-
 def register_dataset(name: str) -> Callable:
-    """Class/function decorator registering a dataset factory under ``name`` for :func:`build_dataset`.
+    """Class/function decorator registering a dataset factory under ``name`` in
+    :data:`nasreid.registry.DATASETS` (used by :func:`build_dataset`).
 
     The factory is called as ``factory(root=root, **kwargs)``.
 
     Raises:
-        ValueError: ``name`` is already registered to a different factory.
+        RegistryError: ``name`` is already registered to a different factory.
     """
-    key = name.lower()
-
-    def deco(factory):
-        if key in _REGISTRY and _REGISTRY[key] is not factory:
-            raise ValueError(f"dataset '{name}' is already registered to {_REGISTRY[key]!r}")
-        _REGISTRY[key] = factory
-        return factory
-
-    return deco
+    return DATASETS.register(name)
 
 
 def available_datasets() -> list[str]:
     """Sorted names accepted by :func:`build_dataset`."""
-    return sorted(_REGISTRY)
+    return DATASETS.names()
 
 
 def build_dataset(name: str, root: str | os.PathLike | None = None, *, dsetid: int = 0, **kwargs) -> ReIDDataset:
@@ -284,13 +277,10 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, *, dsetid: i
         **kwargs: layout-specific options (see each dataset class).
 
     Raises:
-        KeyError: unknown name (message lists the known ones).
+        RegistryError (a ``KeyError``): unknown name (message lists the known ones).
         DatasetLayoutError: missing root, bad layout, empty split.
     """
-    key = name.lower()
-    if key not in _REGISTRY:
-        raise KeyError(f"unknown dataset '{name}'; known: {', '.join(available_datasets())}")
-    ds = _REGISTRY[key](root=root, **kwargs)
+    ds = DATASETS.get(name)(root=root, **kwargs)
     if dsetid:
         ds.with_dsetid(dsetid)
     return ds

@@ -1,0 +1,39 @@
+"""The root of nasreid's own exceptions.
+
+Everything that is the *user's input* being wrong -- a recipe, a genotype, a dataset layout, a corrupt
+image, a checkpoint, a registry name, a diverged run -- raises a subclass of :class:`NasreidError`. The
+command line prints those as one line (``nasreid <command>: error: ...``) and exits with status 2; every
+other exception is a bug (or the machine's: CUDA out of memory) and keeps its traceback.
+
+The concrete classes also derive from the built-in exception they historically were (``ValueError``,
+``KeyError``, ``OSError`` ...), so ``except ValueError`` in user code keeps working.
+
+Example::
+
+    >>> from nasreid.errors import NasreidError
+    >>> from nasreid.config import RecipeError
+    >>> issubclass(RecipeError, NasreidError)
+    True
+"""
+from __future__ import annotations
+
+__all__ = ["NasreidError", "RegistryError", "NonFiniteLossError"]
+
+
+class NasreidError(Exception):
+    """Base class of every error caused by the user's input (recipe, genotype, data, checkpoint, run)."""
+
+
+class RegistryError(NasreidError, KeyError):
+    """An unknown name in a registry (the message lists the known ones), or a name registered twice."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteLossError(NasreidError, FloatingPointError):
+    """A training loss became NaN or infinite; the message names the epoch (1-based), step and loss parts.
+
+    The run stops before anything is written, so ``checkpoints/last.pt`` still holds the last good epoch
+    and ``--resume`` restarts from it (typically after lowering the learning rate with ``--set``).
+    """
