@@ -5,7 +5,9 @@
     next to a bare ``np.argsort(distmat, axis=1)`` of the same matrix (the floor of every argsort-based evaluator)
     and the textbook per-query reference loop; checks that CMC and mAP equal the reference's.
 (c) Peak RAM (ru_maxrss of a fresh spawned process) and seconds of ``evaluate_features`` on an MSMT17-sized
-    random problem (11,659 x 82,161 gallery, D=512 float32, 3,060 ids, 15 cameras); target < 4 GiB.
+    random problem (11,659 x 82,161 gallery, D=512 float32, 3,060 ids, 15 cameras); target < 4 GiB. This is the
+    matcher path every model evaluation takes: ``evaluate_matcher`` with the ``FeatureDistance("cosine")``
+    matcher, chunk by chunk.
 
 Usage: python benchmarks/bench_eval.py [--quick] [--skip-msmt]
 """

@@ -1,10 +1,22 @@
 """Benchmark (b): seconds per training step of the OSNet-AIN supernet under the Gumbel strategy (hard and
 soft mode) divided by the seconds per step of the derived (fixed) network, same batch and input size.
 
-Targets (issue #2): hard <= 1.25x, soft <= 2.5x. Random tensors as inputs: this measures compute only.
+Two supernets are measured in the same run, interleaved with the derived network:
+
+* ``share_weights: true`` (default of the space): the four candidates of a layer share one residual
+  branch and own only their IN layers -- a deviation from the paper's Fig. 5. Targets (issue #2):
+  hard <= 1.25x, soft <= 2.5x.
+* ``share_weights: false``: four independent OS blocks per layer, Fig. 5 as printed (about 4x the
+  OS-block parameters; soft mode runs four residual branches per layer). No target: reported for
+  comparison (``--skip-unshared`` leaves it out).
+
+Parameter counts (weights only, without the architecture parameters pi) are printed for the three networks.
+Random tensors as inputs: this measures compute only.
 
     python benchmarks/bench_supernet.py                       # CPU, x0.25, 128x64, batch 32
     python benchmarks/bench_supernet.py --device cuda --width 1.0 --height 256 --width-px 128 --batch 64 --amp
+    python benchmarks/bench_supernet.py --batch 4 --height 64 --width-px 32 --iters 1 --warmup 1 --rounds 1
+                                                              # smoke test (seconds; figures meaningless)
 """
 from __future__ import annotations
 
@@ -17,6 +29,8 @@ import torch
 
 from nasreid.genotype import preset_genotype
 from nasreid.losses import build_reid_loss
+from nasreid.models.complexity import count_parameters
+from nasreid.mutables import iter_layer_choices
 from nasreid.registry import get_space, get_strategy
 
 
@@ -48,6 +62,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best is kept)")
     ap.add_argument("--amp", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--skip-unshared", action="store_true",
+                    help="do not measure the share_weights: false supernet (Fig. 5 as printed)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -56,6 +72,7 @@ def main() -> None:
     y = torch.randint(0, args.classes, (args.batch,), device=dev)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    batch = {"img": x, "pid": y}  # what the data loader gives a strategy's train_step
     loss_fn = build_reid_loss(args.classes)
     amp = args.amp and dev.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else contextlib.nullcontext
@@ -72,20 +89,27 @@ def main() -> None:
     def fixed_step():
         opt.zero_grad(set_to_none=True)
         with autocast():
-            loss, _ = loss_fn(fixed(x), y)
+            loss, _ = loss_fn(fixed(x), batch)
         if scaler:
             scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
         else:
             loss.backward(); opt.step()
 
     steps = {"fixed": fixed_step}
-    for mode in ("hard", "soft"):
-        space = get_space("osnet_ain")(num_classes=args.classes, width_mult=args.width)
-        strat = get_strategy("gumbel")(space, mode=mode, seed=1)
-        prep(strat.attach()).train()
-        sopt = torch.optim.SGD(strat.param_groups(0.01, 5e-4), lr=0.01, momentum=0.9)
-        steps[mode] = (lambda s=strat, o=sopt: s.train_step(x, y, loss_fn, o, scaler=scaler,
-                                                             autocast=autocast if amp else None))
+    params = {"fixed": count_parameters(fixed)}
+    variants = [("", True)] + ([] if args.skip_unshared else [("_unshared", False)])
+    for suffix, share in variants:
+        for mode in ("hard", "soft"):
+            space = get_space("osnet_ain")(num_classes=args.classes, width_mult=args.width, share_weights=share)
+            if mode == "hard":  # weights only, before the strategy adds pi; OS blocks = the six choices
+                params["supernet" + suffix] = count_parameters(space)
+                params["supernet" + suffix + "_os_blocks"] = sum(count_parameters(lc)
+                                                                for _, lc in iter_layer_choices(space))
+            strat = get_strategy("gumbel")(space, mode=mode, seed=1)
+            prep(strat.attach()).train()
+            sopt = torch.optim.SGD(strat.param_groups(0.01, 5e-4), lr=0.01, momentum=0.9)
+            steps[mode + suffix] = (lambda s=strat, o=sopt: s.train_step(batch, loss_fn, o, scaler=scaler,
+                                                                         autocast=autocast if amp else None))
     for fn in steps.values():  # warm-up every network before timing any (allocator, oneDNN/cuDNN plans)
         time_steps(fn, args.warmup, 0, dev)
     # interleaved rounds, best round per network: robust to drifts of machine load
@@ -96,17 +120,25 @@ def main() -> None:
     results = {k: min(v) for k, v in rounds.items()}
     print(f"device {dev} | width x{args.width} | input {args.height}x{args.width_px} | batch {args.batch} | "
           f"amp {amp} | channels_last {args.channels_last} | threads {torch.get_num_threads()}")
-    print(f"{'network':<22}{'s/step':>10}{'ratio':>8}{'target':>9}")
-    print(f"{'derived (fixed)':<22}{results['fixed']:>10.4f}{1.0:>8.2f}{'':>9}")
-    for mode, target in (("hard", 1.25), ("soft", 2.5)):
-        r = results[mode] / results["fixed"]
-        ok = "ok" if r <= target else "MISSED"
-        print(f"{'supernet ' + mode:<22}{results[mode]:>10.4f}{r:>8.2f}{'<= ' + str(target):>9} {ok}")
+    print(f"{'network':<28}{'s/step':>10}{'ratio':>8}{'target':>9}")
+    print(f"{'derived (fixed)':<28}{results['fixed']:>10.4f}{1.0:>8.2f}{'':>9}")
+    ratios = {}
+    for suffix, share in variants:
+        for mode, target in (("hard", 1.25), ("soft", 2.5)):
+            key = mode + suffix
+            ratios["ratio_" + key] = r = results[key] / results["fixed"]
+            name = f"supernet {mode} ({'shared' if share else 'unshared'})"
+            verdict = (f"{'<= ' + str(target):>9} " + ("ok" if r <= target else "MISSED")) if share else f"{'-':>9}"
+            print(f"{name:<28}{results[key]:>10.4f}{r:>8.2f}{verdict}")
+    print("parameters (weights, no pi): derived {fixed:,} | shared supernet {supernet:,} (OS blocks "
+          "{supernet_os_blocks:,})".format(**params)
+          + ("" if args.skip_unshared else " | unshared supernet {supernet_unshared:,} (OS blocks "
+             "{supernet_unshared_os_blocks:,}, {r:.2f}x the shared)".format(
+                 r=params["supernet_unshared_os_blocks"] / params["supernet_os_blocks"], **params)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "seconds_per_step": results,
-                       "ratio_hard": results["hard"] / results["fixed"],
-                       "ratio_soft": results["soft"] / results["fixed"]}, f, indent=2)
+            json.dump({"args": vars(args), "seconds_per_step": results, **ratios, "parameters": params},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
-"""Command line: ``nasreid search | derive | train | evaluate | plot``.
+"""Command line: ``nasreid search | derive | train | evaluate | plot | list``.
 
     nasreid search recipes/osnet_ain.yaml              # one-shot search, writes results/<run>/
     nasreid derive results/<run>                       # genotype.json (+ GraphML) from the last checkpoint
     nasreid train recipes/osnet_ain_retrain.yaml --genotype results/<run>/genotype.json
     nasreid evaluate results/<retrain-run> [--target market1501=/data/market1501]
     nasreid plot results/<run>                         # architecture-weight trajectories (PNG/SVG)
+    nasreid list [spaces|strategies|datasets|losses|matchers|postprocessors|methods] [PATTERN]
 
 ``--set key=value`` overrides a recipe key (dotted, YAML-typed), e.g. ``--set optim.epochs=2``.
-``--resume RUN`` continues an interrupted run from its last checkpoint.
+``--resume RUN`` continues an interrupted run from its last checkpoint. ``--plugin FILE.py`` imports a
+user's module that registers its own spaces, strategies, losses ... (as a recipe's ``plugins:`` does).
+
+Errors in the user's input (:class:`nasreid.errors.NasreidError`: recipe, genotype, dataset, image,
+checkpoint, run folder, diverged loss) print one line and exit 2; anything else is a bug and keeps its
+traceback.
 """
 from __future__ import annotations
 
@@ -53,6 +59,10 @@ def _recipe_and_run(args):
     from nasreid.config import load_recipe
 
     if args.resume:
+        if not (Path(args.resume) / "recipe.yaml").is_file():
+            from nasreid.errors import RunFolderError
+
+            raise RunFolderError(f"{args.resume} is not a nasreid run folder: recipe.yaml is missing")
         return load_recipe(Path(args.resume) / "recipe.yaml", _overrides(args.set)), args.resume
     if args.recipe:
         return load_recipe(args.recipe, _overrides(args.set)), args.out
@@ -64,25 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nasreid", description="Neural architecture search for person re-ID.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("search", help="search an architecture (one-shot or sampling strategy)")
+    plugin = argparse.ArgumentParser(add_help=False)
+    plugin.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
+                        help="import a module that registers spaces/strategies/losses/... (repeatable)")
+
+    s = sub.add_parser("search", parents=[plugin], help="search an architecture (one-shot or sampling strategy)")
     s.add_argument("recipe", nargs="?", help="search recipe YAML (omit with --resume)")
     s.add_argument("--out", help="run folder (default: <output_root>/<name>_<timestamp>)")
     s.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     s.add_argument("--no-retrain", action="store_true", help="skip the recipe's then_retrain step")
 
-    d = sub.add_parser("derive", help="derive genotype.json from a search run")
+    d = sub.add_parser("derive", parents=[plugin], help="derive genotype.json from a search run")
     d.add_argument("run")
     d.add_argument("--out", help="folder for genotype.json (default: the run folder)")
 
-    t = sub.add_parser("train", help="retrain a fixed network from a genotype and evaluate it")
+    t = sub.add_parser("train", parents=[plugin], help="retrain a fixed network from a genotype and evaluate it")
     t.add_argument("recipe", nargs="?", help="retrain recipe YAML (omit with --resume)")
     t.add_argument("--genotype", help="genotype.json, or preset:<name> (e.g. preset:osnet_ain)")
     t.add_argument("--out", help="run folder")
     t.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
-    e = sub.add_parser("evaluate", help="CMC / mAP of a retrained run, same- and cross-domain")
+    e = sub.add_parser("evaluate", parents=[plugin], help="CMC / mAP of a retrained run, same- and cross-domain")
     e.add_argument("run")
     e.add_argument("--target", action="append", default=[], metavar="NAME[=ROOT][:k=v,...]",
                    help="cross-domain dataset (repeatable); default: the recipe's eval.targets")
@@ -93,25 +107,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--out", help="output folder (default: the run folder)")
     p.add_argument("--format", action="append", default=[], choices=["png", "svg", "pdf"])
+
+    ls = sub.add_parser("list", parents=[plugin], help="print what is registered (spaces, strategies, ...)")
+    ls.add_argument("kind", nargs="?", help="one registry: spaces, strategies, datasets, losses, matchers, "
+                    "postprocessors, methods (default: all)")
+    ls.add_argument("pattern", nargs="?", default="*", help="shell pattern on the names, e.g. 'osnet*'")
     return ap
+
+
+def _first_line(obj) -> str:
+    doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    return doc[0] if doc else ""
+
+
+def _list(kind: Optional[str], pattern: str) -> int:
+    from nasreid.errors import RegistryError
+    from nasreid.registry import ALL_REGISTRIES
+
+    if kind is not None and kind not in ALL_REGISTRIES:
+        raise RegistryError(f"unknown registry {kind!r}; known: {', '.join(ALL_REGISTRIES)}")
+    for name, reg in ALL_REGISTRIES.items():
+        if kind is not None and name != kind:
+            continue
+        print(f"{name}:")
+        for key in reg.names(pattern):
+            print(f"  {key:<18} {_first_line(reg.get(key))}")
+    return 0
+
+
+def _search_summary(run: Path) -> str:
+    """A few lines: the genotype with each choice's probability, and the retrain's results if any."""
+    from nasreid.genotype import Genotype
+
+    geno = Genotype.load(run / "genotype.json")
+    lines = [f"search run: {run}", geno.summary()]
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    retrain = metrics.get("retrain_run")
+    if retrain and (Path(retrain) / "metrics.json").is_file():
+        lines.append(f"retrain run: {retrain}")
+        ev = json.loads((Path(retrain) / "metrics.json").read_text()).get("evaluation", {})
+        for key, r in ev.items():
+            lines.append(f"  {key}: rank-1 {r['rank1']:.2f}  mAP {r['mAP']:.2f}  mINP {r.get('mINP', float('nan')):.2f}")
+    lines.append(f"genotype: {run / 'genotype.json'}   plots: nasreid plot {run}")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``nasreid`` console script. Returns 0 on success and 2 on a user error
     (bad recipe, genotype, dataset or run folder), printed as one ``nasreid <command>: error: ...`` line."""
     args = build_parser().parse_args(argv)
-    from nasreid.config import RecipeError
-    from nasreid.engine import pipeline
-    from nasreid.genotype import GenotypeError, preset_genotype
+    from nasreid.errors import NasreidError
 
     try:
+        from nasreid.engine import pipeline
+        from nasreid.genotype import preset_genotype
+        from nasreid.registry import load_plugins
+
+        load_plugins(getattr(args, "plugin", []) or [])
+        if args.command == "list":
+            return _list(args.kind, args.pattern)
         if args.command == "search":
             recipe, run_dir = _recipe_and_run(args)
             if args.no_retrain:
                 recipe = recipe.model_copy(update={"then_retrain": None})
             run = pipeline.run_search(recipe, run_dir=run_dir, resume=bool(args.resume))
-            print(f"search run: {run}")
-            print((run / "genotype.json").read_text())
+            print(_search_summary(run))
         elif args.command == "derive":
             g = pipeline.derive(args.run, args.out)
             print(g.summary())
@@ -135,9 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for f in files:
                 print(f)
         return 0
-    except (RecipeError, GenotypeError, FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"nasreid {args.command}: error: {msg}", file=sys.stderr)
+    except NasreidError as e:
+        print(f"nasreid {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -23,6 +23,8 @@ __all__ = [
     "OptimConfig",
     "LossConfig",
     "EvalConfig",
+    "ModelConfig",
+    "TrainingConfig",
     "load_recipe",
     "resolve_data_root",
 ]
@@ -89,7 +91,7 @@ class StrategyConfig(_Strict):
 class OptimConfig(_Strict):
     """Optimiser and learning-rate schedule of the network weights."""
 
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    name: Literal["sgd", "adam", "amsgrad", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     momentum: float = Field(0.9, ge=0)
@@ -104,8 +106,14 @@ class OptimConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """ID loss (cross-entropy with label smoothing) + optional batch-hard triplet."""
+    """The training loss: ``name`` from the loss registry (``nasreid list losses``).
 
+    ``reid`` (default) is ID cross-entropy with label smoothing + optional batch-hard triplet, set by the
+    three fields below; any other registered loss gets ``kwargs``.
+    """
+
+    name: str = "reid"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
     label_smooth: float = Field(0.1, ge=0, lt=1)
     triplet_weight: float = Field(0.0, ge=0)
     triplet_margin: float = Field(0.3, gt=0)
@@ -123,10 +131,23 @@ class EvalConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """Fixed network to train: a genotype file or a preset of the space (e.g. ``osnet_ain``)."""
+    """Fixed network to train: a genotype file or a preset of the space (e.g. ``osnet_ain``), optionally
+    initialised from a local weights file (``pretrained``; keys under ``pretrained_skip`` are not loaded)."""
 
     genotype: Optional[str] = None
     preset: Optional[str] = None
+    pretrained: Optional[str] = None
+    pretrained_skip: list[str] = Field(default_factory=lambda: ["head.classifier"])
+
+
+class TrainingConfig(_Strict):
+    """How a fixed network is trained: a registered training method (``nasreid list methods``) and the
+    fine-tuning warm start (first ``freeze_backbone_epochs`` epochs train only ``open_layers``)."""
+
+    method: str = "supervised"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    freeze_backbone_epochs: int = Field(0, ge=0)
+    open_layers: list[str] = Field(default_factory=lambda: ["head"])
 
 
 class Recipe(_Strict):
@@ -142,9 +163,13 @@ class Recipe(_Strict):
     space: SpaceConfig
     strategy: Optional[StrategyConfig] = None
     model: Optional[ModelConfig] = None
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    plugins: list[str] = Field(
+        default_factory=list, description="Python files (relative to this recipe) or modules that register "
+        "spaces, strategies, datasets, losses, matchers or methods; imported before anything is built")
     then_retrain: Optional[str] = Field(
         None, description="retrain recipe run after a search on the derived genotype (path relative to this recipe)")
     source: Optional[str] = Field(None, description="file the recipe was loaded from (set by load_recipe)")
@@ -206,9 +231,21 @@ def load_recipe(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
             rp = p.parent / rp if (p.parent / rp).is_file() else rp
         if not rp.is_file():
             raise RecipeError(f"{p}: then_retrain: file not found: {recipe.then_retrain}")
-        recipe.then_retrain = str(rp)
+        recipe.then_retrain = str(rp.resolve())  # absolute: the run folder's recipe.yaml works from anywhere
     if recipe.model and recipe.model.genotype and not Path(recipe.model.genotype).is_file():
         raise RecipeError(f"{p}: model.genotype: file not found: {recipe.model.genotype}")
+    if recipe.model and recipe.model.pretrained and not Path(recipe.model.pretrained).expanduser().is_file():
+        raise RecipeError(f"{p}: model.pretrained: weights file not found: {recipe.model.pretrained}")
+    plugins = []
+    for entry in recipe.plugins:
+        q = Path(entry)
+        if entry.endswith(".py") and not q.is_absolute():
+            q = p.parent / q if (p.parent / q).is_file() else q
+            if not q.is_file():
+                raise RecipeError(f"{p}: plugins: file not found: {entry}")
+            entry = str(q.resolve())
+        plugins.append(entry)
+    recipe.plugins = plugins
     return recipe
 
 

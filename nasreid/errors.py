@@ -17,15 +17,18 @@ Example::
 """
 from __future__ import annotations
 
-__all__ = ["NasreidError", "RegistryError", "NonFiniteLossError"]
+__all__ = ["NasreidError", "RegistryError", "NonFiniteLossError", "RunFolderError"]
 
 
 class NasreidError(Exception):
     """Base class of every error caused by the user's input (recipe, genotype, data, checkpoint, run)."""
 
 
-class RegistryError(NasreidError, KeyError):
-    """An unknown name in a registry (the message lists the known ones), or a name registered twice."""
+class RegistryError(NasreidError, KeyError, ValueError):
+    """An unknown name in a registry (the message lists the known ones), or a name registered twice.
+
+    Both a ``KeyError`` (lookups) and a ``ValueError`` (registration), as the registries' errors were before.
+    """
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
@@ -37,3 +40,7 @@ class NonFiniteLossError(NasreidError, FloatingPointError):
     The run stops before anything is written, so ``checkpoints/last.pt`` still holds the last good epoch
     and ``--resume`` restarts from it (typically after lowering the learning rate with ``--set``).
     """
+
+
+class RunFolderError(NasreidError, FileExistsError):
+    """A run folder cannot be used: it already holds a run (pass ``--resume``), or it is not a run folder."""

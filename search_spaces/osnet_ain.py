@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from nasreid.models.heads import ReIDHead
 from nasreid.models.osnet import IN_VARIANTS, ConvBNReLU, OSBlock, OSResidual, Transition
-from nasreid.mutables import LayerChoice, ModelSpace
+from nasreid.mutables import LayerChoice, ModelSpace, current_frozen_sample
 from nasreid.registry import register_space
 
 __all__ = ["OSNetAINSpace", "BLOCK_LABELS", "PRESET_GENOTYPES"]
@@ -27,25 +27,39 @@ __all__ = ["OSNetAINSpace", "BLOCK_LABELS", "PRESET_GENOTYPES"]
 BLOCK_LABELS = ("conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv4_1", "conv4_2")
 BASE_CHANNELS = (64, 256, 384, 512)
 
+#: Table 1 "OSNet-AIN" column of the paper: the block choices found by the search, shared by both
+#: OSNet-AIN presets below.
+_AIN_CHOICES = {
+    "conv2_1": "os_in_in", "conv2_2": "os_in_in",
+    "conv3_1": "os", "conv3_2": "os_in_in",
+    "conv4_1": "os_in_in", "conv4_2": "os",
+}
+
 #: Hand-designed and published architectures, expressed as genotypes of this space.
 PRESET_GENOTYPES: dict[str, dict[str, Any]] = {
-    # plain OSNet (Table 1, "OSNet" column)
+    # plain OSNet (Table 1, "OSNet" column): no IN anywhere, conv1 with BN
     "osnet": {"choices": {k: "os" for k in BLOCK_LABELS}, "space_kwargs": {}},
-    # OSNet-IBN, the paper's hand design (Sec. 4.2 "Search vs. Engineering"): IN in conv1 and conv2,
-    # IBN-Net style (IN after the residual addition)
+    # OSNet-IBN, the paper's hand design (Sec. 4.2 "Search vs. Engineering": "we add IN only to the lowest
+    # layers in OSNet (conv1 & conv2 as shown in Table 1)", mimicking IBN-Net): conv1 with IN instead of BN
+    # and IN after the residual addition of both conv2 blocks; conv3 and conv4 plain. This is also what the
+    # authors' released code builds (deep-person-reid, torchreid/models/osnet.py, osnet_ibn_x1_0: IN=True
+    # reaches conv1 and the conv2 blocks, where OSBlock applies IN to x3 + identity before the ReLU).
     "osnet_ibn": {
         "choices": {**{k: "os" for k in BLOCK_LABELS}, "conv2_1": "os_in_out", "conv2_2": "os_in_out"},
         "space_kwargs": {"conv1_in": True},
     },
-    # OSNet-AIN as found by the paper's search (Table 1, "OSNet-AIN" column)
-    "osnet_ain": {
-        "choices": {
-            "conv2_1": "os_in_in", "conv2_2": "os_in_in",
-            "conv3_1": "os", "conv3_2": "os_in_in",
-            "conv4_1": "os_in_in", "conv4_2": "os",
-        },
-        "space_kwargs": {},
-    },
+    # OSNet-AIN as printed in the paper (Table 1, "OSNet-AIN" column): the searched block choices, conv1
+    # "7x7 conv, stride 2" with BN like OSNet (the table shows no IN in conv1, and the search space of
+    # Sec. 3.3 / Fig. 5 covers only the six OS blocks). The committed baseline
+    # results/cpu_retrain_preset_osnet_ain used this one.
+    "osnet_ain": {"choices": dict(_AIN_CHOICES), "space_kwargs": {}},
+    # OSNet-AIN as released by the authors (deep-person-reid, torchreid/models/osnet_ain.py, osnet_ain_x1_0):
+    # the same block choices ([[OSBlockINin, OSBlockINin], [OSBlock, OSBlockINin], [OSBlockINin, OSBlock]])
+    # plus conv1_IN=True, i.e. conv1 normalised by an affine IN instead of BN. One difference remains: the
+    # released OSBlockINin drops the BN of the last 1x1 conv (IN replaces it), while this space's
+    # ``os_in_in`` keeps conv3's BN before the IN (BN then IN on the same channels is redundant up to the
+    # sign of BN's scale; it adds 2 * C parameters and running statistics per block).
+    "osnet_ain_released": {"choices": dict(_AIN_CHOICES), "space_kwargs": {"conv1_in": True}},
 }
 
 
@@ -57,18 +71,33 @@ def _scale(c: int, beta: float) -> int:
 class OSNetAINSpace(ModelSpace):
     """OSNet supernet whose six OS blocks each choose among {os, os_in_in, os_in_out, os_in_in_out}.
 
+    Zhou, Yang, Cavallaro & Xiang, TPAMI 2021: Table 1 (layout), Sec. 3.3 and Fig. 5 (search space).
+
+    **Weight sharing is a deviation from the paper (default on).** In Fig. 5 the four candidates of a
+    layer are four independent OS blocks, each with its own convolutions, gate and BN. With
+    ``share_weights=True`` (the default) the four candidates of a layer share *one* residual branch
+    (1x1 convs, Lite 3x3 streams, aggregation gate, BN, shortcut projection) and own only their IN layers,
+    so the supernet has about a quarter of the OS-block parameters of Fig. 5, a step through any candidate
+    updates the branch of all four, and the shared branch runs once per forward even in soft mode
+    (:class:`~nasreid.models.osnet.OSResidual` memoises it). ``share_weights=False`` builds Fig. 5 as
+    printed: four independent blocks per layer (about 4x the OS-block parameters; soft mode then costs
+    about 4x per block). Either way, freezing a genotype gives the same fixed network: same modules,
+    state_dict keys and shapes, and the same initial weights for the same torch RNG state at the
+    :func:`~nasreid.mutables.freeze` call (:meth:`~nasreid.genotype.Genotype.build` builds the supernet
+    first, which draws more random numbers when unshared). :func:`~nasreid.mutables.freeze` with
+    ``copy_weights`` takes the chosen candidate's own weights in both cases.
+
     Args:
         num_classes: training identities for the classifier (0: feature extractor only).
         width_mult: beta, multiplies the channels (64, 256, 384, 512) (Sec. 3.4).
         feature_dim: embedding size D of the fc head (512).
-        conv1_in: instance norm instead of BN in conv1 (used by the hand-designed OSNet-IBN).
+        conv1_in: affine instance norm instead of BN in conv1 (the hand-designed OSNet-IBN of Sec. 4.2,
+            and the authors' released OSNet-AIN, ``conv1_IN=True``; Table 1 prints conv1 with BN).
         head: ``"fc"`` (OSNet) or ``"bnneck"``.
         streams: T, scales per OS block (4).
-        share_weights: the four candidates of a layer share one residual branch (convolutions, gate,
-            BN) and own only their IN layers, so the branch runs once per forward even in soft mode
-            (:class:`~nasreid.models.osnet.OSResidual` memoises it). ``False`` gives four independent
-            blocks per layer (Fig. 5 read literally; soft mode then costs about 4x per block).
-            Fixed networks are identical either way.
+        share_weights: ``True`` (default): the four candidates of a layer share one residual branch
+            and own only their IN layers (a deviation from Fig. 5, see above). ``False``: four
+            independent blocks per layer, as in Fig. 5.
 
     Forward: ``[B, 3, H, W]`` (H, W multiples of 16) -> training ``dict(feat=[B, D], logits=[B, C])``,
     eval ``[B, D]``.
@@ -84,6 +113,12 @@ class OSNetAINSpace(ModelSpace):
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
 
         def choice(label: str, cin: int, cout: int) -> LayerChoice:
+            frozen = (current_frozen_sample() or {}).get(label)
+            if isinstance(frozen, str) and frozen in IN_VARIANTS:
+                # building a fixed network (freeze / Genotype.build): only the chosen block, with its own
+                # non-memoising residual branch, whatever share_weights says -- so both settings give the
+                # same modules and draw the same random numbers (same initial weights from one seed)
+                return LayerChoice({frozen: OSBlock(cin, cout, frozen, streams=streams)}, label=label)
             shared = OSResidual(cin, cout, streams, memoize=True) if share_weights else None
             return LayerChoice({v: OSBlock(cin, cout, v, streams=streams, residual=shared) for v in IN_VARIANTS},
                                label=label)

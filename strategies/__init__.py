@@ -1,6 +1,6 @@
 """Search strategies of nasreid (installed as ``nasreid.strategies``); each registers itself by name."""
 from . import gumbel  # noqa: F401  (registers "gumbel")
 from . import random  # noqa: F401  (registers "random")
-from .base import Strategy, StrategyConfigError
+from .base import OneShotStrategy, Strategy, StrategyConfigError
 
-__all__ = ["Strategy", "StrategyConfigError"]
+__all__ = ["Strategy", "OneShotStrategy", "StrategyConfigError"]

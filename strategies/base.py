@@ -1,21 +1,33 @@
-"""The strategy interface: how a search algorithm drives a space, whatever the space is.
+"""The strategy interface: a search algorithm owns its loop and returns a genotype, whatever the space.
 
 A strategy knows a space only through :mod:`nasreid.mutables` (``simplify``, ``iter_layer_choices``,
-``freeze``). The search engine (:mod:`nasreid.engine.search`) calls, per run::
+``freeze``) and the engine only through a :class:`~nasreid.engine.context.SearchContext`. ``nasreid search``
+(:func:`nasreid.engine.pipeline.run_search`) does::
 
-    strategy = StrategyCls(space, **recipe.strategy.kwargs)   # kwargs validated by StrategyCls.Config
-    model = strategy.attach()                 # supernet to train (mixed ops in place of choices)
-    groups = strategy.param_groups(optim_cfg) # optimiser parameter groups (weights, architecture)
-    for epoch: strategy.on_epoch_start(epoch, epochs)
-               for batch: parts = strategy.train_step(batch, loss_fn, optimizer, ...)
-               strategy.probabilities() -> {label: {value: p}}     # logged to alphas.csv / TensorBoard
-    strategy.export() -> {label: value}                            # the derived sample (genotype choices)
+    ctx = SearchContext(recipe, run_dir, device, dataset, writer, ...)
+    space = ctx.build_space()                                   # the recipe's space, num_classes of the data
+    strategy = STRATEGIES.get(name)(space, **recipe.strategy.kwargs)   # kwargs validated by Strategy.Config
+    genotype = strategy.search(ctx)                             # the strategy's own loop
+    genotype.save(run / "genotype.json")
 
-One-shot strategies (Gumbel, DARTS) implement all of it; sampling strategies (random, Optuna) use
-:meth:`Strategy.propose` / :meth:`Strategy.report` through their own loop.
+and ``nasreid derive RUN`` calls ``StrategyCls.derive(run_dir, recipe)``, which reads back whatever the
+strategy itself checkpointed (the pipeline reads no strategy-specific key).
+
+Two families:
+
+* **one-shot** (:class:`OneShotStrategy`: Gumbel, random path sampling, DARTS): ``attach()`` turns the space
+  into a supernet (choices replaced by the strategy's mixed ops); the shared loop trains it with
+  ``train_step(batch, loss_fn, optimizer, ...)`` and the hooks of :meth:`OneShotStrategy.hooks` (the
+  Gumbel temperature schedule, say); ``probabilities()`` is logged every epoch; ``export()`` is the derived
+  sample. A strategy with another loop (DARTS: two loaders, its own Adam for alpha) overrides ``search``.
+* **sampling** (Optuna, evolution): override :meth:`Strategy.search` and train proxy networks with
+  ``ctx.train_fixed(space.freeze(sample), epochs=..., hooks=[...], run_dir=run/"trials"/k)``.
 """
 from __future__ import annotations
 
+import contextlib
+import math
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
@@ -23,9 +35,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from nasreid.errors import NasreidError
+from nasreid.genotype import Genotype, GenotypeError
 from nasreid.mutables import LayerChoice, ModelSpace, iter_layer_choices, simplify
 
-__all__ = ["Strategy", "StrategyConfigError", "replace_module"]
+__all__ = ["Strategy", "OneShotStrategy", "StrategyConfigError", "replace_module"]
 
 
 class StrategyConfigError(NasreidError, ValueError):
@@ -42,8 +55,11 @@ def replace_module(root: nn.Module, qualified_name: str, new: nn.Module) -> None
 class Strategy:
     """Base class of search strategies.
 
-    Subclasses set ``Config`` (a pydantic model of their kwargs, ``extra="forbid"``) and implement
-    :meth:`attach`, :meth:`train_step`, :meth:`probabilities`, :meth:`export`.
+    Subclasses set ``Config`` (a pydantic model of their kwargs, ``extra="forbid"``), implement
+    :meth:`search` and :meth:`derive`, and register with ``@register_strategy("name")``.
+
+    Raises:
+        StrategyConfigError: invalid kwargs (names the key), or a space with no choice.
     """
 
     name: ClassVar[str] = "base"
@@ -52,27 +68,107 @@ class Strategy:
         model_config = ConfigDict(extra="forbid")
 
     def __init__(self, space: ModelSpace, **kwargs: Any):
-        try:
-            self.cfg = self.Config(**kwargs)
-        except ValidationError as e:
-            msgs = []
-            for err in e.errors():
-                loc = ".".join(map(str, err["loc"]))
-                msgs.append(f"strategy.kwargs.{loc}: " + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"]))
-            raise StrategyConfigError(f"strategy {self.name!r}: " + "; ".join(msgs)) from None
+        self.cfg = self.validate_kwargs(kwargs)
         self.space = space
         self.choices = simplify(space)
         if not self.choices:
             raise StrategyConfigError(f"space {type(space).__name__} declares no choices to search")
         self.model: nn.Module | None = None
 
-    # ---- one-shot interface ---------------------------------------------------------------------
+    @classmethod
+    def validate_kwargs(cls, kwargs: Mapping[str, Any]) -> BaseModel:
+        """``cls.Config`` of ``kwargs``, without building a space (the recipe check calls it up front).
+
+        Raises:
+            StrategyConfigError: unknown key or invalid value, named as ``strategy.kwargs.<key>``.
+        """
+        try:
+            return cls.Config(**kwargs)
+        except ValidationError as e:
+            msgs = []
+            for err in e.errors():
+                loc = ".".join(map(str, err["loc"]))
+                msgs.append(f"strategy.kwargs.{loc}: " + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"]))
+            raise StrategyConfigError(f"strategy {cls.name!r}: " + "; ".join(msgs)) from None
+
+    # ---- the contract ----------------------------------------------------------------------------
+    def search(self, ctx) -> Genotype:
+        """Run the search in ``ctx`` (a :class:`~nasreid.engine.context.SearchContext`) and return the
+        derived genotype. Must checkpoint into ``ctx.run_dir`` so that :meth:`derive` and ``--resume`` work."""
+        raise NotImplementedError
+
+    @classmethod
+    def derive(cls, run_dir: str | Path, recipe) -> Genotype:
+        """The genotype of a (finished or interrupted) search run folder, from what :meth:`search` saved.
+
+        Raises:
+            GenotypeError / CheckpointError: nothing derivable in the folder.
+        """
+        raise NotImplementedError
+
+    def probabilities(self) -> dict[str, dict[str, float]]:
+        """Current ``{label: {value: probability}}`` of every choice (logged every epoch)."""
+        raise NotImplementedError
+
+    def temperature(self) -> float | None:
+        """Current softmax temperature (Gumbel lambda) for logs, None when the strategy has none."""
+        return None
+
+    def export(self) -> dict[str, Any]:
+        """The derived sample ``{label: value}``: argmax of :meth:`probabilities` per choice."""
+        return _argmax_sample(self.choices, self.probabilities())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Strategy state besides the model's parameters (noise generator, schedules ...), checkpointed."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def _genotype(self, sample: Mapping[str, Any], probs: Mapping[str, Mapping[str, float]], ctx_or_recipe,
+                  **provenance: Any) -> Genotype:
+        recipe = getattr(ctx_or_recipe, "recipe", ctx_or_recipe)
+        return make_genotype(recipe, sample, probs, **provenance)
+
+
+def _argmax_sample(choices: Mapping[str, Any], probs: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    out = {}
+    for label, mut in choices.items():
+        p = probs[label]
+        bad = [k for k, v in p.items() if not math.isfinite(v)]
+        if bad:
+            raise GenotypeError(f"architecture weights of {label!r} are not finite ({p}); the search diverged, "
+                                "derive from an earlier checkpoint or rerun with a lower arch learning rate")
+        best = max(p, key=p.get)
+        out[label] = next(v for v in mut.values if str(v) == best)  # the mutable's typed value
+    return out
+
+
+def make_genotype(recipe, sample: Mapping[str, Any], probs: Mapping[str, Mapping[str, float]],
+                  **provenance: Any) -> Genotype:
+    """A :class:`Genotype` of ``recipe.space`` with the run's provenance (strategy, dataset, seed ...)."""
+    return Genotype(
+        space=recipe.space.name, choices=dict(sample), probabilities={k: dict(v) for k, v in probs.items()},
+        space_kwargs=dict(recipe.space.kwargs),
+        provenance={"strategy": recipe.strategy.name if recipe.strategy else None,
+                    "epochs": recipe.optim.epochs, "dataset": recipe.data.dataset.name, "seed": recipe.seed,
+                    **provenance})
+
+
+class OneShotStrategy(Strategy):
+    """Base of one-shot strategies: one supernet trained on the training split, weights and architecture
+    parameters in one optimiser (two parameter groups), per-epoch architecture logging, argmax derive.
+
+    Subclasses implement :meth:`attach`, :meth:`train_step`, :meth:`probabilities` and may add
+    :meth:`hooks` (called with the trainer) and :meth:`arch_parameters`.
+    """
+
     def attach(self) -> nn.Module:
         """Return the supernet to train (the space with choices replaced by the strategy's mixed ops)."""
         raise NotImplementedError
 
     def arch_parameters(self) -> list[nn.Parameter]:
-        """Architecture parameters (pi / alpha); empty for sampling strategies."""
+        """Architecture parameters (pi / alpha); empty for path-sampling strategies."""
         return []
 
     def weight_parameters(self) -> list[nn.Parameter]:
@@ -91,38 +187,71 @@ class Strategy:
                            "weight_decay": getattr(self.cfg, "arch_weight_decay", 0.0), "name": "arch"})
         return groups
 
+    def hooks(self) -> list:
+        """Extra trainer hooks of this strategy (e.g. the temperature schedule); none by default."""
+        return []
+
     def on_epoch_start(self, epoch: int, epochs: int) -> dict[str, float]:
-        """Hook at the start of each epoch (0-based); returns scalars to log (e.g. ``{"lambda": 9.5}``)."""
+        """Called at the start of each epoch (0-based) by the strategy's hook; returns scalars to log."""
         return {}
 
-    def train_step(self, images: torch.Tensor, pids: torch.Tensor, loss_fn: Callable, optimizer: torch.optim.Optimizer,
+    def train_step(self, batch: dict, loss_fn: Callable, optimizer: torch.optim.Optimizer,
                    scaler: "torch.amp.GradScaler | None" = None, grad_clip: float | None = None,
-                   **batch: Any) -> dict[str, float]:
-        """One optimisation step; returns detached scalars (``loss``, ``ce``, ``acc``, ...)."""
+                   autocast: Callable | None = None) -> dict[str, float]:
+        """One optimisation step on ``batch`` (``img [B,3,H,W]``, ``pid [B]`` ... on the device); returns
+        detached scalars (``loss``, ``ce``, ``acc``, ...)."""
         raise NotImplementedError
 
-    def probabilities(self) -> dict[str, dict[str, float]]:
-        """Current ``{label: {value: probability}}`` of every choice."""
-        raise NotImplementedError
+    # ---- the shared loop -------------------------------------------------------------------------
+    def search(self, ctx) -> Genotype:
+        """Train the supernet for ``optim.epochs`` on the training split (resuming from the run's
+        checkpoint), logging ``alphas.csv`` every epoch; return the argmax genotype."""
+        from nasreid.engine.hooks import ArchitectureLogHook, StrategyStateHook
 
-    def export(self) -> dict[str, Any]:
-        """The derived sample ``{label: value}`` (argmax of the architecture weights)."""
-        probs = self.probabilities()
-        out = {}
-        for label, mut in self.choices.items():
-            p = probs[label]
-            best = max(p, key=p.get)
-            # map the string key back to the mutable's typed value
-            out[label] = next(v for v in mut.values if str(v) == best)
-        return out
+        model = ctx.device.model(self.attach())
+        optimizer = ctx.build_optimizer(self.param_groups(ctx.recipe.optim.lr, ctx.recipe.optim.weight_decay))
+        scheduler = ctx.build_scheduler(optimizer)
+        loss_fn = ctx.build_loss()
+        clip = ctx.recipe.optim.grad_clip
 
-    # ---- checkpointing -------------------------------------------------------------------------
+        def step(trainer, batch):
+            return self.train_step(batch, loss_fn, optimizer, scaler=ctx.device.scaler, grad_clip=clip,
+                                   autocast=ctx.device.autocast)
+
+        hooks = [*self.hooks(), ArchitectureLogHook(self, ctx.run_dir / "alphas.csv"), StrategyStateHook(self)]
+        trainer = ctx.trainer(model, step, loader=ctx.loader(), optimizer=optimizer, scheduler=scheduler,
+                              hooks=hooks)
+        trainer.fit()
+        return self._genotype(self.export(), self.probabilities(), ctx, epoch=len(trainer.history),
+                              run=ctx.run_dir.name, rule="argmax of architecture weights per choice")
+
     def state_dict(self) -> dict[str, Any]:
-        """Strategy state besides the model's parameters (sampler RNG, schedules, ...)."""
-        return {}
+        # probabilities and the derived sample ride along, so derive needs no supernet rebuild
+        return {"probabilities": self.probabilities(), "sample": self.export()}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
+    @classmethod
+    def derive(cls, run_dir: str | Path, recipe) -> Genotype:
+        """Argmax genotype from ``checkpoints/last.pt`` (OSNet-AIN "Search Outcome": omega* = argmax pi).
+
+        Raises:
+            CheckpointError: no checkpoint yet. GenotypeError: it holds no architecture weights, or they
+            are not finite (a diverged search).
+        """
+        from nasreid.engine.checkpoint import load_checkpoint
+
+        run = Path(run_dir)
+        ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+        st = (ckpt.get("hooks") or {}).get("strategy") or {}
+        if "probabilities" not in st:
+            raise GenotypeError(f"{run}: the checkpoint holds no architecture weights (is this a one-shot search run?)")
+        probs = st["probabilities"]
+        for label, p in probs.items():
+            if not all(math.isfinite(v) for v in p.values()):
+                raise GenotypeError(f"{run}: architecture weights of {label!r} are not finite ({p}): the search "
+                                    "diverged; rerun it with a lower learning rate")
+        sample = dict(st.get("sample") or {})
+        return make_genotype(recipe, sample, probs, epoch=int(ckpt["epoch"]) + 1, run=run.name,
+                             rule="argmax of architecture weights per choice")
 
     # ---- helpers for subclasses -----------------------------------------------------------------
     def _replace_choices(self, factory: Callable[[LayerChoice], LayerChoice]) -> nn.Module:
@@ -130,3 +259,12 @@ class Strategy:
             replace_module(self.space, name, factory(lc))
         self.model = self.space
         return self.space
+
+    def _forward_backward(self, batch: dict, loss_fn: Callable, scaler, autocast, scale: float = 1.0):
+        """Forward ``batch['img']``, loss on ``(outputs, batch)`` (times ``scale``), finite check, backward."""
+        from nasreid.engine.trainer import backward
+
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            loss, parts = loss_fn(self.model(batch["img"]), batch)
+        backward(loss * scale if scale != 1.0 else loss, scaler, parts)
+        return parts

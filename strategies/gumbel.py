@@ -7,9 +7,16 @@ candidate; ``softmax(pi)`` is P(alpha_omega = 1) of Eq. 7). Every forward pass d
     alpha = softmax((log softmax(pi) + z) / lambda)                                   (Eq. 8)
 
 and the block output ``y = sum_omega alpha_omega * omega(x)`` (Eq. 5). Weights theta and pi are trained
-jointly by SGD on the Monte-Carlo estimate of Eq. 9 with S samples (Eq. 12 and 15). The temperature lambda
-starts at ``lambda_start`` and drops by ``lambda_step`` every ``lambda_every`` epochs down to
-``lambda_min`` (paper: 10, 0.5, 20, floor 1 -- "setting lambda < 1 makes the training unstable").
+jointly by SGD on the Monte-Carlo estimate of Eq. 9 with S samples (Eq. 12 and 15).
+
+Temperature schedule (a trainer hook, :class:`LambdaScheduleHook`), floor ``lambda_min`` ("setting
+lambda < 1 makes the training unstable", footnote 6):
+
+* ``lambda_decay: subtractive`` -- ``lambda_start - lambda_step * (epoch // lambda_every)``: the paper's text
+  ("starts from 10 and decreases by 0.5 every 20 epochs": 10 -> 7.5 over 120 epochs);
+* ``lambda_decay: multiplicative`` -- ``lambda_start * lambda_rate ** (epoch // lambda_every)``: the authors'
+  released configuration (deep-person-reid ``projects/OSNet_AIN``: ``init_lmda 10``, ``lmda_decay_step 20``,
+  ``lmda_decay_rate 0.5``, ``min_lmda 1``): 10, 5, 2.5, 1.25, 1, 1 over 120 epochs, reaching the floor of 1.
 
 Modes:
 * ``soft`` -- every candidate runs and is weighted by alpha (Eq. 5 as written);
@@ -26,7 +33,6 @@ At the end the derived architecture takes ``argmax pi`` per block ("Search Outco
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Literal, Mapping
 
 import torch
@@ -34,13 +40,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
-from nasreid.engine.trainer import backward, optimizer_step
+from nasreid.engine.trainer import Hook, optimizer_step
 from nasreid.mutables import LayerChoice
 from nasreid.registry import register_strategy
 
-from .base import Strategy
+from .base import OneShotStrategy
 
-__all__ = ["GumbelMixedOp", "GumbelStrategy", "gumbel_softmax_sample", "lambda_schedule"]
+__all__ = ["GumbelMixedOp", "GumbelStrategy", "LambdaScheduleHook", "gumbel_softmax_sample", "lambda_schedule"]
 
 
 def gumbel_softmax_sample(pi: torch.Tensor, lam: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -54,9 +60,33 @@ def gumbel_softmax_sample(pi: torch.Tensor, lam: float, generator: torch.Generat
     return F.softmax((F.log_softmax(pi, dim=-1) + z) / lam, dim=-1)
 
 
-def lambda_schedule(epoch: int, start: float, step: float, every: int, minimum: float) -> float:
-    """Temperature at (0-based) ``epoch``: ``max(minimum, start - step * (epoch // every))``."""
-    return max(minimum, start - step * (epoch // every))
+def lambda_schedule(epoch: int, start: float, step: float, every: int, minimum: float,
+                    decay: str = "subtractive", rate: float = 0.5) -> float:
+    """Temperature at (0-based) ``epoch``: ``max(minimum, start - step * (epoch // every))`` (subtractive,
+    the paper's text) or ``max(minimum, start * rate ** (epoch // every))`` (multiplicative, the authors'
+    released configuration).
+
+    Raises:
+        ValueError: unknown ``decay``.
+    """
+    if decay == "subtractive":
+        return max(minimum, start - step * (epoch // every))
+    if decay == "multiplicative":
+        return max(minimum, start * rate ** (epoch // every))
+    raise ValueError(f"unknown lambda decay {decay!r}; expected 'subtractive' or 'multiplicative'")
+
+
+class LambdaScheduleHook(Hook):
+    """Sets the strategy's temperature at the start of every epoch (``strategy.on_epoch_start``) and logs
+    it as the epoch scalar ``lambda``."""
+
+    name = "lambda_schedule"
+
+    def __init__(self, strategy: "GumbelStrategy"):
+        self.strategy = strategy
+
+    def before_epoch(self, trainer) -> None:
+        trainer.log(**self.strategy.on_epoch_start(trainer.epoch, trainer.epochs))
 
 
 class GumbelMixedOp(LayerChoice):
@@ -114,7 +144,7 @@ class GumbelMixedOp(LayerChoice):
 
 
 @register_strategy("gumbel")
-class GumbelStrategy(Strategy):
+class GumbelStrategy(OneShotStrategy):
     """Gumbel-softmax one-shot search (OSNet-AIN Sec. 3.3). See the module docstring for equations.
 
     Kwargs (``strategy.kwargs`` of the recipe):
@@ -123,6 +153,8 @@ class GumbelStrategy(Strategy):
             autograd) or ``"selected"`` (sampled path only; see the module docstring).
         samples: S, Monte-Carlo samples per step (Eq. 12, 15); losses of the S forwards are averaged.
         lambda_start, lambda_step, lambda_every, lambda_min: temperature schedule (paper 10, 0.5, 20, 1).
+        lambda_decay: ``"subtractive"`` (paper text, default) or ``"multiplicative"`` (authors' code) with
+            ``lambda_rate`` (0.5).
         arch_lr: learning rate of pi (None: the weights' lr); arch_weight_decay: weight decay of pi.
         seed: seed of the Gumbel noise generator.
 
@@ -141,6 +173,8 @@ class GumbelStrategy(Strategy):
         lambda_step: float = Field(0.5, ge=0)
         lambda_every: int = Field(20, ge=1)
         lambda_min: float = Field(1.0, gt=0)
+        lambda_decay: Literal["subtractive", "multiplicative"] = "subtractive"
+        lambda_rate: float = Field(0.5, gt=0, le=1)
         arch_lr: float | None = Field(None, gt=0)
         arch_weight_decay: float = Field(0.0, ge=0)
         init_std: float = Field(1e-3, ge=0)
@@ -170,24 +204,27 @@ class GumbelStrategy(Strategy):
         for op in self.ops.values():
             op.lam = lam
 
+    def temperature(self) -> float:
+        return self.lam
+
+    def hooks(self) -> list[Hook]:
+        return [LambdaScheduleHook(self)]
+
     def on_epoch_start(self, epoch: int, epochs: int) -> dict[str, float]:
         c = self.cfg
-        self.set_lambda(lambda_schedule(epoch, c.lambda_start, c.lambda_step, c.lambda_every, c.lambda_min))
+        self.set_lambda(lambda_schedule(epoch, c.lambda_start, c.lambda_step, c.lambda_every, c.lambda_min,
+                                        c.lambda_decay, c.lambda_rate))
         return {"lambda": self.lam}
 
-    def train_step(self, images, pids, loss_fn: Callable, optimizer, scaler=None, grad_clip=None,
-                   autocast: Callable | None = None, **batch) -> dict[str, float]:
-        """Eq. 12 & 15: average the loss over S Gumbel samples, one SGD step on theta and pi jointly."""
-        model = self.model
+    def train_step(self, batch: dict, loss_fn: Callable, optimizer, scaler=None, grad_clip=None,
+                   autocast: Callable | None = None) -> dict[str, float]:
+        """Eq. 12 & 15: average the loss over S Gumbel samples (each forward draws its own noise; the
+        gradients of the S losses, each divided by S, accumulate), one SGD step on theta and pi jointly."""
         optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         S = self.cfg.samples
         for _ in range(S):
-            with autocast() if autocast is not None else contextlib.nullcontext():
-                out = model(images)
-                loss, parts = loss_fn(out, pids)
-                loss = loss / S
-            backward(loss, scaler)
+            parts = self._forward_backward(batch, loss_fn, scaler, autocast, scale=1.0 / S)
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / S
         optimizer_step(optimizer, self.weight_parameters(), scaler, grad_clip)
@@ -198,7 +235,7 @@ class GumbelStrategy(Strategy):
         return {label: op.probabilities() for label, op in self.ops.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lambda": self.lam, "generator": self.generator.get_state()}
+        return {**super().state_dict(), "lambda": self.lam, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.set_lambda(float(state["lambda"]))

@@ -7,7 +7,6 @@ architecture has to beat at equal retraining budget.
 """
 from __future__ import annotations
 
-import contextlib
 import random as _random
 from typing import Any, Mapping
 
@@ -15,11 +14,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from nasreid.engine.trainer import backward, optimizer_step
+from nasreid.engine.trainer import optimizer_step
 from nasreid.mutables import LayerChoice
 from nasreid.registry import register_strategy
 
-from .base import Strategy
+from .base import OneShotStrategy
 
 __all__ = ["RandomStrategy", "UniformPathOp"]
 
@@ -39,7 +38,7 @@ class UniformPathOp(LayerChoice):
 
 
 @register_strategy("random")
-class RandomStrategy(Strategy):
+class RandomStrategy(OneShotStrategy):
     """Uniform random sampling baseline. Kwargs: ``seed`` (int)."""
 
     name = "random"
@@ -61,11 +60,10 @@ class RandomStrategy(Strategy):
             return op
         return self._replace_choices(factory)
 
-    def train_step(self, images, pids, loss_fn, optimizer, scaler=None, grad_clip=None, autocast=None, **batch):
+    def train_step(self, batch, loss_fn, optimizer, scaler=None, grad_clip=None, autocast=None):
+        """One SGD step of the supernet with one uniformly sampled path per choice."""
         optimizer.zero_grad(set_to_none=True)
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            loss, parts = loss_fn(self.model(images), pids)
-        backward(loss, scaler)
+        parts = self._forward_backward(batch, loss_fn, scaler, autocast)
         optimizer_step(optimizer, self.weight_parameters(), scaler, grad_clip)
         return {k: float(v) for k, v in parts.items()}
 
@@ -78,7 +76,7 @@ class RandomStrategy(Strategy):
         return dict(self._sample)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.getstate(), "sample": self._sample}
+        return {**super().state_dict(), "rng": self.rng.getstate(), "sample": self._sample}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.rng.setstate(state["rng"])

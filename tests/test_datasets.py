@@ -1,6 +1,7 @@
 """Dataset parsers on real images: name parsing, official layouts rebuilt in tmp_path, CUHK01, corrupt files."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -22,6 +23,9 @@ from nasreid.data import (
     parse_msmt17_name,
     register_dataset,
 )
+from nasreid.data.datasets.msmt17 import msmt17_frame
+from nasreid.evaluation import evaluate_model
+from nasreid.registry import RegistryError
 
 MARKET_NAME = re.compile(r"^(\d{4})_c(\d)s(\d)_(\d{6})_(\d{2})\.jpg$")
 MSMT_NAME = re.compile(r"^(\d{4})_(\d{3})_(\d{2})_\d{4}(morning|noon|afternoon)_\d{4}_\d(_ex)?\.jpg$")
@@ -77,9 +81,60 @@ def test_parse_real_msmt17_names(market_samples):
         pid, camid = parse_msmt17_name(f)
         assert pid == int(f.name[:4]) and camid == int(f.name.split("_")[2]) - 1
         assert 0 <= camid <= 14
+        assert msmt17_frame(f) == int(f.name.split("_")[4])
+    assert msmt17_frame("0367_010_10_0303noon_0606_2.jpg") == 606
     for bad in ("0400_c2s1_046426_00.jpg", "bbb.jpg", "0318_001_16_0303noon_0111_4_ex.jpg"):
         with pytest.raises(ValueError, match=re.escape(bad)):
             parse_msmt17_name(bad)
+        with pytest.raises(ValueError, match=re.escape(bad)):
+            msmt17_frame(bad)
+
+
+def test_image_record_fields():
+    rec = ImageRecord("a.jpg", 3, 1)
+    assert (rec.dsetid, rec.seq, rec.frame, rec.time) == (0, None, None, None)
+    assert ImageRecord("a.jpg", 3, 1, 2).dsetid == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rec.frame = 5
+
+
+def _market_sample_tree(root: Path, market_samples) -> dict[str, Path]:
+    """Evaluation-only Market tree (no bounding_box_train) of the real Market-named samples: one image of each
+    of the two ids seen by two cameras (0051, 1285) is a query, every other image is in the gallery."""
+    files = {}
+    for f in market_samples:
+        if MARKET_NAME.match(f.name):
+            files.setdefault(f.name, f)
+    queries = {"0051_c3s1_005551_00.jpg", "1285_c1s5_053991_00.jpg"}
+    for name, f in files.items():
+        dst = root / ("query" if name in queries else "bounding_box_test") / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dst)
+    return files
+
+
+def test_market1501_frames_on_real_names_eval_only(tmp_path, market_samples):
+    root = tmp_path / "market1501"
+    files = _market_sample_tree(root, market_samples)
+    with pytest.raises(DatasetLayoutError, match="bounding_box_train"):
+        build_dataset("market1501", root)
+    ds = build_dataset("market1501", root, eval_only=True)
+    assert ds.train == [] and ds.num_train_pids == 0
+    assert len(ds.query) == 2 and len(ds.query) + len(ds.gallery) == len(files) >= 50
+    for r in ds.query + ds.gallery:
+        pid, cam, seq, frame, _ = (int(g) for g in MARKET_NAME.match(Path(r.path).name).groups())
+        assert (r.pid, r.camid, r.seq, r.frame, r.time) == (pid, cam - 1, seq, frame, None)
+    by_name = {Path(r.path).name: r for r in ds.query + ds.gallery}
+    assert (by_name["0400_c2s1_046426_00.jpg"].seq, by_name["0400_c2s1_046426_00.jpg"].frame) == (1, 46426)
+    assert (by_name["1285_c1s5_053991_00.jpg"].seq, by_name["1285_c1s5_053991_00.jpg"].frame) == (5, 53991)
+    assert (by_name["0223_c1s6_014296_00.jpg"].seq, by_name["0223_c1s6_014296_00.jpg"].frame) == (6, 14296)
+    assert by_name["0000_c3s1_107067_00.jpg"].pid == 0  # a distractor stays in the gallery
+
+    q, g = build_test_loaders(ds, height=32, width=16, batch_size=16)
+    assert [f for b in g for f in b["frame"].tolist()] == [r.frame for r in ds.gallery]
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d((4, 2)), torch.nn.Flatten())  # fixed, nothing learned
+    res = evaluate_model(model, q, g, progress=False)
+    assert res["num_valid_queries"] == 2 and res["num_skipped_queries"] == 0 and res["num_gallery"] == len(files) - 2
 
 
 def test_market1501_layout(market_root):
@@ -146,7 +201,7 @@ def test_dsetid_and_registry(market_root):
         return ReIDDataset("tiny", [rec], [rec], [rec])
 
     assert build_dataset("tiny_test_layout").name == "tiny"
-    with pytest.raises(ValueError):
+    with pytest.raises(RegistryError, match="tiny_test_layout"):  # a NasreidError + KeyError, not a ValueError
         register_dataset("tiny_test_layout")(lambda root=None: None)
 
 
@@ -158,10 +213,16 @@ def test_dukemtmc_layout(tmp_path, cuhk01_dir):
     assert ds.num_train_pids == 6 and len(ds.train) == 24
     assert sorted({r.pid for r in ds.query}) == [7, 8, 9, 10]
     assert {r.camid for r in ds.gallery} == {1}
+    assert all(r.frame == int(Path(r.path).stem.split("_f")[1]) and r.seq is None for r in ds.train + ds.gallery)
+    assert sorted(r.frame for r in ds.gallery) == [3, 3, 3, 3, 4, 4, 4, 4]
     # a Market-style name is not a Duke name
     to_jpg(cuhk_png(cuhk01_dir, 30, 1), root / "query" / "0030_c1s1_000001_00.jpg")
     with pytest.raises(DatasetLayoutError, match="0030_c1s1_000001_00.jpg"):
         build_dataset("dukemtmc", root)
+    (root / "query" / "0030_c1s1_000001_00.jpg").unlink()
+    shutil.rmtree(root / "bounding_box_train")  # an evaluation-only target
+    target = build_dataset("dukemtmc", root, eval_only=True)
+    assert target.train == [] and target.gallery == ds.gallery and target.query == ds.query
 
 
 def test_cuhk03np_layout(tmp_path, cuhk01_dir):
@@ -172,6 +233,12 @@ def test_cuhk03np_layout(tmp_path, cuhk01_dir):
     ds = build_dataset("cuhk03np", root, variant="labeled")
     assert ds.num_train_pids == 6 and sorted({r.pid for r in ds.query}) == [7, 8, 9, 10, 11]
     assert all(r.camid == 0 for r in ds.query)
+    frames = {Path(r.path).name: (r.seq, r.frame) for r in ds.query}
+    assert frames["0007_c1s1_000001_00.jpg"] == (1, 1) and frames["0011_c1_1.png"] == (None, None)
+    shutil.rmtree(root / "labeled" / "bounding_box_train")
+    with pytest.raises(DatasetLayoutError, match="bounding_box_train"):
+        build_dataset("cuhk03np", root)
+    assert build_dataset("cuhk03np", root, eval_only=True).query == ds.query
     with pytest.raises(DatasetLayoutError, match="detected"):
         build_dataset("cuhk03np", root, variant="detected")
     with pytest.raises(DatasetLayoutError, match="'bogus'"):
@@ -182,23 +249,29 @@ def msmt_name(pid, cam, idx, ex=False):
     return f"{pid:04d}_{idx:03d}_{cam:02d}_0303morning_{idx:04d}_0{'_ex' if ex else ''}.jpg"
 
 
-def test_msmt17_list_files(tmp_path, cuhk01_dir):
-    root = tmp_path / "msmt17"
+def build_msmt_tree(root: Path, cuhk01_dir: Path, test_pids=range(100, 103)) -> None:
+    """Train ids 0..3 (CUHK01 ids 1..4): images 1, 3 in list_train, 2, 4 in list_val; test ids ``test_pids``
+    (CUHK01 ids 100..102): image 1 is the query, 2..4 the gallery."""
     lines = {"train": [], "val": [], "query": [], "gallery": []}
-    for pid in range(0, 4):  # train ids: images 1,3 in list_train; 2,4 in list_val
+    for pid in range(0, 4):
         for idx in range(1, 5):
             cam = 1 if idx <= 2 else 15
             rel = f"{pid:04d}/{msmt_name(pid, cam, idx)}"
             to_jpg(cuhk_png(cuhk01_dir, pid + 1, idx), root / "train" / rel)
             lines["train" if idx % 2 else "val"].append(f"{rel} {pid}")
-    for pid in range(100, 103):
+    for src, pid in enumerate(test_pids, 100):
         for idx in range(1, 5):
             cam = 3 if idx <= 2 else 7
             rel = f"{pid:04d}/{msmt_name(pid, cam, idx, ex=idx == 1)}"
-            to_jpg(cuhk_png(cuhk01_dir, pid, idx), root / "test" / rel)
+            to_jpg(cuhk_png(cuhk01_dir, src, idx), root / "test" / rel)
             lines["query" if idx == 1 else "gallery"].append(f"{rel} {pid}")
     for split, ls in lines.items():
         (root / f"list_{split}.txt").write_text("\n".join(ls) + "\n")
+
+
+def test_msmt17_list_files(tmp_path, cuhk01_dir):
+    root = tmp_path / "msmt17"
+    build_msmt_tree(root, cuhk01_dir)
 
     ds = build_dataset("msmt17", root)
     assert len(ds.train) == 16 and ds.num_train_pids == 4
@@ -206,6 +279,8 @@ def test_msmt17_list_files(tmp_path, cuhk01_dir):
     assert {r.pid for r in ds.query} == {100, 101, 102} and {r.camid for r in ds.query} == {2}
     assert {r.camid for r in ds.gallery} == {2, 6} and len(ds.gallery) == 9
     assert ds.read_image(ds.gallery[0]).mode == "RGB"
+    assert all(r.frame == int(Path(r.path).name.split("_")[4]) for r in ds.train + ds.query + ds.gallery)
+    assert sorted({r.frame for r in ds.gallery}) == [2, 3, 4]
     no_val = build_dataset("msmt17", root, merge_val=False)
     assert len(no_val.train) == 8
 
@@ -220,6 +295,57 @@ def test_msmt17_list_files(tmp_path, cuhk01_dir):
     (root / "list_query.txt").unlink()
     with pytest.raises(DatasetLayoutError, match="list_query.txt"):
         build_dataset("msmt17", root)
+
+
+def test_msmt17_combine_all(tmp_path, cuhk01_dir):
+    root = tmp_path / "msmt17"
+    build_msmt_tree(root, cuhk01_dir, test_pids=(1, 2, 3))  # test pids reuse train pid numbers, as in MSMT17
+    plain = build_dataset("msmt17", root)
+    ds = build_dataset("msmt17", root, combine_all=True)
+    assert len(ds.train) == 16 + 12 and ds.num_train_pids == 4 + 3
+    assert sorted({r.pid for r in ds.train}) == list(range(7))
+    assert ds.query == plain.query and ds.gallery == plain.gallery  # still the test split, original pids
+    assert {r.pid for r in ds.query} == {1, 2, 3}
+    # no collision: every combined id holds the images of one real person (one CUHK01 source id)
+    source = {}
+    for r in ds.train:
+        split = Path(r.path).parts[-3]  # "train" or "test"
+        source.setdefault(r.pid, set()).add((split, Path(r.path).parent.name))
+    assert all(len(v) == 1 for v in source.values())
+    test_ids = {(Path(r.path).parent.name, r.pid) for r in ds.train if Path(r.path).parts[-3] == "test"}
+    assert test_ids == {("0001", 4), ("0002", 5), ("0003", 6)}  # after train's 0..3, in order of the test pid
+    assert len(build_dataset("msmt17", root, combine_all=True, merge_val=False).train) == 28  # val is included
+    with pytest.raises(DatasetLayoutError, match="combine_all"):
+        build_dataset("msmt17", root, combine_all=True, eval_only=True)
+
+
+def test_msmt17_eval_only(tmp_path, cuhk01_dir):
+    root = tmp_path / "msmt17"
+    build_msmt_tree(root, cuhk01_dir)
+    (root / "list_train.txt").unlink()
+    (root / "list_val.txt").unlink()
+    shutil.rmtree(root / "train")
+    with pytest.raises(DatasetLayoutError, match="list_train.txt"):
+        build_dataset("msmt17", root)
+    ds = build_dataset("msmt17", root, eval_only=True)
+    assert ds.train == [] and len(ds.query) == 3 and len(ds.gallery) == 9
+
+
+def test_eval_only_ignored_by_layouts_with_every_split(cuhk01_dir):
+    ds = build_dataset("cuhk01", cuhk01_dir.parent, max_ids=10, eval_only=True)
+    assert ds.num_train_pids == 5 and ds.query and ds.gallery
+    syn = build_dataset("synthetic", num_ids=4, num_cams=2, images_per_id_per_cam=2, eval_only=True)
+    assert syn.num_train_pids == 2
+
+
+def test_market1501_eval_only_target_without_train_folder(market_root):
+    shutil.rmtree(market_root / "bounding_box_train")
+    with pytest.raises(DatasetLayoutError, match="bounding_box_train"):
+        build_dataset("market1501", market_root)
+    ds = build_dataset("market1501", market_root, eval_only=True, dsetid=1)
+    assert ds.train == [] and ds.num_train_pids == 0 and len(ds.query) == 4 and len(ds.gallery) == 10
+    assert {r.dsetid for r in ds.query + ds.gallery} == {1}
+    assert "train" in ds.summary()
 
 
 # --------------------------------------------------------------------------- generic folder / CSV layout
@@ -250,6 +376,10 @@ def test_folder_layout_tree_and_csv(tmp_path, cuhk01_dir):
         build_dataset("folder", root)
     (root / "query.csv").unlink()
 
+    ds = build_dataset("folder", root)
+    target = build_dataset("folder", root, eval_only=True)  # the train split is not read
+    assert target.train == [] and target.query == ds.query and target.gallery == ds.gallery
+
     bad = root / "train" / "001" / "cam0.png"
     shutil.copy(cuhk_png(cuhk01_dir, 1, 2), bad)
     with pytest.raises(DatasetLayoutError, match="cam0.png"):
@@ -258,6 +388,10 @@ def test_folder_layout_tree_and_csv(tmp_path, cuhk01_dir):
     (root / "train" / "alice").mkdir()
     with pytest.raises(DatasetLayoutError, match="alice"):
         build_dataset("folder", root)
+    shutil.rmtree(root / "train")
+    with pytest.raises(DatasetLayoutError, match="split 'train'"):
+        build_dataset("folder", root)
+    assert build_dataset("folder", root, eval_only=True).gallery == ds.gallery
 
 
 # --------------------------------------------------------------------------- CUHK01 on the real folder
@@ -374,3 +508,4 @@ def test_test_loaders_order(market_root):
     batch = next(iter(q))
     assert batch["img"].dtype == torch.float32 and batch["img"].shape[1:] == (3, 64, 32)
     assert batch["pid"].tolist() == [r.pid for r in ds.query[:4]]
+    assert batch["frame"].tolist() == [r.frame for r in ds.query[:4]] == [1, 1, 1, 1]

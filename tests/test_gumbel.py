@@ -52,7 +52,7 @@ def test_pi_receives_gradients_in_both_modes(mode):
     opt = torch.optim.SGD(strat.param_groups(0.1, 5e-4), lr=0.1, momentum=0.9)
     x, y = torch.randn(8, 3, 64, 32), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     before = [op.pi.detach().clone() for op in strat.ops.values()]
-    parts = strat.train_step(x, y, loss_fn, opt)
+    parts = strat.train_step({"img": x, "pid": y}, loss_fn, opt)
     assert parts["lambda"] == 10.0 and parts["loss"] > 0
     for op in strat.ops.values():
         assert op.pi.grad is not None and torch.isfinite(op.pi.grad).all()
@@ -126,7 +126,7 @@ def test_monte_carlo_samples_average_the_loss():
     n_forward = []
     model.register_forward_hook(lambda *a: n_forward.append(1))
     opt = torch.optim.SGD(strat.param_groups(0.0, 0.0), lr=0.0)
-    parts = strat.train_step(torch.randn(4, 3, 64, 32), torch.tensor([0, 0, 1, 1]), build_reid_loss(4), opt)
+    parts = strat.train_step({"img": torch.randn(4, 3, 64, 32), "pid": torch.tensor([0, 0, 1, 1])}, build_reid_loss(4), opt)
     assert len(n_forward) == 3 and parts["loss"] > 0
 
 
@@ -188,7 +188,7 @@ def test_random_baseline_is_seeded_and_valid():
     strat = get_strategy("random")(space, seed=3)
     model = strat.attach()
     opt = torch.optim.SGD(strat.param_groups(0.01, 0.0), lr=0.01)
-    parts = strat.train_step(torch.randn(4, 3, 64, 32), torch.tensor([0, 0, 1, 1]), build_reid_loss(4), opt)
+    parts = strat.train_step({"img": torch.randn(4, 3, 64, 32), "pid": torch.tensor([0, 0, 1, 1])}, build_reid_loss(4), opt)
     assert parts["loss"] > 0
     fixed = freeze(model, strat.export())
     assert [b.variant for b in (*fixed.conv2, *fixed.conv3, *fixed.conv4)] == list(a.values())

@@ -96,10 +96,16 @@ def test_search_derive_train_evaluate_plot_on_cuhk01(tiny_recipe, tmp_path, mark
     key = "market1501 (cross-domain)"
     assert key in res and res[key]["num_query"] > 0 and 0 <= res[key]["mAP"] <= 100
     assert key in json.loads((run / "metrics.json").read_text())["evaluation"]
+    assert res[key]["num_skipped_queries"] == 0 and ev["num_skipped_queries"] == 0
+    # a test-only target (query + gallery, no training folder) is enough for cross-domain evaluation
+    shutil.rmtree(market_root / "bounding_box_train")
+    assert cli.main(["evaluate", str(run), "--no-same-domain", "--target", f"market1501={market_root}"]) == 0
 
 
-def test_interrupted_search_resumes_exactly(tiny_recipe, tmp_path, monkeypatch):
-    recipe = load_recipe(tiny_recipe(**{"optim.epochs": 2}))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_search_resumes_exactly(tiny_recipe, tmp_path, monkeypatch, workers):
+    """Bit-identical on CPU, with loader workers too (each epoch's loader is seeded from (seed, epoch))."""
+    recipe = load_recipe(tiny_recipe(**{"optim.epochs": 2, "data.workers": workers}))
     ref = pipeline.run_search(recipe, run_dir=tmp_path / "ref", progress=False)
     ref_state = load_checkpoint(ref / "checkpoints" / "last.pt")
 
@@ -130,6 +136,68 @@ def test_interrupted_search_resumes_exactly(tiny_recipe, tmp_path, monkeypatch):
     # alphas.csv has each epoch once despite the interruption
     rows = (tmp_path / "cut" / "alphas.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2 * 6 * 4
+
+
+def test_interrupted_retrain_is_resumed_by_search_resume(tiny_recipe, tmp_path, monkeypatch):
+    """search -> then_retrain, killed inside the retrain: ``search --resume`` finishes that same retrain."""
+    retrain = tiny_recipe(name="tiny_retrain", strategy=None, **{"optim.epochs": 2})
+    search = tiny_recipe(**{"optim.epochs": 1, "then_retrain": str(retrain)})
+    from nasreid.engine.methods import SupervisedMethod
+
+    orig, calls = SupervisedMethod.step, {"n": 0}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # retrain epoch 2 (3 steps per epoch)
+            raise KeyboardInterrupt("simulated interruption")
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(SupervisedMethod, "step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_search(load_recipe(search), run_dir=tmp_path / "s", progress=False)
+    monkeypatch.setattr(SupervisedMethod, "step", orig)
+    m = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    train_dir = Path(m["retrain_run"])
+    assert train_dir.is_absolute() and load_checkpoint(train_dir / "checkpoints" / "last.pt")["epoch"] == 0
+    assert (tmp_path / "s" / "retrain_recipe.yaml").is_file()  # the run folder carries its retrain recipe
+    search.unlink()
+    retrain.unlink()  # self-contained: the original recipe files are not needed any more
+    assert cli.main(["search", "--resume", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "metrics.json").read_text())["retrain_run"] == str(train_dir)
+    tm = json.loads((train_dir / "metrics.json").read_text())
+    assert len(tm["history"]) == 2 and "cuhk01 (same-domain)" in tm["evaluation"]
+    assert [p.name for p in (tmp_path / "results").iterdir()] == [train_dir.name]  # no second retrain folder
+
+
+def test_recipe_typos_fail_before_training(tiny_recipe, tmp_path, capsys):
+    bad = tiny_recipe(**{"space.kwargs": {"widht_mult": 0.125}})
+    assert cli.main(["search", str(bad), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "tiny.yaml" in err and "space.kwargs.widht_mult" in err and "width_mult" in err
+    # a bad cross-domain target of the retrain recipe is found before the search starts, not after it
+    retrain = tiny_recipe(name="r", strategy=None, **{"eval.targets": [{"name": "market1501",
+                                                                        "kwargs": {"strct": False}}]})
+    good_search = tiny_recipe(**{"then_retrain": str(retrain)})
+    assert cli.main(["search", str(good_search), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "r.yaml" in err and "eval.targets[0].kwargs.strct" in err
+    assert not (tmp_path / "b" / "checkpoints").exists()
+    unknown = tiny_recipe(**{"data.dataset.name": "market1502"})
+    assert cli.main(["search", str(unknown)]) == 2
+    assert "data.dataset.name: unknown dataset 'market1502'" in capsys.readouterr().err
+
+
+def test_derive_refuses_nan_architecture_weights(tiny_recipe, tmp_path):
+    from nasreid.engine.checkpoint import save_checkpoint
+    from nasreid.genotype import GenotypeError
+
+    run = pipeline.run_search(load_recipe(tiny_recipe(**{"optim.epochs": 1})), run_dir=tmp_path / "s", progress=False)
+    ck = run / "checkpoints" / "last.pt"
+    st = load_checkpoint(ck)
+    st["hooks"]["strategy"]["probabilities"]["conv3_1"]["os"] = float("nan")
+    save_checkpoint(ck, st)
+    with pytest.raises(GenotypeError, match="conv3_1.*not finite"):
+        pipeline.derive(run)
 
 
 def test_corrupt_image_is_reported_by_name(tiny_recipe, tmp_path, shared_data):

@@ -198,7 +198,7 @@ def test_train_loader_pk_batches_on_synthetic():
         assert batch["img"].shape == (12, 3, 64, 32) and batch["img"].dtype == torch.float32
         counts = Counter(batch["pid"].tolist())
         assert len(counts) == 4 and set(counts.values()) == {3}
-        assert set(batch) == {"img", "pid", "camid", "dsetid", "path", "index"}
+        assert set(batch) == {"img", "pid", "camid", "dsetid", "path", "index", "frame"}
         n += 1
     assert n == len(loader) > 0
     loader.sampler.set_epoch(0)

@@ -57,7 +57,10 @@ class ImageDataset(Dataset):
             ``warnings.warn`` naming it; an image that passes ``verify`` but fails to decode later is replaced by
             another image of the same pid (same camera preferred) with a warning — labels are never changed.
 
-    ``__getitem__(i)`` returns ``dict(img=Tensor[3,H,W], pid=int, camid=int, dsetid=int, path=str, index=int)``.
+    ``__getitem__(i)`` returns ``dict(img=Tensor[3,H,W], pid=int, camid=int, dsetid=int, frame=int, path=str,
+    index=int)``; ``frame`` is the record's frame number, ``-1`` when unknown (so batches collate). ``index`` is
+    the position in :attr:`records` (after ``"skip"`` validation), through which evaluation finds each image's
+    record (``seq`` / ``frame`` / ``time``).
 
     Raises:
         ValueError: unknown ``on_corrupt``.
@@ -146,7 +149,8 @@ class ImageDataset(Dataset):
         img, rec = self._load(index)
         if self.transform is not None:
             img = self.transform(img)
-        return dict(img=img, pid=rec.pid, camid=rec.camid, dsetid=rec.dsetid, path=rec.path, index=index)
+        frame = -1 if rec.frame is None else rec.frame
+        return dict(img=img, pid=rec.pid, camid=rec.camid, dsetid=rec.dsetid, frame=frame, path=rec.path, index=index)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -187,7 +191,7 @@ def build_train_loader(
 
     Returns:
         ``DataLoader`` with ``drop_last=True`` yielding dicts with ``img`` ``[B, 3, H, W]`` float32, ``pid``,
-        ``camid``, ``dsetid``, ``index`` ``[B]`` int64 tensors and ``path`` (list of str).
+        ``camid``, ``dsetid``, ``frame`` (-1 unknown), ``index`` ``[B]`` int64 tensors and ``path`` (list of str).
 
     Raises:
         ValueError: too few identities for P, bad batch_size/num_instances, unknown augmentation keyword.

@@ -2,13 +2,17 @@
 
 Run folder contents:
     recipe.yaml         the resolved recipe (a run can be resumed, plotted, evaluated from its files alone)
+    retrain_recipe.yaml a search's ``then_retrain`` recipe, copied when the search starts
     train.log           the log
     checkpoints/last.pt atomic per-epoch checkpoint (model, optimiser, scheduler, strategy, RNG states)
     tb/                 TensorBoard event files (losses, lambda, every choice's softmax(pi))
     alphas.csv          architecture-weight trajectories (search runs)
     genotype.json       derived (search) or trained (retrain) architecture; genotype.graphml its graph
     model.pt            final weights of a retrained network (+ genotype, num_classes)
-    metrics.json        history, timings, CMC/mAP same-domain and cross-domain
+    metrics.json        history, timings, CMC/mAP same-domain and cross-domain; a search's ``retrain_run``
+
+Importing this module imports no concrete search space or strategy: they are looked up by name in the
+registries when a recipe names them.
 """
 from __future__ import annotations
 
@@ -22,13 +26,18 @@ from typing import Any, Optional
 from torch import nn
 
 from nasreid.config import DatasetRef, Recipe, RecipeError, load_recipe, resolve_data_root
+from nasreid.errors import RunFolderError
 from nasreid.genotype import Genotype, GenotypeError, preset_genotype
-from nasreid.registry import get_space, get_strategy
+from nasreid.registry import STRATEGIES
 
 from .checkpoint import load_checkpoint, new_run_dir, read_json, save_checkpoint, seed_everything, write_json
-from .trainer import Trainer, backward, build_optimizer, build_scheduler, device_context, optimizer_step
+from .context import RunContext, SearchContext, progress_enabled
+from .hooks import EvalHook
+from .trainer import device_context
+from .validate import check_recipe
 
-__all__ = ["run_search", "derive", "run_train", "run_evaluate", "setup_logging", "load_run_recipe"]
+__all__ = ["run_search", "derive", "run_train", "run_evaluate", "setup_logging", "load_run_recipe",
+           "evaluate_dataset", "evaluate_run_model", "DatasetRef"]
 
 log = logging.getLogger("nasreid")
 
@@ -59,10 +68,6 @@ def _writer(run_dir: Path):
     return SummaryWriter(log_dir=str(run_dir / "tb"))
 
 
-def _progress() -> bool:
-    return sys.stderr.isatty() and not os.environ.get("NASREID_NO_PROGRESS")
-
-
 def load_run_recipe(run_dir: str | os.PathLike) -> Recipe:
     """The resolved recipe of a run folder (``recipe.yaml``).
 
@@ -71,7 +76,7 @@ def load_run_recipe(run_dir: str | os.PathLike) -> Recipe:
     """
     p = Path(run_dir) / "recipe.yaml"
     if not p.is_file():
-        raise RecipeError(f"{run_dir} is not a nasreid run folder: {p} is missing")
+        raise RunFolderError(f"{run_dir} is not a nasreid run folder: {p} is missing")
     return load_recipe(p)
 
 
@@ -81,138 +86,110 @@ def _prepare_run(recipe: Recipe, run_dir: Optional[str | os.PathLike], resume: b
     else:
         run = Path(run_dir)
         if run.exists() and (run / "checkpoints" / "last.pt").exists() and not resume:
-            raise FileExistsError(f"{run} already holds a run; pass --resume to continue it or choose another folder")
+            raise RunFolderError(f"{run} already holds a run; pass --resume to continue it or choose another folder")
         run.mkdir(parents=True, exist_ok=True)
     if not (resume and (run / "recipe.yaml").exists()):
-        dumped = recipe.model_copy(update={"source": None})
-        (run / "recipe.yaml").write_text(dumped.to_yaml())
+        update: dict[str, Any] = {"source": None}
+        if recipe.then_retrain:  # a copy of the retrain recipe makes the run folder self-contained
+            retrain = load_recipe(recipe.then_retrain)
+            (run / "retrain_recipe.yaml").write_text(retrain.model_copy(update={"source": None}).to_yaml())
+            update["then_retrain"] = "retrain_recipe.yaml"  # resolved relative to the run folder
+        (run / "recipe.yaml").write_text(recipe.model_copy(update=update).to_yaml())
     setup_logging(run)
     return run
 
 
-def _build_data(recipe: Recipe):
-    from nasreid.data import build_dataset, build_train_loader
+def _build_dataset(recipe: Recipe):
+    from nasreid.data import build_dataset
 
     ref = recipe.data.dataset
     dataset = build_dataset(ref.name, resolve_data_root(ref.root), **ref.kwargs)
     if not dataset.train:
         raise RecipeError(f"{recipe.source}: data.dataset: the train split of {ref.name!r} is empty")
     log.info("dataset %s\n%s", ref.name, dataset.summary())
-    d = recipe.data
-    loader = build_train_loader(
-        dataset, height=d.height, width=d.width, batch_size=d.batch_size, num_instances=d.num_instances,
-        workers=d.workers, seed=recipe.seed, on_corrupt=d.on_corrupt, **d.augment.model_dump())
-    return dataset, loader
+    return dataset
 
 
-def _loss(recipe: Recipe, num_classes: int):
-    from nasreid.losses import build_reid_loss
-
-    L = recipe.loss
-    return build_reid_loss(num_classes, label_smooth=L.label_smooth, triplet_weight=L.triplet_weight,
-                           triplet_margin=L.triplet_margin)
+def _context(cls, recipe: Recipe, run: Path, progress: Optional[bool]):
+    seed_everything(recipe.seed)
+    dev = device_context(recipe.device, recipe.amp, recipe.channels_last)
+    dataset = _build_dataset(recipe)
+    return cls(recipe=recipe, run_dir=run, device=dev, dataset=dataset, writer=_writer(run),
+               progress=progress_enabled() if progress is None else progress)
 
 
 # ---------------------------------------------------------------------------------------------------
 def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resume: bool = False,
                progress: Optional[bool] = None) -> Path:
-    """Search ``recipe.space`` with ``recipe.strategy`` on the training data; returns the run folder.
+    """Search ``recipe.space`` with ``recipe.strategy``; returns the run folder.
 
-    Writes ``alphas.csv`` and TensorBoard scalars every epoch, derives ``genotype.json`` at the end, and
-    runs ``recipe.then_retrain`` on it when set.
+    Builds a :class:`~nasreid.engine.context.SearchContext`, lets the strategy run its own search
+    (``strategy.search(ctx) -> Genotype``), writes ``genotype.json`` / ``.graphml``, then runs
+    ``recipe.then_retrain`` on it. With ``resume``, a finished search is not repeated and an interrupted
+    retrain (recorded as ``retrain_run`` in ``metrics.json``) is resumed in its own folder.
 
     Raises:
-        RecipeError: the recipe has no ``strategy`` section or bad data settings.
+        RecipeError: no ``strategy`` section, or anything :func:`~nasreid.engine.validate.check_recipe`
+            finds (checked before any data is read, ``then_retrain`` included).
     """
-    from nasreid.plot import append_alphas_csv, log_alphas_tensorboard
-
-    if recipe.strategy is None:
-        raise RecipeError(f"{recipe.source}: a search recipe needs a 'strategy' section")
+    check_recipe(recipe, search=True)
     run = _prepare_run(recipe, run_dir, resume)
-    t_start = time.time()
-    seed_everything(recipe.seed)
-    ctx = device_context(recipe.device, recipe.amp, recipe.channels_last)
-    dataset, loader = _build_data(recipe)
-    space = get_space(recipe.space.name)(num_classes=dataset.num_train_pids, **recipe.space.kwargs)
-    strategy = get_strategy(recipe.strategy.name)(space, **recipe.strategy.kwargs)
-    model = ctx.model(strategy.attach())
-    optimizer = build_optimizer(strategy.param_groups(recipe.optim.lr, recipe.optim.weight_decay), recipe.optim)
-    scheduler = build_scheduler(optimizer, recipe.optim)
-    loss_fn = _loss(recipe, dataset.num_train_pids)
-    writer = _writer(run)
-    alphas_csv = run / "alphas.csv"
-    steps_per_epoch = len(loader)
-
-    def step(images, pids, batch):
-        return strategy.train_step(images, pids, loss_fn, optimizer, scaler=ctx.scaler,
-                                   grad_clip=recipe.optim.grad_clip, autocast=ctx.autocast)
-
-    def epoch_start(epoch):
-        return strategy.on_epoch_start(epoch, recipe.optim.epochs)
-
-    def epoch_end(epoch):
-        probs = strategy.probabilities()
-        lam = getattr(strategy, "lam", None)
-        append_alphas_csv(alphas_csv, epoch, (epoch + 1) * steps_per_epoch, probs, lam)
-        log_alphas_tensorboard(writer, probs, epoch)
-        return {}
-
-    trainer = Trainer(run, model, optimizer, scheduler, loader, step, recipe.optim.epochs, ctx,
-                      on_epoch_start=epoch_start, on_epoch_end=epoch_end,
-                      extra_state=(lambda: {"strategy": strategy.state_dict(), "probabilities": strategy.probabilities(),
-                                            "sample": strategy.export()},
-                                   lambda s: strategy.load_state_dict(s["strategy"])),
-                      writer=writer, progress=_progress() if progress is None else progress)
-    history = trainer.fit()
-    writer.close()
     metrics = read_json(run / "metrics.json", {}) or {}
-    metrics.update({"kind": "search", "space": recipe.space.name, "strategy": recipe.strategy.name,
-                    "history": history, "search_seconds": sum(h.get("epoch_seconds", 0.0) for h in history),
-                    "final_probabilities": strategy.probabilities(), "device": str(ctx.device)})
-    write_json(run / "metrics.json", metrics)
-    geno = derive(run)
-    log.info("derived genotype\n%s", geno.summary())
+    t_start = time.time()
+    if not (metrics.get("search_done") and (run / "genotype.json").is_file()):
+        ctx = _context(SearchContext, recipe, run, progress)
+        strategy = STRATEGIES.get(recipe.strategy.name)(ctx.build_space(), **recipe.strategy.kwargs)
+        geno = strategy.search(ctx)
+        ctx.writer.close()
+        geno.save(run / "genotype.json")
+        geno.write_graphml(run / "genotype.graphml")
+        ckpt = run / "checkpoints" / "last.pt"
+        history = load_checkpoint(ckpt).get("history", []) if ckpt.is_file() else []
+        metrics.update({"kind": "search", "space": recipe.space.name, "strategy": recipe.strategy.name,
+                        "history": history, "search_seconds": sum(h.get("epoch_seconds", 0.0) for h in history),
+                        "final_probabilities": geno.probabilities, "device": str(ctx.device.device),
+                        "search_done": True})
+        write_json(run / "metrics.json", metrics)
+        log.info("derived genotype\n%s", geno.summary())
     if recipe.then_retrain:
         retrain = load_recipe(recipe.then_retrain)
-        log.info("retraining with %s", recipe.then_retrain)
-        train_run = run_train(retrain, genotype=run / "genotype.json", progress=progress)
-        metrics["retrain_run"] = str(train_run)
-        metrics["pipeline_seconds"] = time.time() - t_start
+        prev = metrics.get("retrain_run")
+        if prev and Path(prev).is_dir():
+            if "evaluation" in (read_json(Path(prev) / "metrics.json", {}) or {}):
+                return run
+            log.info("resuming the interrupted retrain %s", prev)
+            train_run = run_train(retrain, genotype=run / "genotype.json", run_dir=prev, resume=True,
+                                  progress=progress)
+        else:
+            train_dir = new_run_dir(retrain.output_root, retrain.name).resolve()
+            metrics["retrain_run"] = str(train_dir)  # recorded first, so an interrupted retrain is found again
+            write_json(run / "metrics.json", metrics)
+            log.info("retraining with %s in %s", recipe.then_retrain, train_dir)
+            train_run = run_train(retrain, genotype=run / "genotype.json", run_dir=train_dir, progress=progress)
+        metrics["retrain_run"] = str(Path(train_run).resolve())
+        metrics["pipeline_seconds"] = metrics.get("pipeline_seconds", 0.0) + time.time() - t_start
         write_json(run / "metrics.json", metrics)
     return run
 
 
 def derive(run_dir: str | os.PathLike, out: Optional[str | os.PathLike] = None) -> Genotype:
-    """Derive the architecture of a search run from its last checkpoint: argmax of the architecture
-    weights per choice (OSNet-AIN "Search Outcome": omega* = argmax_omega pi_omega).
+    """Derive the architecture of a search run from its files: the run's strategy reads back what it
+    checkpointed (``Strategy.derive``; one-shot strategies take the argmax of the architecture weights,
+    OSNet-AIN "Search Outcome").
 
-    Writes ``genotype.json`` (space, choices, final probabilities, space kwargs, provenance) and
-    ``genotype.graphml`` into the run folder (or ``out``).
+    Writes ``genotype.json`` and ``genotype.graphml`` into the run folder (or ``out``).
 
     Raises:
-        RecipeError / CheckpointError: not a search run folder, or no checkpoint yet.
+        RunFolderError / CheckpointError / GenotypeError: not a search run folder, no checkpoint yet, or
+            architecture weights that are not finite.
     """
     run = Path(run_dir)
     recipe = load_run_recipe(run)
-    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
-    extra = ckpt.get("extra") or {}
-    if "sample" not in extra:
-        raise RecipeError(f"{run}: the checkpoint holds no architecture weights (is this a search run?)")
-    geno = Genotype(
-        space=recipe.space.name,
-        choices=dict(extra["sample"]),
-        probabilities=extra.get("probabilities", {}),
-        space_kwargs=dict(recipe.space.kwargs),
-        provenance={
-            "strategy": recipe.strategy.name if recipe.strategy else None,
-            "run": run.name,
-            "epoch": int(ckpt["epoch"]) + 1,
-            "epochs": recipe.optim.epochs,
-            "dataset": recipe.data.dataset.name,
-            "seed": recipe.seed,
-            "rule": "argmax of architecture weights per choice",
-        },
-    )
+    if recipe.strategy is None:
+        raise RunFolderError(f"{run} is not a search run (its recipe has no strategy)")
+    if recipe.plugins:
+        check_recipe(recipe)  # imports the plugins that may define the strategy
+    geno = STRATEGIES.get(recipe.strategy.name).derive(run, recipe)
     out_dir = Path(out) if out is not None else run
     out_dir.mkdir(parents=True, exist_ok=True)
     geno.save(out_dir / "genotype.json")
@@ -236,15 +213,18 @@ def _load_genotype(recipe: Recipe, genotype: Optional[str | os.PathLike | Genoty
 def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] = None,
               run_dir: Optional[str | os.PathLike] = None, resume: bool = False,
               progress: Optional[bool] = None) -> Path:
-    """Retrain the fixed network of ``genotype`` with the full pipeline and evaluate it.
+    """Retrain the fixed network of ``genotype`` with the recipe's training method and evaluate it.
 
-    ID loss (label-smoothing CE) + optional batch-hard triplet, warm-up + cosine/multistep, per-epoch
-    atomic checkpoints, ``--resume``; CMC/mAP on the dataset's query/gallery and on every
-    ``eval.targets`` dataset (cross-domain) written to ``metrics.json``.
+    Default method ``supervised``: ID loss (label-smoothing CE) + optional batch-hard triplet, warm-up +
+    cosine/multistep, optional pretrained weights (``model.pretrained``) and frozen-backbone warm start
+    (``training.freeze_backbone_epochs``), per-epoch atomic checkpoints, ``--resume``; CMC/mAP/mINP on the
+    dataset's query/gallery and on every ``eval.targets`` dataset (cross-domain) written to ``metrics.json``.
 
     Raises:
-        RecipeError / GenotypeError: missing genotype, genotype of another space.
+        RecipeError / GenotypeError: missing genotype, genotype of another space, bad recipe.
+        PretrainedWeightsError: a ``model.pretrained`` file that does not fit the network.
     """
+    check_recipe(recipe)
     if resume and run_dir is not None and (Path(run_dir) / "genotype.json").is_file():
         geno = Genotype.load(Path(run_dir) / "genotype.json")
     else:
@@ -254,54 +234,40 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
     run = _prepare_run(recipe, run_dir, resume)
     geno.space_kwargs = {**geno.space_kwargs, **recipe.space.kwargs}
     geno.save(run / "genotype.json")
-    seed_everything(recipe.seed)
-    ctx = device_context(recipe.device, recipe.amp, recipe.channels_last)
-    dataset, loader = _build_data(recipe)
-    net = geno.build(num_classes=dataset.num_train_pids)
+    ctx = _context(RunContext, recipe, run, progress)
+    net = geno.build(num_classes=ctx.dataset.num_train_pids)
     geno.write_graphml(run / "genotype.graphml")
-    model = ctx.model(net)
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    optimizer = build_optimizer(groups, recipe.optim)
-    scheduler = build_scheduler(optimizer, recipe.optim)
-    loss_fn = _loss(recipe, dataset.num_train_pids)
-    writer = _writer(run)
+    if recipe.model and recipe.model.pretrained and not (run / "checkpoints" / "last.pt").is_file():
+        from nasreid.models.pretrained import load_pretrained
 
-    def step(images, pids, batch):
-        optimizer.zero_grad(set_to_none=True)
-        with ctx.autocast():
-            loss, parts = loss_fn(model(images), pids)
-        backward(loss, ctx.scaler)
-        optimizer_step(optimizer, model.parameters(), ctx.scaler, recipe.optim.grad_clip)
-        return parts
-
-    def epoch_end(epoch):
-        every = recipe.eval.every
-        if every and (epoch + 1) % every == 0 and epoch + 1 < recipe.optim.epochs:
-            res = _evaluate_dataset(model, dataset, recipe, ctx)
-            for k in ("rank1", "mAP"):
-                writer.add_scalar(f"eval/{k}", res[k], epoch)
-            return {"eval_rank1": res["rank1"], "eval_mAP": res["mAP"]}
-        return {}
-
-    trainer = Trainer(run, model, optimizer, scheduler, loader, step, recipe.optim.epochs, ctx,
-                      on_epoch_end=epoch_end, writer=writer, progress=_progress() if progress is None else progress)
-    history = trainer.fit()
+        report = load_pretrained(net, recipe.model.pretrained, skip=tuple(recipe.model.pretrained_skip))
+        log.info("loaded %d tensors from %s (skipped %d)", report["loaded"], recipe.model.pretrained,
+                 len(report["skipped"]))
+    model = ctx.device.model(net)
+    history = ctx.train_fixed(model, hooks=[EvalHook(recipe.eval.every, lambda: ctx.evaluate(model))])
     save_checkpoint(run / "model.pt", {"model": model.state_dict(), "genotype": geno.to_dict(),
-                                       "num_classes": dataset.num_train_pids})
+                                       "num_classes": ctx.dataset.num_train_pids})
     metrics = {"kind": "train", "space": geno.space, "genotype": geno.choices, "history": history,
-               "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in history), "device": str(ctx.device)}
+               "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in history), "device": str(ctx.device.device)}
     write_json(run / "metrics.json", metrics)
-    results = evaluate_run_model(model, recipe, ctx, dataset)
+    results = evaluate_run_model(model, recipe, ctx.device, ctx.dataset, progress=ctx.progress)
     metrics["evaluation"] = results
     write_json(run / "metrics.json", metrics)
     for name, r in results.items():
-        writer.add_scalar(f"final/{name}/rank1", r["rank1"], recipe.optim.epochs)
-        writer.add_scalar(f"final/{name}/mAP", r["mAP"], recipe.optim.epochs)
-    writer.close()
+        ctx.writer.add_scalar(f"final/{name}/rank1", r["rank1"], recipe.optim.epochs)
+        ctx.writer.add_scalar(f"final/{name}/mAP", r["mAP"], recipe.optim.epochs)
+    ctx.writer.close()
     return run
 
 
-def _evaluate_dataset(model: nn.Module, dataset, recipe: Recipe, ctx) -> dict[str, Any]:
+def evaluate_dataset(model: nn.Module, dataset, recipe: Recipe, ctx, progress: bool = False) -> dict[str, Any]:
+    """CMC (rank-k), mAP and mINP in percent of ``model`` on ``dataset``'s query/gallery with the recipe's
+    ``eval`` settings; also ``num_query``, ``num_gallery``, ``num_valid_queries``, ``num_skipped_queries``
+    (queries with no gallery match in another camera, excluded by the protocol) and ``seconds``.
+
+    Raises:
+        RecipeError: empty query or gallery split.
+    """
     from nasreid.data import build_test_loaders
     from nasreid.evaluation import evaluate_model
 
@@ -312,17 +278,24 @@ def _evaluate_dataset(model: nn.Module, dataset, recipe: Recipe, ctx) -> dict[st
                               workers=d.workers, on_corrupt=d.on_corrupt)
     t0 = time.time()
     res = evaluate_model(model, q, g, device=ctx.device, flip=e.flip, metric=e.metric, amp=ctx.amp,
-                         ranks=tuple(e.ranks), progress=_progress())
+                         ranks=tuple(e.ranks), progress=progress)
     res["seconds"] = time.time() - t0
+    skipped = res.get("num_skipped_queries", res["num_query"] - res["num_valid_queries"])
+    res["num_skipped_queries"] = skipped
+    if skipped:
+        log.warning("%s: %d of %d queries have no gallery match in another camera and are skipped by the "
+                    "protocol", dataset.name, skipped, res["num_query"])
     return res
 
 
 def evaluate_run_model(model: nn.Module, recipe: Recipe, ctx, dataset=None,
-                       targets: Optional[list[DatasetRef]] = None,
-                       same_domain: bool = True) -> dict[str, dict[str, Any]]:
+                       targets: Optional[list[DatasetRef]] = None, same_domain: bool = True,
+                       progress: bool = False) -> dict[str, dict[str, Any]]:
     """CMC/mAP of ``model`` on the training dataset's test split (``same-domain``) and on each target
-    dataset (``cross-domain``); keys are ``"<dataset> (same-domain)"`` / ``"<dataset>[k=v,...] (cross-domain)"``
-    (the target's parser options in brackets, so two settings of one dataset do not overwrite each other)."""
+    dataset (``cross-domain``, which needs only query and gallery); keys are ``"<dataset> (same-domain)"`` /
+    ``"<dataset>[k=v,...] (cross-domain)"`` (the target's parser options in brackets, so two settings of one
+    dataset do not overwrite each other). Every target is built before the first is evaluated, so a bad
+    target fails fast."""
     from nasreid.data import build_dataset
 
     results: dict[str, dict[str, Any]] = {}
@@ -333,17 +306,19 @@ def evaluate_run_model(model: nn.Module, recipe: Recipe, ctx, dataset=None,
             dataset = build_dataset(src.name, resolve_data_root(src.root), **src.kwargs)
         jobs.append((dataset, "same-domain", {}))
     for t in (recipe.eval.targets if targets is None else targets):
-        jobs.append((build_dataset(t.name, resolve_data_root(t.root), **t.kwargs), "cross-domain", t.kwargs))
+        jobs.append((build_dataset(t.name, resolve_data_root(t.root), eval_only=True, **t.kwargs), "cross-domain",
+                     t.kwargs))
     for ds, kind, kwargs in jobs:
-        res = _evaluate_dataset(model, ds, recipe, ctx)
+        res = evaluate_dataset(model, ds, recipe, ctx, progress=progress)
         res["protocol"] = kind
         res["dataset_kwargs"] = dict(kwargs)
         tag = "[" + ",".join(f"{k}={v}" for k, v in sorted(kwargs.items())) + "]" if kwargs else ""
         key = f"{ds.name}{tag} ({kind})"
         results[key] = res
-        log.info("%s: rank-1 %.2f  rank-5 %.2f  rank-10 %.2f  mAP %.2f  (%d query, %d gallery)", key,
-                 res["rank1"], res.get("rank5", float("nan")), res.get("rank10", float("nan")), res["mAP"],
-                 res.get("num_query", -1), res.get("num_gallery", -1))
+        log.info("%s: rank-1 %.2f  rank-5 %.2f  rank-10 %.2f  mAP %.2f  mINP %.2f  (%d query, %d gallery, "
+                 "%d skipped)", key, res["rank1"], res.get("rank5", float("nan")), res.get("rank10", float("nan")),
+                 res["mAP"], res.get("mINP", float("nan")), res.get("num_query", -1), res.get("num_gallery", -1),
+                 res["num_skipped_queries"])
     return results
 
 
@@ -358,7 +333,8 @@ def run_evaluate(run_dir: str | os.PathLike, targets: Optional[list[DatasetRef]]
     Results are merged into ``metrics.json`` under ``"evaluation"`` and returned.
 
     Raises:
-        RecipeError / CheckpointError / GenotypeError: not a retrain run folder.
+        RunFolderError / CheckpointError / GenotypeError: not a retrain run folder.
+        RecipeError: an unknown target dataset or target options that do not fit its parser.
     """
     run = Path(run_dir)
     recipe = load_run_recipe(run)
@@ -379,7 +355,10 @@ def run_evaluate(run_dir: str | os.PathLike, targets: Optional[list[DatasetRef]]
     model = ctx.model(model)
     if targets is None:
         targets = recipe.eval.targets
-    results = evaluate_run_model(model, recipe, ctx, targets=targets, same_domain=same_domain)
+    if targets:  # eval.targets or --target: known datasets with fitting options, before any evaluation
+        check_recipe(recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"targets": list(targets)})}))
+    results = evaluate_run_model(model, recipe, ctx, targets=targets, same_domain=same_domain,
+                                 progress=progress_enabled())
     metrics = read_json(run / "metrics.json", {}) or {}
     metrics.setdefault("evaluation", {}).update(results)
     write_json(run / "metrics.json", metrics)

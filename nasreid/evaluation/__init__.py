@@ -1,14 +1,23 @@
-"""Evaluation: feature extraction, distances, CMC / mAP (Market-1501 protocol, Zheng et al. 2015)."""
+"""Evaluation: feature extraction, matchers (distances, later QAConv), post-processors, CMC / mAP (Market-1501
+protocol, Zheng et al. 2015)."""
 from .distance import compute_distance
 from .evaluator import evaluate_features, evaluate_model
-from .features import extract_features
-from .metrics import evaluate_rank, evaluate_rank_reference
+from .features import extract_feature_set, extract_features
+from .matchers import FeatureDistance, FeatureSet, Matcher, PostProcessor, evaluate_matcher
+from .metrics import EvaluationError, evaluate_rank, evaluate_rank_reference
 
 __all__ = [
+    "EvaluationError",
+    "FeatureDistance",
+    "FeatureSet",
+    "Matcher",
+    "PostProcessor",
     "compute_distance",
     "evaluate_features",
+    "evaluate_matcher",
     "evaluate_model",
     "evaluate_rank",
     "evaluate_rank_reference",
+    "extract_feature_set",
     "extract_features",
 ]

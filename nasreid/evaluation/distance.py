@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .metrics import EvaluationError
+
 __all__ = ["compute_distance", "prepare_features", "distance_from_prepared", "METRICS"]
 
 METRICS = ("cosine", "euclidean")
@@ -17,7 +19,7 @@ METRICS = ("cosine", "euclidean")
 
 def _check(metric: str) -> None:
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+        raise EvaluationError(f"unknown metric {metric!r}; expected one of {METRICS}")
 
 
 def prepare_features(x: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -27,7 +29,7 @@ def prepare_features(x: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.
     """
     _check(metric)
     if x.ndim != 2:
-        raise ValueError(f"features must be 2-D [N, D], got shape {tuple(x.shape)}")
+        raise EvaluationError(f"features must be 2-D [N, D], got shape {tuple(x.shape)}")
     if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     if metric == "cosine":
@@ -40,7 +42,7 @@ def distance_from_prepared(q: tuple, g: tuple, metric: str, out: torch.Tensor | 
     qx, qn = q
     gx, gn = g
     if qx.shape[1] != gx.shape[1]:
-        raise ValueError(f"feature dimensions differ: query {qx.shape[1]} vs gallery {gx.shape[1]}")
+        raise EvaluationError(f"feature dimensions differ: query {qx.shape[1]} vs gallery {gx.shape[1]}")
     if metric == "cosine":
         # 1 - q @ g.T in one BLAS call
         one = torch.ones((), dtype=qx.dtype, device=qx.device)
@@ -65,6 +67,6 @@ def compute_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "cosine")
         ``[Nq, Ng]`` float tensor on the inputs' device (float32 for half-precision inputs).
 
     Raises:
-        ValueError: unknown metric, non-2-D inputs or mismatched feature dimensions.
+        EvaluationError (a ``ValueError``): unknown metric, non-2-D inputs or mismatched feature dimensions.
     """
     return distance_from_prepared(prepare_features(qf, metric), prepare_features(gf, metric), metric)

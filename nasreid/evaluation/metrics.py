@@ -8,7 +8,7 @@ Market-1501, DukeMTMC-reID, CUHK03 (new protocol) and MSMT17:
 * **Positives** are gallery entries with the same pid and a different camid (and pid != -1).
 * Everything else is a **negative**, distractors (pid ``0``) included: they stay in the ranking.
 * A query without any positive is **skipped** (counted in ``num_skipped_queries``); if no query is valid a
-  :class:`ValueError` is raised.
+  :class:`EvaluationError` (a ``ValueError``) is raised.
 * CMC: ``cmc[k]`` = fraction of valid queries whose first positive is within the top ``k + 1`` entries of the
   ranking with junk removed (rank-1 at index 0).
 * AP of a query: with the positives in rank order ``j = 0..P-1`` at 0-based ranks ``r_j`` of the junk-free
@@ -50,7 +50,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["evaluate_rank", "evaluate_rank_reference", "RankAccumulator"]
+from nasreid.errors import NasreidError
+
+__all__ = ["evaluate_rank", "evaluate_rank_reference", "RankAccumulator", "EvaluationError"]
+
+
+class EvaluationError(NasreidError, ValueError):
+    """Bad evaluation input: shapes or label lengths that do not match, non-integer labels, an unknown metric,
+    ``chunk_size`` / ``max_rank`` / ``ranks`` out of range, a matcher returning scores of the wrong shape, an
+    empty loader, or no valid query. The message names the argument and the offending value. A ``ValueError``
+    too, so ``except ValueError`` keeps working."""
 
 _GRID_CELLS = 2048  # cells of the per-row grid used to bucket distances (see module docstring)
 
@@ -60,12 +69,12 @@ def _as_int_array(x, name: str) -> np.ndarray:
         x = x.detach().cpu().numpy()
     a = np.asarray(x)
     if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+        raise EvaluationError(f"{name} must be 1-D, got shape {a.shape}")
     if a.dtype.kind not in "iub":
         if a.dtype.kind == "f" and np.all(np.equal(np.mod(a, 1), 0)):
             a = a.astype(np.int64)
         else:
-            raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
+            raise EvaluationError(f"{name} must hold integers, got dtype {a.dtype}")
     return a.astype(np.int64, copy=False)
 
 
@@ -75,12 +84,12 @@ def _check_labels(num_q: int, num_g: int, q_pids, g_pids, q_camids, g_camids):
     q_camids = _as_int_array(q_camids, "q_camids")
     g_camids = _as_int_array(g_camids, "g_camids")
     if len(q_pids) != num_q or len(q_camids) != num_q:
-        raise ValueError(
+        raise EvaluationError(
             f"query labels do not match the number of queries {num_q}: "
             f"len(q_pids)={len(q_pids)}, len(q_camids)={len(q_camids)}"
         )
     if len(g_pids) != num_g or len(g_camids) != num_g:
-        raise ValueError(
+        raise EvaluationError(
             f"gallery labels do not match the gallery size {num_g}: "
             f"len(g_pids)={len(g_pids)}, len(g_camids)={len(g_camids)}"
         )
@@ -270,7 +279,7 @@ class RankAccumulator:
 
     def __post_init__(self):
         if self.max_rank < 1:
-            raise ValueError(f"max_rank must be >= 1, got {self.max_rank}")
+            raise EvaluationError(f"max_rank must be >= 1, got {self.max_rank}")
         self._first_hist = np.zeros(self.max_rank + 1, dtype=np.int64)
         self._ap_sum = 0.0
         self._inp_sum = 0.0
@@ -298,7 +307,7 @@ class RankAccumulator:
 
     def result(self) -> dict:
         if self._num_valid == 0:
-            raise ValueError(
+            raise EvaluationError(
                 f"no valid query: none of the {self.num_query} queries has a gallery entry with the same pid "
                 "seen by a different camera (check pids/camids, or whether query and gallery were swapped)"
             )
@@ -322,7 +331,7 @@ def _as_distance_tensor(distmat) -> torch.Tensor:
     else:
         t = torch.as_tensor(np.asarray(distmat))
     if t.ndim != 2:
-        raise ValueError(f"distmat must be 2-D [num_query, num_gallery], got shape {tuple(t.shape)}")
+        raise EvaluationError(f"distmat must be 2-D [num_query, num_gallery], got shape {tuple(t.shape)}")
     if not t.is_floating_point() or t.dtype in (torch.float16, torch.bfloat16):
         t = t.float()
     return t
@@ -344,7 +353,8 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, *, max_rank: int 
         fraction, "num_valid_queries": int, "num_skipped_queries": int}``.
 
     Raises:
-        ValueError: wrong shapes / label lengths, ``max_rank < 1``, or no query has a valid positive.
+        EvaluationError (a ``ValueError``): wrong shapes / label lengths, ``max_rank < 1``, or no query has a
+            valid positive.
 
     Same numbers as :func:`evaluate_rank_reference` up to float64 rounding (ties are broken by gallery index,
     like a stable argsort; see the module docstring). Protocol: Zheng et al. 2015.
@@ -353,7 +363,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, *, max_rank: int 
     nq, ng = d.shape
     q_pids, g_pids, q_camids, g_camids = _check_labels(nq, ng, q_pids, g_pids, q_camids, g_camids)
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise EvaluationError(f"chunk_size must be >= 1, got {chunk_size}")
     gal = _GalleryIndex(g_pids, g_camids)
     acc = RankAccumulator(max_rank)
     ws = _Workspace()
@@ -371,15 +381,15 @@ def evaluate_rank_reference(distmat, q_pids, g_pids, q_camids, g_camids, max_ran
     camid, or pid -1) are removed, and CMC / AP / INP are read off the boolean match list.
 
     Raises:
-        ValueError: wrong shapes, ``max_rank < 1``, or no query has a valid positive.
+        EvaluationError (a ``ValueError``): wrong shapes, ``max_rank < 1``, or no query has a valid positive.
     """
     d = distmat.detach().cpu().numpy() if isinstance(distmat, torch.Tensor) else np.asarray(distmat)
     if d.ndim != 2:
-        raise ValueError(f"distmat must be 2-D [num_query, num_gallery], got shape {d.shape}")
+        raise EvaluationError(f"distmat must be 2-D [num_query, num_gallery], got shape {d.shape}")
     nq, ng = d.shape
     q_pids, g_pids, q_camids, g_camids = _check_labels(nq, ng, q_pids, g_pids, q_camids, g_camids)
     if max_rank < 1:
-        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+        raise EvaluationError(f"max_rank must be >= 1, got {max_rank}")
     all_cmc, all_ap, all_inp = [], [], []
     for i in range(nq):
         order = np.argsort(d[i], kind="stable")
@@ -397,7 +407,7 @@ def evaluate_rank_reference(distmat, q_pids, g_pids, q_camids, g_camids, max_ran
         all_ap.append(np.mean(np.arange(1, len(pos_ranks) + 1) / (pos_ranks + 1.0)))
         all_inp.append(len(pos_ranks) / (pos_ranks[-1] + 1.0))
     if not all_cmc:
-        raise ValueError(
+        raise EvaluationError(
             f"no valid query: none of the {nq} queries has a gallery entry with the same pid "
             "seen by a different camera (check pids/camids, or whether query and gallery were swapped)"
         )

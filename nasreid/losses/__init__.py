@@ -1,12 +1,19 @@
 """Re-ID training losses: label-smoothed identity cross entropy + batch-hard triplet.
 
-``build_reid_loss`` returns a :class:`ReIDLoss` combining
-``L = CE_ls(logits, pids) + triplet_weight * L_BH(feat, pids)``.
+Every training loss is registered in :data:`nasreid.registry.LOSSES` as a factory
+``factory(num_classes, **kwargs) -> nn.Module`` whose forward is ``(outputs: dict, batch: dict) -> (loss,
+parts)``: ``outputs`` the model's named training outputs (``logits [B, C]``, ``feat [B, D]``, or whatever the
+model returns), ``batch`` the loader's dict (``pid [B]``, ``camid``, ``img`` ...), ``loss`` a scalar tensor with
+graph and ``parts`` plain floats for logging (``loss`` among them). A recipe picks one with ``loss.name``.
+
+``"reid"`` (:func:`build_reid_loss`) is ``L = CE_ls(logits, pids) + triplet_weight * L_BH(feat, pids)``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from nasreid.registry import LOSSES
 
 from .classification import CrossEntropyLabelSmooth, check_targets
 from .triplet import TripletLoss, pairwise_distance
@@ -31,7 +38,8 @@ class ReIDLoss(nn.Module):
 
     Forward:
         outputs: dict with ``logits`` ``[B, C]`` and (if the triplet term is used) ``feat`` ``[B, D]``.
-        pids: ``[B]`` long identity labels in ``[0, C)``.
+        batch: the batch dict (its ``pid`` ``[B]`` long identity labels in ``[0, C)`` are used), or the
+            ``pid`` tensor itself.
         returns: ``(total, parts)``; ``total`` a scalar tensor with graph; ``parts`` a dict of
             plain floats ``{"loss", "ce", "triplet", "acc"}`` (``loss`` = the total) (``acc`` = top-1 accuracy in ``[0, 1]``;
             ``triplet`` is 0.0 when disabled).
@@ -50,7 +58,8 @@ class ReIDLoss(nn.Module):
         self.triplet = triplet
         self.triplet_weight = float(triplet_weight)
 
-    def forward(self, outputs: dict, pids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, outputs: dict, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        pids = batch["pid"] if isinstance(batch, dict) else batch
         if "logits" not in outputs:
             raise KeyError("outputs must contain 'logits' [B, C]")
         logits = outputs["logits"]
@@ -68,6 +77,7 @@ class ReIDLoss(nn.Module):
         return total, {"loss": float(total.detach()), "ce": float(ce.detach()), "triplet": tri_val, "acc": acc}
 
 
+@LOSSES.register("reid")
 def build_reid_loss(num_classes: int, *, label_smooth: float = 0.1, triplet_weight: float = 0.0,
                     triplet_margin: float = 0.3) -> ReIDLoss:
     """Build the standard Re-ID loss.

@@ -15,6 +15,7 @@ Label conventions (shared with ``nasreid.evaluation``):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -79,12 +80,23 @@ class ImageRecord:
             ``-1`` junk; ``0`` distractor (Market-1501).
         camid: 0-based camera index.
         dsetid: domain/dataset index (multi-source training), default 0.
+        seq: video sequence index of the camera (Market-1501 ``sS``: frame numbers restart in each sequence), or
+            ``None`` when the layout has none.
+        frame: frame number in the camera's video (Market-1501, DukeMTMC-reID, MSMT17 names), ``None`` unknown.
+        time: capture time in **seconds** on a clock shared by the cameras, ``None`` unless known (no official
+            layout gives one; a custom parser may). ``seq``/``frame``/``time`` feed time-aware post-processors
+            such as TLift (see :mod:`nasreid.evaluation.matchers`).
+
+    Positional construction ``ImageRecord(path, pid, camid[, dsetid])`` is unchanged.
     """
 
     path: str
     pid: int
     camid: int
     dsetid: int = 0
+    seq: int | None = None
+    frame: int | None = None
+    time: float | None = None
 
 
 def read_image_file(path: str | os.PathLike) -> Image.Image:
@@ -116,7 +128,8 @@ class ReIDDataset:
         train, query, gallery: record lists.
         root: dataset root folder (for messages), ``None`` for generated data.
         allow_empty: names of splits allowed to be empty (e.g. ``("query", "gallery")`` for a train-only
-            source domain); by default every split must be non-empty.
+            source domain, ``("train",)`` for an evaluation-only target); by default every split must be
+            non-empty.
 
     Raises:
         DatasetLayoutError: a split is empty (message names the split and root), or train pids are not
@@ -266,7 +279,17 @@ def available_datasets() -> list[str]:
     return DATASETS.names()
 
 
-def build_dataset(name: str, root: str | os.PathLike | None = None, *, dsetid: int = 0, **kwargs) -> ReIDDataset:
+def _accepts(factory: Callable, keyword: str) -> bool:
+    """Whether ``factory`` (a class or function) takes ``keyword`` (or ``**kwargs``)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def build_dataset(name: str, root: str | os.PathLike | None = None, *, dsetid: int = 0, eval_only: bool = False,
+                  **kwargs) -> ReIDDataset:
     """Build a registered dataset by name.
 
     Args:
@@ -274,13 +297,20 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, *, dsetid: i
             ``cuhk01``, ``folder``, ``synthetic``), case-insensitive.
         root: dataset folder; ``None`` → ``$NASREID_DATA/<default subdir>`` (ignored by ``synthetic``).
         dsetid: domain index stamped on every record (multi-source training).
+        eval_only: the dataset is only evaluated on (a cross-domain target): only query and gallery are read,
+            the training folder / list files may be missing and ``train`` is empty. Passed to factories whose
+            signature takes ``eval_only`` (``market1501``, ``dukemtmc``, ``cuhk03np``, ``msmt17``, ``folder``);
+            ignored by the others (``cuhk01``, ``synthetic``: they always build every split).
         **kwargs: layout-specific options (see each dataset class).
 
     Raises:
         RegistryError (a ``KeyError``): unknown name (message lists the known ones).
         DatasetLayoutError: missing root, bad layout, empty split.
     """
-    ds = DATASETS.get(name)(root=root, **kwargs)
+    factory = DATASETS.get(name)
+    if eval_only and _accepts(factory, "eval_only"):
+        kwargs["eval_only"] = True
+    ds = factory(root=root, **kwargs)
     if dsetid:
         ds.with_dsetid(dsetid)
     return ds

@@ -7,9 +7,9 @@ Layout (same folders as Market-1501)::
     root/bounding_box_test/PPPP_cC_fFFFFFFF.jpg    # gallery, 1,110 ids (incl. 408 distractor ids)
     root/query/PPPP_cC_fFFFFFFF.jpg                # 2,228 queries
 
-``C`` camera 1..8 → camid C-1; train pids relabelled 0..N-1. Duke has no pid-0/-1 images, but a ``-1`` junk
-pid is tolerated (dropped from train) for derived layouts. Non-matching names raise
-:class:`DatasetLayoutError` naming the file (``strict=False``: warn and skip).
+``C`` camera 1..8 → camid C-1; ``FFFFFFF`` frame (kept as ``ImageRecord.frame``); train pids relabelled
+0..N-1. Duke has no pid-0/-1 images, but a ``-1`` junk pid is tolerated (dropped from train) for derived layouts.
+Non-matching names raise :class:`DatasetLayoutError` naming the file (``strict=False``: warn and skip).
 """
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ def parse_dukemtmc_name(filename: str | os.PathLike) -> tuple[int, int, int]:
     return pid, cam - 1, frame
 
 
+def _duke_fields(filename: str) -> dict:
+    pid, camid, frame = parse_dukemtmc_name(filename)
+    return dict(pid=pid, camid=camid, frame=frame)
+
+
 @register_dataset("dukemtmc")
 class DukeMTMCreID(ReIDDataset):
     """DukeMTMC-reID dataset; see the module docstring for layout and protocol.
@@ -48,6 +53,7 @@ class DukeMTMCreID(ReIDDataset):
         root: folder with ``bounding_box_train``, ``bounding_box_test``, ``query``
             (``None`` → ``$NASREID_DATA/dukemtmc``).
         strict: raise on a non-matching image name (default) instead of warning and skipping.
+        eval_only: evaluation-only target: ``bounding_box_train`` is not read (may be missing), train is empty.
 
     Raises:
         DatasetLayoutError: missing root/folder, non-matching name (strict), empty split.
@@ -55,9 +61,9 @@ class DukeMTMCreID(ReIDDataset):
 
     default_subdir = "dukemtmc"
 
-    def __init__(self, root: str | os.PathLike | None = None, *, strict: bool = True):
+    def __init__(self, root: str | os.PathLike | None = None, *, strict: bool = True, eval_only: bool = False):
         root = resolve_root(root, self.default_subdir, "dukemtmc")
         train, query, gallery = parse_bbox_layout(
-            root, parse_dukemtmc_name, "dukemtmc", strict=strict, drop_train_pids=(-1,)
+            root, _duke_fields, "dukemtmc", strict=strict, drop_train_pids=(-1,), eval_only=eval_only
         )
-        super().__init__("dukemtmc", train, query, gallery, root=root)
+        super().__init__("dukemtmc", train, query, gallery, root=root, allow_empty=("train",) if eval_only else ())

@@ -101,6 +101,7 @@ class FolderDataset(ReIDDataset):
     Args:
         root: dataset folder (``None`` → ``$NASREID_DATA/custom``).
         name: name shown in summaries (default ``"folder"``).
+        eval_only: evaluation-only target: the train split is not read (may be missing) and is empty.
 
     Raises:
         DatasetLayoutError: a split has neither ``<split>.csv`` nor ``<split>/``; a bad CSV header/line, pid
@@ -109,10 +110,10 @@ class FolderDataset(ReIDDataset):
 
     default_subdir = "custom"
 
-    def __init__(self, root: str | os.PathLike | None = None, *, name: str = "folder"):
+    def __init__(self, root: str | os.PathLike | None = None, *, name: str = "folder", eval_only: bool = False):
         root = resolve_root(root, self.default_subdir, name)
-        splits = {}
-        for split in SPLITS:
+        splits = {"train": []}
+        for split in SPLITS[1:] if eval_only else SPLITS:
             csv_path, split_dir = root / f"{split}.csv", root / split
             if csv_path.is_file():
                 splits[split] = _read_csv(csv_path, root)
@@ -120,4 +121,5 @@ class FolderDataset(ReIDDataset):
                 splits[split] = _read_tree(split_dir)
             else:
                 raise DatasetLayoutError(f"{name}: split '{split}' has neither {csv_path} nor folder {split_dir}")
-        super().__init__(name, relabel(splits["train"]), splits["query"], splits["gallery"], root=root)
+        super().__init__(name, relabel(splits["train"]), splits["query"], splits["gallery"], root=root,
+                         allow_empty=("train",) if eval_only else ())

@@ -7,8 +7,9 @@ Layout::
     root/query/PPPP_cCsS_FFFFFF_BB.jpg                # 3,368 queries
 
 ``PPPP`` pid (``0000`` distractor, ``-1`` junk), ``C`` camera 1..6, ``S`` sequence, ``FFFFFF`` frame,
-``BB`` box index. Protocol: junk and distractors are dropped from train and kept in the gallery (evaluation
-ignores pid -1 and same-pid-same-camera matches); train pids are relabelled 0..N-1; camid = C-1.
+``BB`` box index; ``seq`` and ``frame`` are kept on each :class:`ImageRecord`. Protocol: junk and distractors
+are dropped from train and kept in the gallery (evaluation ignores pid -1 and same-pid-same-camera matches);
+train pids are relabelled 0..N-1; camid = C-1.
 Non-image files (e.g. ``Thumbs.db``) are ignored; an image whose name does not match raises
 :class:`DatasetLayoutError` naming it (``strict=False``: warn and skip it).
 """
@@ -30,7 +31,7 @@ from .base import (
     warn_or_raise,
 )
 
-__all__ = ["Market1501", "parse_market1501_name", "parse_bbox_layout"]
+__all__ = ["Market1501", "parse_market1501_name", "market1501_fields", "parse_bbox_layout"]
 
 _MARKET_RE = re.compile(r"^(-?\d+)_c(\d+)s(\d+)_(\d+)_(\d+)\.(?:jpe?g|png|bmp)$", re.IGNORECASE)
 
@@ -59,9 +60,17 @@ def parse_market1501_name(filename: str | os.PathLike) -> tuple[int, int, int, i
     return pid, cam - 1, seq, frame, box
 
 
-def _parse_split(
-    folder: Path, parse: Callable[[str], tuple], name: str, strict: bool
-) -> list[ImageRecord]:
+def market1501_fields(filename: str | os.PathLike) -> dict:
+    """:func:`parse_market1501_name` as :class:`ImageRecord` fields ``{pid, camid, seq, frame}`` (box dropped).
+
+    Raises:
+        ValueError: as :func:`parse_market1501_name`.
+    """
+    pid, camid, seq, frame, _ = parse_market1501_name(filename)
+    return dict(pid=pid, camid=camid, seq=seq, frame=frame)
+
+
+def _parse_split(folder: Path, parse: Callable[[str], dict | tuple], name: str, strict: bool) -> list[ImageRecord]:
     records = []
     for path in list_images(folder):
         try:
@@ -69,30 +78,36 @@ def _parse_split(
         except ValueError as exc:
             warn_or_raise(strict, f"{name}: {exc}")
             continue
-        records.append(ImageRecord(str(path), int(parsed[0]), int(parsed[1])))
+        if isinstance(parsed, dict):
+            records.append(ImageRecord(str(path), **parsed))
+        else:
+            records.append(ImageRecord(str(path), int(parsed[0]), int(parsed[1])))
     return records
 
 
 def parse_bbox_layout(
     root: Path,
-    parse: Callable[[str], tuple],
+    parse: Callable[[str], dict | tuple],
     name: str,
     *,
     strict: bool = True,
     drop_train_pids: tuple[int, ...] = (-1, 0),
+    eval_only: bool = False,
     train_dir: str = "bounding_box_train",
     query_dir: str = "query",
     gallery_dir: str = "bounding_box_test",
 ) -> tuple[list[ImageRecord], list[ImageRecord], list[ImageRecord]]:
     """Parse a Market-style ``bounding_box_train / query / bounding_box_test`` layout.
 
-    ``parse(filename) -> (pid, camid, ...)``. Train records with a pid in ``drop_train_pids`` (junk,
-    distractor) are dropped and the rest relabelled; query/gallery keep original pids.
+    ``parse(filename)`` returns :class:`ImageRecord` keyword fields (``{"pid", "camid", "seq", "frame"}``,
+    e.g. :func:`market1501_fields`) or a tuple ``(pid, camid, ...)`` (extra items ignored). Train records with
+    a pid in ``drop_train_pids`` (junk, distractor) are dropped and the rest relabelled; query/gallery keep
+    original pids. ``eval_only``: the train folder is not read (it may be missing) and train is empty.
 
     Raises:
         DatasetLayoutError: a folder is missing, or (``strict``) a file name does not parse.
     """
-    train = _parse_split(require_dir(root / train_dir, name), parse, name, strict)
+    train = [] if eval_only else _parse_split(require_dir(root / train_dir, name), parse, name, strict)
     query = _parse_split(require_dir(root / query_dir, name), parse, name, strict)
     gallery = _parse_split(require_dir(root / gallery_dir, name), parse, name, strict)
     train = relabel([r for r in train if r.pid not in drop_train_pids])
@@ -107,6 +122,9 @@ class Market1501(ReIDDataset):
         root: folder holding ``bounding_box_train``, ``bounding_box_test``, ``query``
             (``None`` → ``$NASREID_DATA/market1501``).
         strict: raise on a non-matching image name (default) instead of warning and skipping it.
+        eval_only: evaluation-only target: ``bounding_box_train`` is not read (may be missing), train is empty.
+
+    Records carry ``seq`` and ``frame`` from the name (``PPPP_cCsS_FFFFFF_BB``).
 
     Raises:
         DatasetLayoutError: missing root/folder, non-matching name (strict), empty split.
@@ -114,7 +132,9 @@ class Market1501(ReIDDataset):
 
     default_subdir = "market1501"
 
-    def __init__(self, root: str | os.PathLike | None = None, *, strict: bool = True):
+    def __init__(self, root: str | os.PathLike | None = None, *, strict: bool = True, eval_only: bool = False):
         root = resolve_root(root, self.default_subdir, "market1501")
-        train, query, gallery = parse_bbox_layout(root, parse_market1501_name, "market1501", strict=strict)
-        super().__init__("market1501", train, query, gallery, root=root)
+        train, query, gallery = parse_bbox_layout(root, market1501_fields, "market1501", strict=strict,
+                                                  eval_only=eval_only)
+        super().__init__("market1501", train, query, gallery, root=root,
+                         allow_empty=("train",) if eval_only else ())

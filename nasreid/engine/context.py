@@ -1,0 +1,216 @@
+"""What a strategy or a training method gets to run with: :class:`RunContext` / :class:`SearchContext`.
+
+A context holds the recipe, the run folder, the device settings, the TensorBoard writer and the training
+dataset, and offers the pieces a search is built from -- a loader over any record list, an identity split
+into search-train / search-val with an overlap ratio (MSINet's TCM, Sec. 3.2), the recipe's loss,
+optimiser and schedule, a :class:`~nasreid.engine.trainer.Trainer` with the standard hooks, and
+:meth:`RunContext.train_fixed` (train a fixed network for N epochs with the recipe's training method, the
+piece ``nasreid train`` is made of; a sampling strategy's proxy training).
+
+Example (inside ``Strategy.search``)::
+
+    train_recs, val_recs = ctx.split_identities(overlap=0.2)
+    w_loader, a_loader = ctx.loader(train_recs), ctx.loader(val_recs)
+    trainer = ctx.trainer(model, step, loader=w_loader, optimizer=opt, scheduler=sched, hooks=[...])
+    trainer.fit()
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+from torch import nn
+
+from nasreid.config import Recipe, RecipeError
+from nasreid.registry import LOSSES, METHODS, SPACES
+
+from .checkpoint import read_json, write_json
+from .hooks import CheckpointHook
+from .trainer import DeviceContext, Hook, Trainer, build_optimizer, build_scheduler
+
+__all__ = ["RunContext", "SearchContext", "progress_enabled"]
+
+log = logging.getLogger("nasreid")
+
+
+def progress_enabled() -> bool:
+    """Progress bars on a terminal unless ``NASREID_NO_PROGRESS`` is set."""
+    return sys.stderr.isatty() and not os.environ.get("NASREID_NO_PROGRESS")
+
+
+@dataclass
+class RunContext:
+    """Recipe, run folder, device, writer and training dataset of a run, plus the helpers built on them.
+
+    Attributes:
+        recipe: the validated :class:`~nasreid.config.Recipe`.
+        run_dir: the run folder (checkpoints, logs, ``split.json`` ...).
+        device: :class:`~nasreid.engine.trainer.DeviceContext` (CPU / CUDA, AMP, channels_last).
+        dataset: the training :class:`~nasreid.data.ReIDDataset` (train pids ``0..N-1``).
+        writer: TensorBoard ``SummaryWriter`` or None.
+        progress: show progress bars.
+    """
+
+    recipe: Recipe
+    run_dir: Path
+    device: DeviceContext
+    dataset: Any
+    writer: Any = None
+    progress: bool = False
+    extra_hooks: list[Hook] = field(default_factory=list)
+
+    # ---- data ------------------------------------------------------------------------------------
+    def loader(self, records: Optional[Sequence] = None, *, batch_size: Optional[int] = None,
+               num_instances: Optional[int] = None, seed: Optional[int] = None):
+        """PK-sampled training loader over ``records`` (default: the dataset's train split) with the
+        recipe's input size, augmentation, workers and corrupt-image policy.
+
+        ``records`` must carry pids ``0..N-1`` (as :meth:`split_identities` returns them). Workers are not
+        persistent: the trainer re-seeds the loader every epoch, which makes resuming exact.
+
+        Raises:
+            ValueError: fewer identities than P = batch_size / num_instances.
+        """
+        from nasreid.data import build_train_loader
+
+        d = self.recipe.data
+        ds = self.dataset
+        if records is not None:
+            ds = copy.copy(self.dataset)
+            ds.train = list(records)
+        return build_train_loader(
+            ds, height=d.height, width=d.width, batch_size=batch_size or d.batch_size,
+            num_instances=num_instances or d.num_instances, workers=d.workers,
+            seed=self.recipe.seed if seed is None else seed, on_corrupt=d.on_corrupt, persistent_workers=False,
+            **d.augment.model_dump())
+
+    def split_identities(self, overlap: float = 0.0, val_fraction: float = 0.5, seed: Optional[int] = None,
+                         name: str = "split") -> tuple[list, list]:
+        """Split the training identities into search-train / search-val (MSINet TCM, Sec. 3.2: the two
+        sets' categories are unbound, with an adjustable overlap ratio).
+
+        A fraction ``overlap`` of all identities appears in both sets (their images alternate between the
+        two, each keeps at least one); the others go to search-val with probability ``val_fraction``.
+        Each returned list is relabelled to pids ``0..n-1``. The split (original train pids of each set) is
+        written to ``run_dir/<name>.json`` and read back from there on resume, so it never changes within
+        a run.
+
+        Raises:
+            ValueError: ``overlap`` or ``val_fraction`` outside ``[0, 1]``, or a set ends up empty.
+        """
+        from nasreid.data.datasets.base import relabel
+
+        if not 0.0 <= overlap <= 1.0 or not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"overlap must be in [0, 1] and val_fraction in (0, 1), got {overlap}, {val_fraction}")
+        path = self.run_dir / f"{name}.json"
+        saved = read_json(path)
+        if saved is None:
+            pids = sorted({r.pid for r in self.dataset.train})
+            rng = np.random.default_rng([self.recipe.seed if seed is None else seed, 7])
+            order = [int(p) for p in rng.permutation(pids)]
+            n_shared = int(round(overlap * len(order)))
+            shared, rest = order[:n_shared], order[n_shared:]
+            n_val = int(round(val_fraction * len(rest)))
+            saved = {"overlap": overlap, "val_fraction": val_fraction, "shared": sorted(shared),
+                     "train_only": sorted(rest[n_val:]), "val_only": sorted(rest[:n_val])}
+            write_json(path, saved)
+        shared, t_only, v_only = set(saved["shared"]), set(saved["train_only"]), set(saved["val_only"])
+        train, val, seen = [], [], {}
+        for r in self.dataset.train:
+            if r.pid in t_only:
+                train.append(r)
+            elif r.pid in v_only:
+                val.append(r)
+            elif r.pid in shared:
+                k = seen.get(r.pid, 0)
+                seen[r.pid] = k + 1
+                (train if k % 2 == 0 else val).append(r)
+        if not train or not val:
+            raise ValueError(f"identity split gives an empty set (train {len(train)}, val {len(val)} images)")
+        return relabel(train), relabel(val)
+
+    # ---- model, loss, optimisation ---------------------------------------------------------------
+    def build_space(self, num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:
+        """The recipe's search space with its ``space.kwargs`` (``num_classes`` defaults to the dataset's)."""
+        cls = SPACES.get(self.recipe.space.name)
+        n = self.dataset.num_train_pids if num_classes is None else num_classes
+        return cls(num_classes=n, **{**self.recipe.space.kwargs, **overrides})
+
+    def build_loss(self, num_classes: Optional[int] = None) -> nn.Module:
+        """The recipe's loss (``loss.name`` from the loss registry) for ``num_classes`` identities."""
+        L = self.recipe.loss
+        n = self.dataset.num_train_pids if num_classes is None else num_classes
+        factory = LOSSES.get(L.name)
+        if L.name == "reid":
+            return factory(n, label_smooth=L.label_smooth, triplet_weight=L.triplet_weight,
+                           triplet_margin=L.triplet_margin, **L.kwargs)
+        return factory(n, **L.kwargs)
+
+    def build_optimizer(self, params_or_groups, cfg=None):
+        """Optimiser of the recipe's ``optim`` section (or ``cfg``) over parameters or parameter groups."""
+        groups = list(params_or_groups)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        return build_optimizer(groups, cfg or self.recipe.optim)
+
+    def build_scheduler(self, optimizer, cfg=None):
+        """Per-epoch LR schedule of the recipe's ``optim`` section (or ``cfg``)."""
+        return build_scheduler(optimizer, cfg or self.recipe.optim)
+
+    # ---- training --------------------------------------------------------------------------------
+    def trainer(self, model: nn.Module, step_fn: Callable, *, loader, optimizer=None, scheduler=None,
+                hooks: Iterable[Hook] = (), epochs: Optional[int] = None, run_dir: Optional[Path] = None,
+                checkpoint: bool = True) -> Trainer:
+        """A :class:`Trainer` over ``loader`` with the run's device, seed, writer and progress setting,
+        ``hooks`` and (unless ``checkpoint=False``) a :class:`CheckpointHook` into ``run_dir``
+        (default: this run's folder)."""
+        rd = self.run_dir if run_dir is None else Path(run_dir)
+        all_hooks = [*self.extra_hooks, *hooks] + ([CheckpointHook()] if checkpoint else [])
+        return Trainer(model, step_fn, epochs=epochs or self.recipe.optim.epochs, loader=loader, ctx=self.device,
+                       optimizer=optimizer, scheduler=scheduler, hooks=all_hooks,
+                       run_dir=rd if checkpoint else None, seed=self.recipe.seed, writer=self.writer,
+                       progress=self.progress)
+
+    def train_fixed(self, net: nn.Module, *, epochs: Optional[int] = None, hooks: Iterable[Hook] = (),
+                    records: Optional[Sequence] = None, run_dir: Optional[Path] = None) -> list[dict[str, Any]]:
+        """Train a fixed network with the recipe's training method (``training.method``) for ``epochs``
+        (default ``optim.epochs``) on ``records`` (default: the training split); checkpoints into
+        ``run_dir`` (default: this run's folder) and resumes from there. Returns the epoch history.
+
+        Raises:
+            RegistryError: unknown training method.
+            NonFiniteLossError: the loss diverged (the last good checkpoint is kept).
+        """
+        method = METHODS.get(self.recipe.training.method)(**self.recipe.training.kwargs)
+        return method.fit(self, net, epochs=epochs or self.recipe.optim.epochs, hooks=list(hooks),
+                          records=records, run_dir=run_dir)
+
+    def evaluate(self, model: nn.Module, dataset=None) -> dict[str, Any]:
+        """Same-domain CMC/mAP (percent) of ``model`` on ``dataset`` (default: the training dataset's
+        query/gallery) with the recipe's ``eval`` settings."""
+        from .pipeline import evaluate_dataset
+
+        return evaluate_dataset(model, self.dataset if dataset is None else dataset, self.recipe, self.device,
+                                progress=self.progress)
+
+    def check_num_classes(self, records: Sequence) -> int:
+        """Number of identities of ``records`` (pids must be ``0..n-1``).
+
+        Raises:
+            RecipeError: pids are not contiguous from 0.
+        """
+        pids = sorted({r.pid for r in records})
+        if pids != list(range(len(pids))):
+            raise RecipeError("training records must carry pids 0..N-1 (relabel them first)")
+        return len(pids)
+
+
+class SearchContext(RunContext):
+    """The context a :class:`~nasreid.strategies.Strategy` searches with (``Strategy.search(ctx)``): a
+    :class:`RunContext` whose run folder is the search run."""

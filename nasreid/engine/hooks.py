@@ -1,0 +1,150 @@
+"""Standard trainer hooks (see :mod:`nasreid.engine.trainer` for the call order).
+
+* :class:`CheckpointHook` -- atomic ``checkpoints/last.pt`` after every epoch; always called last.
+* :class:`EvalHook` -- same-domain CMC/mAP every N epochs (``eval/rank1``, ``eval/mAP``).
+* :class:`ArchitectureLogHook` -- a search's architecture weights per epoch: ``alphas.csv`` and TensorBoard
+  ``alpha/<label>/<value>``.
+* :class:`StrategyStateHook` -- checkpoints a strategy's own state (noise generator, temperature ...).
+* :class:`FreezeBackboneHook` -- the "frozen base network" warm start of fine-tuning (OSNet-AIN Sec. 4.1:
+  "during the first 10 epochs, the ImageNet pre-trained base network is frozen and only the randomly
+  initialised classifier is open for training").
+* :class:`CallbackHook` -- wrap plain functions as a hook.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from nasreid.config import RecipeError
+
+from .trainer import Hook, Trainer
+
+__all__ = ["CheckpointHook", "EvalHook", "ArchitectureLogHook", "StrategyStateHook", "FreezeBackboneHook",
+           "CallbackHook"]
+
+
+class CheckpointHook(Hook):
+    """Writes ``run_dir/checkpoints/last.pt`` (atomic) after every epoch with the trainer's whole state.
+
+    The trainer keeps it after every other hook so their ``after_epoch`` updates are in the checkpoint.
+    """
+
+    name = "checkpoint"
+    last = True
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        trainer.save()
+
+
+class EvalHook(Hook):
+    """Evaluate every ``every`` epochs (not after the last one, which the caller evaluates in full).
+
+    Args:
+        every: period in epochs (0 disables).
+        evaluate: ``() -> {"rank1": %, "mAP": %, ...}``.
+    """
+
+    name = "eval"
+
+    def __init__(self, every: int, evaluate: Callable[[], Mapping[str, Any]]):
+        self.every = int(every)
+        self.evaluate = evaluate
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        e = trainer.epoch + 1
+        if self.every and e % self.every == 0 and e < trainer.epochs:
+            res = self.evaluate()
+            trainer.log(eval_rank1=float(res["rank1"]), eval_mAP=float(res["mAP"]))
+            if trainer.writer is not None:
+                trainer.writer.add_scalar("eval/rank1", res["rank1"], trainer.epoch)
+                trainer.writer.add_scalar("eval/mAP", res["mAP"], trainer.epoch)
+
+
+class ArchitectureLogHook(Hook):
+    """Append the strategy's ``probabilities()`` to ``alphas.csv`` and TensorBoard after every epoch.
+
+    Args:
+        strategy: anything with ``probabilities() -> {label: {value: p}}`` and ``temperature() -> float|None``.
+        csv_path: the run's ``alphas.csv`` (long format, see :mod:`nasreid.plot`).
+    """
+
+    name = "alphas"
+
+    def __init__(self, strategy: Any, csv_path: str | Path):
+        self.strategy = strategy
+        self.csv_path = Path(csv_path)
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        from nasreid.plot import append_alphas_csv, log_alphas_tensorboard
+
+        probs = self.strategy.probabilities()
+        append_alphas_csv(self.csv_path, trainer.epoch, trainer.global_step, probs, self.strategy.temperature())
+        if trainer.writer is not None:
+            log_alphas_tensorboard(trainer.writer, probs, trainer.epoch)
+
+
+class StrategyStateHook(Hook):
+    """Checkpoints ``strategy.state_dict()`` (restored with ``load_state_dict`` on resume)."""
+
+    name = "strategy"
+
+    def __init__(self, strategy: Any):
+        self.strategy = strategy
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.strategy.load_state_dict(state)
+
+
+class FreezeBackboneHook(Hook):
+    """Train only the modules under ``open_prefixes`` for the first ``epochs`` epochs.
+
+    Frozen parameters get ``requires_grad=False`` and frozen modules run in eval mode (BN statistics
+    frozen too); from epoch ``epochs`` on everything trains. Parameters without gradient are skipped by
+    the optimisers, so no optimiser state is created for them while frozen.
+
+    Raises:
+        RecipeError: no parameter matches ``open_prefixes`` (names the prefixes and the model's top modules).
+    """
+
+    name = "freeze_backbone"
+
+    def __init__(self, epochs: int, open_prefixes: Sequence[str] = ("head",)):
+        self.epochs = int(epochs)
+        self.open_prefixes = tuple(open_prefixes)
+
+    def _is_open(self, name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in self.open_prefixes)
+
+    def before_train(self, trainer: Trainer) -> None:
+        names = [n for n, _ in trainer.model.named_parameters()]
+        if self.epochs and not any(self._is_open(n) for n in names):
+            tops = sorted({n.split(".")[0] for n in names})
+            raise RecipeError(f"training.open_layers {list(self.open_prefixes)} match no parameter; "
+                             f"top-level modules are {tops}")
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        frozen = trainer.epoch < self.epochs
+        for n, p in trainer.model.named_parameters():
+            p.requires_grad_(not frozen or self._is_open(n))
+        if frozen:
+            for n, m in trainer.model.named_modules():
+                if n and not self._is_open(n) and not any(p.startswith(n + ".") for p in self.open_prefixes):
+                    if not any(True for _ in m.children()):
+                        m.eval()
+            trainer.log(frozen_backbone=1.0)
+
+
+class CallbackHook(Hook):
+    """A hook from plain functions: ``CallbackHook("name", after_epoch=lambda trainer: ...)``."""
+
+    def __init__(self, name: str, **fns: Callable[[Trainer], None]):
+        self.name = name
+        for event, fn in fns.items():
+            if event not in ("before_train", "after_train", "before_epoch", "after_epoch", "before_step",
+                             "after_step"):
+                raise ValueError(f"unknown hook event {event!r}")
+            setattr(self, event, fn)
+

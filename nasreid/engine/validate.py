@@ -1,0 +1,107 @@
+"""Check a recipe against the real signatures of what it names, before anything is trained.
+
+The YAML schema (:mod:`nasreid.config`) checks the recipe's own keys; the ``kwargs`` dicts it passes on
+(space, dataset, evaluation targets, strategy, loss, training method) are checked here against the
+constructor they go to, so a typo is a one-line error naming the recipe file and the key instead of a
+``TypeError`` traceback after the data was loaded -- or after the search finished, for ``then_retrain`` and
+``eval.targets``.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from nasreid.config import Recipe, RecipeError, load_recipe
+from nasreid.errors import NasreidError
+from nasreid.registry import DATASETS, LOSSES, METHODS, SPACES, STRATEGIES, load_plugins
+
+__all__ = ["check_kwargs", "check_recipe"]
+
+
+def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], where: str, what: str,
+                 reserved: Iterable[str] = ()) -> None:
+    """Check ``kwargs`` against the signature of ``fn`` (a function or a class).
+
+    Args:
+        where: recipe location for messages, e.g. ``"recipes/x.yaml: space.kwargs"``.
+        what: what ``fn`` is, e.g. ``"search space 'osnet_ain'"``.
+        reserved: arguments nasreid fills itself (``num_classes``, ``root``): the recipe may not set them.
+
+    Raises:
+        RecipeError: an unknown or reserved key (named, with the accepted ones), or a required argument
+            missing.
+    """
+    reserved = set(reserved)
+    params = inspect.signature(fn).parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                        inspect.Parameter.KEYWORD_ONLY) and n != "self"]
+    accepted = [n for n in named if n not in reserved]
+    for key in kwargs:
+        if key in reserved:
+            raise RecipeError(f"{where}.{key}: set by nasreid, not by the recipe")
+        if key not in named and not var_kw:
+            raise RecipeError(f"{where}.{key}: unknown argument of {what}; accepted: {', '.join(accepted) or '(none)'}")
+    missing = [n for n in accepted if params[n].default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise RecipeError(f"{where}: {what} needs {', '.join(missing)}")
+
+
+def _lookup(registry, name: str, where: str):
+    try:
+        return registry.get(name)
+    except NasreidError as e:
+        raise RecipeError(f"{where}: {e}") from None
+
+
+def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = frozenset()) -> None:
+    """Validate everything ``recipe`` names before a run starts: plugins imported; space, strategy, loss,
+    training method, dataset and every ``eval.targets`` entry known, with kwargs that fit their
+    constructors; the genotype preset known; ``then_retrain`` (when ``search``) loaded and checked too.
+
+    Raises:
+        RecipeError: the first problem, naming the recipe file and the key.
+    """
+    src = recipe.source or "<recipe>"
+    if recipe.plugins:
+        load_plugins(recipe.plugins, Path(src).parent if recipe.source else None)
+    space = _lookup(SPACES, recipe.space.name, f"{src}: space.name")
+    check_kwargs(space, recipe.space.kwargs, f"{src}: space.kwargs", f"search space {recipe.space.name!r}",
+                 reserved=("num_classes",))
+    ds = _lookup(DATASETS, recipe.data.dataset.name, f"{src}: data.dataset.name")
+    check_kwargs(ds, recipe.data.dataset.kwargs, f"{src}: data.dataset.kwargs",
+                 f"dataset {recipe.data.dataset.name!r}", reserved=("root",))
+    for i, t in enumerate(recipe.eval.targets):
+        tcls = _lookup(DATASETS, t.name, f"{src}: eval.targets[{i}].name")
+        check_kwargs(tcls, t.kwargs, f"{src}: eval.targets[{i}].kwargs", f"dataset {t.name!r}",
+                     reserved=("root", "eval_only"))
+    loss = _lookup(LOSSES, recipe.loss.name, f"{src}: loss.name")
+    check_kwargs(loss, recipe.loss.kwargs, f"{src}: loss.kwargs", f"loss {recipe.loss.name!r}",
+                 reserved=("num_classes", "label_smooth", "triplet_weight", "triplet_margin")
+                 if recipe.loss.name == "reid" else ("num_classes",))
+    method = _lookup(METHODS, recipe.training.method, f"{src}: training.method")
+    check_kwargs(method, recipe.training.kwargs, f"{src}: training.kwargs", f"training method {recipe.training.method!r}")
+    if recipe.strategy is not None:
+        strat = _lookup(STRATEGIES, recipe.strategy.name, f"{src}: strategy.name")
+        try:
+            strat.validate_kwargs(recipe.strategy.kwargs)
+        except NasreidError as e:
+            raise RecipeError(f"{src}: {e}") from None
+    elif search:
+        raise RecipeError(f"{src}: a search recipe needs a 'strategy' section")
+    if recipe.model and recipe.model.preset:
+        from nasreid.genotype import preset_genotype
+
+        try:
+            preset_genotype(recipe.space.name, recipe.model.preset)
+        except NasreidError as e:
+            raise RecipeError(f"{src}: model.preset: {e}") from None
+    if search and recipe.then_retrain:
+        if recipe.then_retrain in _seen:
+            raise RecipeError(f"{src}: then_retrain loops back to {recipe.then_retrain}")
+        retrain = load_recipe(recipe.then_retrain)
+        if retrain.space.name != recipe.space.name:
+            raise RecipeError(f"{recipe.then_retrain}: space.name {retrain.space.name!r} differs from the search's "
+                              f"{recipe.space.name!r} ({src}: then_retrain)")
+        check_recipe(retrain, _seen=_seen | {recipe.then_retrain})

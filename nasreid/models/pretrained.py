@@ -1,0 +1,240 @@
+"""Initialise a network from pretrained weights stored in a local file.
+
+The OSNet-AIN paper (Zhou, Yang, Cavallaro & Xiang, "Learning Generalisable Omni-Scale Representations for
+Person Re-Identification", TPAMI 2021, Sec. 4.1 "Implementation Details" and Sec. 4.2) fine-tunes
+ImageNet-pretrained OSNet weights, and "during the first 10 epochs, the ImageNet pre-trained base network
+is frozen and only the randomly initialised classifier is open for training". nasreid downloads nothing:
+the user gives a file written by ``torch.save``, and
+
+* :func:`load_pretrained` copies its tensors into a model, dropping the identity classifier (whose number
+  of classes differs between datasets) and reporting what was loaded, skipped, missing or unexpected;
+* :func:`backbone_and_head_parameters` splits a model's parameters into the pretrained base and the new
+  layers, for that frozen-backbone warm start.
+
+Accepted files: a plain state dict (``{name: tensor}``), or a dict holding one under ``"state_dict"``
+(torchreid checkpoints), ``"model"`` (nasreid's ``model.pt``; also its ``checkpoints/last.pt``, with
+``weights_only=False`` as that file holds NumPy RNG states too) or ``"model_state_dict"``. A ``module.``
+prefix (``nn.DataParallel`` / DDP) is removed from every key.
+
+Module names must match the model's. The authors' released torchreid files name their modules differently
+(``conv1.conv.weight`` where nasreid has ``conv1.0.weight``); pass ``rename`` to translate such names.
+
+Example::
+
+    net = Genotype.load("genotype.json").build(num_classes=485)
+    report = load_pretrained(net, "osnet_ain_msmt17.pt")          # all but head.classifier, strict
+    backbone, head = backbone_and_head_parameters(net)
+    for p in backbone:
+        p.requires_grad_(False)                                     # first N epochs: train the head only
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nasreid.errors import NasreidError
+
+__all__ = ["PretrainedWeightsError", "load_pretrained", "read_state_dict", "backbone_and_head_parameters"]
+
+#: keys under which checkpoints of torchreid (``state_dict``), nasreid (``model``) and the PyTorch tutorials
+#: (``model_state_dict``) keep the network's state dict, tried in this order
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
+_SHOW = 5  # keys named in a message
+
+
+class PretrainedWeightsError(NasreidError, ValueError):
+    """Pretrained weights cannot be used: the file is missing or unreadable, holds no state dict, or its
+    keys / tensor shapes do not match the model. The message names the file and the keys concerned."""
+
+
+def _matches(key: str, prefixes: Iterable[str]) -> bool:
+    """``key`` is one of ``prefixes`` or lies below one (``"head"`` matches ``head.x`` but not ``header.x``)."""
+    return any(key == p or key.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
+
+
+def _few(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOW])
+    return shown + (f", ... ({len(keys) - _SHOW} more)" if len(keys) > _SHOW else "")
+
+
+def read_state_dict(path: str | os.PathLike, *, weights_only: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict stored in ``path`` (on the CPU), with any ``module.`` prefix removed.
+
+    Args:
+        path: a file written by ``torch.save``: a state dict, or a dict with one under ``"state_dict"``,
+            ``"model"`` or ``"model_state_dict"``.
+        weights_only: unpickle tensors and plain containers only (``torch.load(weights_only=True)``): safe
+            for files from others. ``False`` also accepts arbitrary pickled objects (e.g. the NumPy RNG
+            states of nasreid's ``checkpoints/last.pt``); only for files you trust, as unpickling can run
+            code.
+
+    Returns:
+        ``{key: tensor}`` in the file's order.
+
+    Raises:
+        PretrainedWeightsError: the file does not exist, cannot be read (corrupt, not a torch file,
+            refused by ``weights_only``), holds no state dict, or a state-dict entry is not a tensor; the
+            message names the file (and the entry).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedWeightsError(f"pretrained weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        hint = (" (it holds Python objects other than tensors; if you trust the file, load it with "
+                "weights_only=False)") if weights_only else ""
+        raise PretrainedWeightsError(f"cannot read pretrained weights {path}{hint}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any failure to read is the file's fault; re-raised naming it
+        raise PretrainedWeightsError(f"cannot read pretrained weights {path}: {type(e).__name__}: {e}") from e
+    state = _find_state_dict(obj, path)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise PretrainedWeightsError(
+                f"{path}: state dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        out[key[len("module."):] if key.startswith("module.") else key] = value
+    return out
+
+
+def _find_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        for key in STATE_DICT_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner:
+                return inner
+        top = [str(k) for k in list(obj)[:10]]
+        raise PretrainedWeightsError(
+            f"{path} holds no state dict: a dict with keys {top}; expected {{name: tensor}} or a dict with "
+            f"one under {' / '.join(repr(k) for k in STATE_DICT_KEYS)}")
+    raise PretrainedWeightsError(
+        f"{path} holds no state dict but a {type(obj).__name__} (a whole pickled model?); save "
+        "model.state_dict() instead")
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str] = ("head.classifier",),
+                    strict: bool = True, rename: Callable[[str], str | None] | None = None,
+                    weights_only: bool = True) -> dict[str, Any]:
+    """Copy the tensors of a ``torch.save`` d file into ``model`` (in place, via ``load_state_dict``).
+
+    Keys are matched by name after removing a ``module.`` prefix and applying ``rename``. Keys of the
+    file *and* of the model under a ``skip`` prefix are left alone: the model keeps its own (random)
+    initialisation there -- by default the identity classifier, whose number of classes differs from the
+    pretraining data's.
+
+    Args:
+        model: the network to initialise, e.g. ``Genotype.build(num_classes=...)``.
+        path: the weights file (see :func:`read_state_dict` for the accepted layouts).
+        skip: module-path prefixes to ignore (``"head"`` covers ``head.embed.0.weight`` but not
+            ``header.weight``); ``()`` loads everything.
+        strict: ``True``: every model key outside ``skip`` must be in the file, every file key outside
+            ``skip`` in the model, with the same shape, or nothing is loaded and an error is raised.
+            ``False``: load the keys present in both with the same shape and report the rest.
+        rename: maps a file key (after the ``module.`` removal) to the model's name for it, or to ``None``
+            to drop it; e.g. a translation of another code base's module names.
+        weights_only: see :func:`read_state_dict`.
+
+    Returns:
+        ``{"loaded": n, "skipped": [...], "missing": [...], "unexpected": [...], "mismatched": [...]}``:
+        the number of tensors copied; the file keys (without ``module.``, before ``rename``) dropped by
+        ``skip`` or ``rename``; the model keys
+        outside ``skip`` not in the file (kept at their initialisation); the file keys not in the model;
+        and ``(key, file shape, model shape)`` for keys in both whose shapes differ. With ``strict``
+        the last three are empty.
+
+    Raises:
+        PretrainedWeightsError: file missing / unreadable / holding no state dict (names the file); with
+            ``strict``, keys that do not match (names a few missing and unexpected keys and how many) or a
+            shape that differs (names the key and both shapes); with ``strict=False``, no tensor of the
+            file matches the model at all (wrong architecture).
+    """
+    skip = tuple(skip)
+    path = Path(path)
+    file_sd = read_state_dict(path, weights_only=weights_only)
+    model_sd = model.state_dict()
+
+    kept: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for key, value in file_sd.items():
+        new = rename(key) if rename is not None else key
+        if new is None or _matches(new, skip):
+            skipped.append(key)
+        else:
+            kept[new] = value
+    wanted = [k for k in model_sd if not _matches(k, skip)]
+    missing = [k for k in wanted if k not in kept]
+    unexpected = [k for k in kept if k not in model_sd]
+    mismatched = [(k, tuple(v.shape), tuple(model_sd[k].shape)) for k, v in kept.items()
+                  if k in model_sd and v.shape != model_sd[k].shape]
+
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} key(s) of the model missing from the file: {_few(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} key(s) of the file not in the model: {_few(unexpected)}")
+        raise PretrainedWeightsError(
+            f"pretrained weights {path} do not match the model ({type(model).__name__}): " + "; ".join(parts)
+            + f". Skipped prefixes: {list(skip)}; pass skip=... to leave layers out, or strict=False to load "
+              "the keys that match")
+    if strict and mismatched:
+        key, fs, ms = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more key(s) with other shapes)" if len(mismatched) > 1 else ""
+        raise PretrainedWeightsError(
+            f"pretrained weights {path}: {key!r} has shape {list(fs)} in the file but {list(ms)} in the model"
+            f"{more}; a different width multiplier / number of classes? Put the layer in skip=... or pass "
+            "strict=False")
+
+    bad = {k for k, _, _ in mismatched}
+    load = {k: v for k, v in kept.items() if k in model_sd and k not in bad}
+    if not load and kept:
+        raise PretrainedWeightsError(
+            f"no tensor of {path} matches the model ({type(model).__name__}): file keys e.g. "
+            f"{_few(list(kept))}; model keys e.g. {_few(wanted)}; weights of another architecture, or module "
+            "names that need rename=...?")
+    model.load_state_dict(load, strict=False)  # `load` holds model keys only; the modules' loading hooks run
+    return {"loaded": len(load), "skipped": skipped, "missing": missing, "unexpected": unexpected,
+            "mismatched": mismatched}
+
+
+def backbone_and_head_parameters(model: nn.Module, head_prefixes: Iterable[str] = ("head",)
+                                 ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split ``model``'s parameters into (backbone, head) by module path.
+
+    For the paper's fine-tuning warm start (OSNet-AIN, Sec. 4.1: for the first 10 epochs the pretrained
+    base network is frozen and only the new layers train): set ``requires_grad_(False)`` on the backbone
+    list for those epochs, or give the optimiser the head list only.
+
+    Args:
+        model: the network.
+        head_prefixes: module-path prefixes of the new layers; ``("head",)`` is nasreid's embedding and
+            classifier, ``("head.classifier",)`` the identity classifier alone (torchreid's
+            ``open_layers=["classifier"]``).
+
+    Returns:
+        ``(backbone, head)``: lists of parameters in ``named_parameters`` order, each parameter once (shared
+        parameters are not repeated), whatever their ``requires_grad``.
+
+    Raises:
+        PretrainedWeightsError: no parameter lies under ``head_prefixes`` (the message lists the model's
+            top-level modules).
+    """
+    prefixes = tuple(head_prefixes)
+    backbone: list[nn.Parameter] = []
+    head: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        (head if _matches(name, prefixes) else backbone).append(p)
+    if not head:
+        top = [n for n, _ in model.named_children()]
+        raise PretrainedWeightsError(
+            f"no parameter of {type(model).__name__} lies under head prefixes {list(prefixes)}; its top-level "
+            f"modules are {top}")
+    return backbone, head
