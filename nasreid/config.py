@@ -119,6 +119,13 @@ class LossConfig(_Strict):
     triplet_margin: float = Field(0.3, gt=0)
 
 
+class NamedConfig(_Strict):
+    """A registered component by name with its constructor arguments."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 class EvalConfig(_Strict):
     """Evaluation: same-domain test split of the training dataset plus cross-domain ``targets``."""
 
@@ -128,6 +135,10 @@ class EvalConfig(_Strict):
     batch_size: int = Field(128, gt=0)
     ranks: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
     targets: list[DatasetRef] = Field(default_factory=list)
+    matcher: Optional["NamedConfig"] = Field(
+        None, description="a registered matcher (nasreid list matchers); None: feature distance with 'metric'")
+    postprocessors: list["NamedConfig"] = Field(
+        default_factory=list, description="registered row post-processors run after the matcher, in order")
 
 
 class ModelConfig(_Strict):

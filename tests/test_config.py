@@ -15,6 +15,67 @@ def test_shipped_recipes_validate(path):
     assert (r.strategy is not None) or (r.model is not None) or "retrain" in path.name
 
 
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_can_start(path):
+    """Not only the YAML schema: the dataset, target, loss and method kwargs fit their real signatures, and
+    the space and strategy are built with the recipe's arguments (a recipe that cannot start fails here)."""
+    import inspect
+
+    from nasreid.engine.validate import check_recipe
+    from nasreid.registry import DATASETS, SPACES, STRATEGIES
+
+    r = load_recipe(path)
+    check_recipe(r, search=r.strategy is not None)
+    for ref in [r.data.dataset, *r.eval.targets]:  # bind the kwargs (the data itself may not be on disk)
+        inspect.signature(DATASETS.get(ref.name)).bind(root=None, **ref.kwargs)
+    space = SPACES.get(r.space.name)(num_classes=5, **r.space.kwargs)
+    if r.strategy is not None:
+        STRATEGIES.get(r.strategy.name)(space, **r.strategy.kwargs).attach()
+
+
+def test_paper_recipes_follow_the_paper():
+    """The two recipes citing the paper carry its settings (see the comments in the files)."""
+    search = load_recipe(RECIPES[0].parent / "osnet_ain.yaml")
+    assert search.data.dataset.kwargs == {"combine_all": True}
+    k = search.strategy.kwargs
+    assert (k["lambda_decay"], k["lambda_start"], k["lambda_rate"], k["lambda_every"], k["lambda_min"]) == \
+        ("multiplicative", 10.0, 0.5, 20, 1.0)
+    retrain = load_recipe(RECIPES[0].parent / "osnet_ain_retrain.yaml")
+    assert (retrain.optim.name, retrain.optim.lr, retrain.optim.scheduler, retrain.optim.epochs) == \
+        ("amsgrad", 0.0015, "cosine", 100)
+    assert retrain.training.freeze_backbone_epochs == 10 and retrain.training.open_layers == ["head.classifier"]
+
+
+def test_space_and_dataset_kwargs_are_checked_against_signatures(tmp_path):
+    from nasreid.engine.validate import check_recipe
+
+    p = write(tmp_path, BASE.replace("space: {name: osnet_ain}", "space: {name: osnet_ain, kwargs: {width: 0.5}}"))
+    with pytest.raises(RecipeError, match=r"r\.yaml: space\.kwargs\.width: unknown argument of search space "
+                                          r"'osnet_ain'; accepted: .*width_mult"):
+        check_recipe(load_recipe(p))
+    p = write(tmp_path, BASE.replace("dataset: {name: cuhk01}", "dataset: {name: cuhk01, kwargs: {split: 1}}"))
+    with pytest.raises(RecipeError, match=r"data\.dataset\.kwargs\.split: unknown argument of dataset 'cuhk01'"):
+        check_recipe(load_recipe(p))
+    p = write(tmp_path, BASE.replace("space: {name: osnet_ain}", "space: {name: osnet_ain, kwargs: {num_classes: 3}}"))
+    with pytest.raises(RecipeError, match="space.kwargs.num_classes: set by nasreid"):
+        check_recipe(load_recipe(p))
+    p = write(tmp_path, BASE.replace("strategy: {name: gumbel}", "strategy: {name: gumbel, kwargs: {lambda_decay: exp}}"))
+    with pytest.raises(RecipeError, match="strategy.kwargs.lambda_decay"):
+        check_recipe(load_recipe(p))
+    p = write(tmp_path, BASE + "loss: {name: focal}\n")
+    with pytest.raises(RecipeError, match="loss.name: unknown loss 'focal'"):
+        check_recipe(load_recipe(p))
+    p = write(tmp_path, BASE + "eval: {matcher: {name: distance, kwargs: {metrc: euclidean}}}\n")
+    with pytest.raises(RecipeError, match=r"eval\.matcher\.kwargs\.metrc: unknown argument of matcher 'distance'"):
+        check_recipe(load_recipe(p))
+    p = write(tmp_path, BASE + "eval: {postprocessors: [{name: rerank}]}\n")
+    with pytest.raises(RecipeError, match=r"eval\.postprocessors\[0\]\.name: unknown post-processor 'rerank'"):
+        check_recipe(load_recipe(p))
+    p = write(tmp_path, BASE + "model: {pretrained: no/such/weights.pth}\n")
+    with pytest.raises(RecipeError, match="model.pretrained: weights file not found"):
+        load_recipe(p)
+
+
 def write(tmp_path, text, name="r.yaml"):
     p = tmp_path / name
     p.write_text(text)

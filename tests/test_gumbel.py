@@ -122,12 +122,35 @@ def test_full_straight_through_reaches_blocks_followed_by_bn():
 
 
 def test_monte_carlo_samples_average_the_loss():
+    """Eq. 12 & 15: with S samples the gradient is the mean of the S per-sample gradients (not their sum)."""
     strat, model = make("soft", samples=3)
     n_forward = []
     model.register_forward_hook(lambda *a: n_forward.append(1))
+    batch = {"img": torch.randn(4, 3, 64, 32), "pid": torch.tensor([0, 0, 1, 1])}
+    loss_fn = build_reid_loss(4)
     opt = torch.optim.SGD(strat.param_groups(0.0, 0.0), lr=0.0)
-    parts = strat.train_step({"img": torch.randn(4, 3, 64, 32), "pid": torch.tensor([0, 0, 1, 1])}, build_reid_loss(4), opt)
+    noise = strat.generator.get_state()
+    torch.manual_seed(1)
+    parts = strat.train_step(batch, loss_fn, opt)
     assert len(n_forward) == 3 and parts["loss"] > 0
+    averaged = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # replay the same three Gumbel draws one forward at a time
+    strat.generator.set_state(noise)
+    torch.manual_seed(1)
+    per_sample = []
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        loss, _ = loss_fn(model(batch["img"]), batch)
+        loss.backward()
+        per_sample.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert any(not torch.allclose(per_sample[0][k], per_sample[1][k]) for k in averaged)  # the draws differ
+    # the whole gradient vector, relative to its norm (float32 accumulation order differs; dividing by S
+    # wrongly -- a sum, or the last sample only -- is off by a relative 2 or ~1)
+    got = torch.cat([averaged[k].flatten() for k in averaged])
+    want = torch.cat([(sum(ps[k] for ps in per_sample) / 3).flatten() for k in averaged])
+    assert float((got - want).norm()) <= 1e-4 * float(want.norm())
+    pi_name = next(n for n, p in model.named_parameters() if p is strat.ops["conv2_1"].pi)
+    assert float(averaged[pi_name].abs().sum()) > 0
 
 
 def test_export_is_argmax_pi_and_freezes():

@@ -262,7 +262,8 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
 
 def evaluate_dataset(model: nn.Module, dataset, recipe: Recipe, ctx, progress: bool = False) -> dict[str, Any]:
     """CMC (rank-k), mAP and mINP in percent of ``model`` on ``dataset``'s query/gallery with the recipe's
-    ``eval`` settings; also ``num_query``, ``num_gallery``, ``num_valid_queries``, ``num_skipped_queries``
+    ``eval`` settings (``eval.matcher`` / ``eval.postprocessors`` from the registries, feature distance with
+    ``eval.metric`` by default); also ``num_query``, ``num_gallery``, ``num_valid_queries``, ``num_skipped_queries``
     (queries with no gallery match in another camera, excluded by the protocol) and ``seconds``.
 
     Raises:
@@ -276,9 +277,13 @@ def evaluate_dataset(model: nn.Module, dataset, recipe: Recipe, ctx, progress: b
     d, e = recipe.data, recipe.eval
     q, g = build_test_loaders(dataset, height=d.height, width=d.width, batch_size=e.batch_size,
                               workers=d.workers, on_corrupt=d.on_corrupt)
+    from nasreid.registry import MATCHERS, POSTPROCESSORS
+
+    matcher = MATCHERS.get(e.matcher.name)(**e.matcher.kwargs) if e.matcher is not None else None
+    post = [POSTPROCESSORS.get(pp.name)(**pp.kwargs) for pp in e.postprocessors]
     t0 = time.time()
     res = evaluate_model(model, q, g, device=ctx.device, flip=e.flip, metric=e.metric, amp=ctx.amp,
-                         ranks=tuple(e.ranks), progress=progress)
+                         ranks=tuple(e.ranks), progress=progress, matcher=matcher, postprocessors=post)
     res["seconds"] = time.time() - t0
     skipped = res.get("num_skipped_queries", res["num_query"] - res["num_valid_queries"])
     res["num_skipped_queries"] = skipped

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from nasreid.config import Recipe, RecipeError, load_recipe
 from nasreid.errors import NasreidError
-from nasreid.registry import DATASETS, LOSSES, METHODS, SPACES, STRATEGIES, load_plugins
+from nasreid.registry import DATASETS, LOSSES, MATCHERS, METHODS, POSTPROCESSORS, SPACES, STRATEGIES, load_plugins
 
 __all__ = ["check_kwargs", "check_recipe"]
 
@@ -58,7 +58,7 @@ def _lookup(registry, name: str, where: str):
 def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = frozenset()) -> None:
     """Validate everything ``recipe`` names before a run starts: plugins imported; space, strategy, loss,
     training method, dataset and every ``eval.targets`` entry known, with kwargs that fit their
-    constructors; the genotype preset known; ``then_retrain`` (when ``search``) loaded and checked too.
+    constructors; the evaluation matcher and post-processors known with fitting kwargs; the genotype preset known; ``then_retrain`` (when ``search``) loaded and checked too.
 
     Raises:
         RecipeError: the first problem, naming the recipe file and the key.
@@ -76,6 +76,13 @@ def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = fro
         tcls = _lookup(DATASETS, t.name, f"{src}: eval.targets[{i}].name")
         check_kwargs(tcls, t.kwargs, f"{src}: eval.targets[{i}].kwargs", f"dataset {t.name!r}",
                      reserved=("root", "eval_only"))
+    if recipe.eval.matcher is not None:
+        m = recipe.eval.matcher
+        check_kwargs(_lookup(MATCHERS, m.name, f"{src}: eval.matcher.name"), m.kwargs, f"{src}: eval.matcher.kwargs",
+                     f"matcher {m.name!r}")
+    for i, pp in enumerate(recipe.eval.postprocessors):
+        check_kwargs(_lookup(POSTPROCESSORS, pp.name, f"{src}: eval.postprocessors[{i}].name"), pp.kwargs,
+                     f"{src}: eval.postprocessors[{i}].kwargs", f"post-processor {pp.name!r}")
     loss = _lookup(LOSSES, recipe.loss.name, f"{src}: loss.name")
     check_kwargs(loss, recipe.loss.kwargs, f"{src}: loss.kwargs", f"loss {recipe.loss.name!r}",
                  reserved=("num_classes", "label_smooth", "triplet_weight", "triplet_margin")
