@@ -79,10 +79,13 @@ def test_search_derive_train_evaluate_plot_on_cuhk01(tiny_recipe, tmp_path, mark
     assert cli.main(["plot", str(search_run)]) == 0
     assert (search_run / "alpha_trajectories.png").stat().st_size > 0
 
-    train_recipe = tiny_recipe(name="tiny_train", strategy=None, **{"optim.epochs": 2, "loss": {"triplet_weight": 1.0}})
+    train_recipe = tiny_recipe(name="tiny_train", strategy=None, **{"optim.epochs": 2, "loss": {"triplet_weight": 1.0},
+                                                                  "eval.every": 1})
     run = pipeline.run_train(load_recipe(train_recipe), genotype=search_run / "genotype.json",
                              run_dir=tmp_path / "train", progress=False)
     m = json.loads((run / "metrics.json").read_text())
+    # evaluation every N epochs is a hook: after epoch 1, not after the last one (evaluated in full)
+    assert 0 <= m["history"][0]["eval_mAP"] <= 100 and "eval_mAP" not in m["history"][1]
     ev = m["evaluation"]["cuhk01 (same-domain)"]
     assert ev["num_query"] == ev["num_gallery"] > 0
     assert 0 <= ev["mAP"] <= 100 and ev["rank1"] <= ev["rank5"] <= ev["rank10"]
@@ -229,3 +232,42 @@ def test_cli_reports_bad_input(tmp_path, capsys, tiny_recipe):
     p = tiny_recipe(**{"strategy.name": "evolution"})
     assert cli.main(["search", str(p)]) == 2
     assert "unknown strategy 'evolution'" in capsys.readouterr().err
+
+
+def test_cli_keeps_the_traceback_of_bugs(tiny_recipe, monkeypatch, capsys):
+    """Only nasreid's own (user-input) errors become one line + exit 2; a bug propagates with its traceback."""
+    def boom(*a, **k):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr(pipeline, "run_search", boom)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["search", str(tiny_recipe())])
+
+
+def test_identity_split_with_overlap_is_saved_and_stable(tiny_recipe, tmp_path):
+    """SearchContext.split_identities (MSINet TCM): a fraction of ids in both sets, the rest disjoint,
+    relabelled 0..n-1 in each, written to the run folder and read back unchanged."""
+    from nasreid.data import build_dataset
+    from nasreid.engine.context import SearchContext
+    from nasreid.engine.trainer import device_context
+
+    recipe = load_recipe(tiny_recipe())
+    ds = build_dataset("cuhk01", recipe.data.dataset.root, split_seed=0, max_ids=24)
+    ctx = SearchContext(recipe=recipe, run_dir=tmp_path, device=device_context("cpu"), dataset=ds)
+    train, val = ctx.split_identities(overlap=0.25)
+    saved = json.loads((tmp_path / "split.json").read_text())
+    n = ds.num_train_pids
+    assert len(saved["shared"]) == round(0.25 * n)
+    assert sorted(saved["shared"] + saved["train_only"] + saved["val_only"]) == list(range(n))
+    paths_t, paths_v = {r.path for r in train}, {r.path for r in val}
+    assert not paths_t & paths_v and len(paths_t) + len(paths_v) == len(ds.train)  # every image once
+    by_path = {r.path: r.pid for r in ds.train}
+    shared_t = {by_path[p] for p in paths_t} & {by_path[p] for p in paths_v}
+    assert shared_t == set(saved["shared"])
+    for recs in (train, val):
+        assert sorted({r.pid for r in recs}) == list(range(len({r.pid for r in recs})))
+    # read back from the run folder (resume): the same split, whatever the arguments now
+    again_t, again_v = ctx.split_identities(overlap=0.9, seed=123)
+    assert [r.path for r in again_t] == [r.path for r in train] and [r.path for r in again_v] == [r.path for r in val]
+    loader = ctx.loader(val, batch_size=8, num_instances=2)
+    assert next(iter(loader))["img"].shape[0] == 8
