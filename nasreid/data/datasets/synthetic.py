@@ -165,9 +165,9 @@ def render_person(seed: int, pid: int, cam: int, index: int, height: int = 128, 
         seed: dataset seed; pid: identity; cam: camera; index: image index within (pid, cam).
         height, width: output size in pixels.
         camera_style: strength of the per-camera style shift (>= 0): 0 gives the mild camera effects only
-            (gain x0.7-1.25, cast +-15%); 1 adds each camera's exposure (x0.58-1.7), contrast (x0.6-1.65),
-            colour cast (+-35% per channel, zero-mean in log) and haze (mix 0-0.35 towards a pale colour);
-            values in between scale them (in log space).
+            (gain x0.7-1.25, cast +-15%); 1 adds each camera's exposure (x0.5-1.3), contrast about the image
+            mean (x0.6-1.55), colour cast (x0.7-1.42 per channel, zero mean in log) and haze (mix 0-0.35
+            towards a pale colour); other values scale the log exposure, contrast and cast and the haze mix.
 
     Returns:
         RGB ``PIL.Image`` of size ``width × height``; identical for identical arguments.
