@@ -7,9 +7,17 @@ Each image adds a small jitter (pose offset, leg stance, arm swing, sensor noise
 looks alike across cameras (same clothes and body), differing only through the camera effects and jitter: a
 learnable re-ID task for smoke tests, CPU recipes and benchmarks.
 
-Rendering is pure numpy into a ``PIL.Image`` (about 0.5 ms for 128×64) and deterministic per
-``(seed, pid, cam, index)``. Records use the key ``synthetic://<seed>/<pid>/<cam>/<idx>`` as path, where pid
-is the original identity (0..num_ids-1); :meth:`SyntheticReID.read_image` renders it.
+``camera_style`` (default 0: off) adds a strong per-camera *style*: exposure, contrast, colour cast and haze,
+an affine map of each image's colour channels that is the same for every image of a camera. Up to clipping it
+changes only the per-image channel statistics (mean and spread), which is what instance normalisation removes:
+with ``camera_style=1`` raw colours no longer match an identity across cameras, per-image standardised colours
+still do, and where a network puts IN decides whether it matches people or cameras. The cameras' styles are
+spread along each axis by low-discrepancy sequences, so the cameras of a seed have clearly different styles.
+
+Rendering is pure numpy into a ``PIL.Image`` (about 0.5 ms for 128×64; ``benchmarks/bench_synthetic.py``)
+and deterministic per ``(seed, pid, cam, index, camera_style)``. Records use the key
+``synthetic://<seed>/<pid>/<cam>/<idx>`` as path, where pid is the original identity (0..num_ids-1);
+:meth:`SyntheticReID.read_image` renders it (with the dataset's ``camera_style``).
 
 Split: ids ``0..num_train_ids-1`` are train (all images), the rest test. With ``images_per_id_per_cam >= 2``
 the query holds image 0 of every camera of each test id and the gallery the rest; with 1 image per camera the
@@ -28,7 +36,11 @@ from .base import DatasetLayoutError, ImageRecord, ReIDDataset, register_dataset
 __all__ = ["SyntheticReID", "render_person", "identity_attributes", "camera_attributes", "PATTERNS"]
 
 PATTERNS = ("plain", "stripes", "checks", "logo")
-_ID_STREAM, _CAM_STREAM, _IMG_STREAM = 1, 2, 3
+_ID_STREAM, _CAM_STREAM, _IMG_STREAM, _STYLE_STREAM = 1, 2, 3, 4
+#: Camera style at ``camera_style=1``: ranges of log exposure and log contrast (darker/flatter more than brighter,
+#: to limit clipping), largest per-channel |log cast|, largest haze mix.
+_STYLE_RANGE = {"exposure": (-0.65, 0.25), "contrast": (-0.5, 0.4), "cast": 0.35, "haze": 0.35}
+_STYLE_STEPS = (0.6180339887, 0.7548776662, 0.5698402910, 0.4142135624)  # 1/phi, 1/rho, 1/rho^2, sqrt(2)-1
 
 
 def _hsv(rng: np.random.Generator, s_lo=0.25, s_hi=1.0, v_lo=0.2, v_hi=0.95) -> np.ndarray:
@@ -67,9 +79,14 @@ def identity_attributes(seed: int, pid: int) -> dict:
 
 @lru_cache(maxsize=256)
 def camera_attributes(seed: int, cam: int) -> dict:
-    """Imaging conditions of camera ``cam`` (deterministic in ``(seed, cam)``)."""
+    """Imaging conditions of camera ``cam`` (deterministic in ``(seed, cam)``).
+
+    ``gain`` .. ``noise`` are the mild camera effects every image gets. The ``style_*`` entries are the
+    camera's style at ``camera_style=1`` (see :func:`render_person`); they come from their own random stream,
+    so adding them left the other entries (and every ``camera_style=0`` image) unchanged.
+    """
     rng = np.random.default_rng([seed, _CAM_STREAM, cam])
-    return dict(
+    attrs = dict(
         gain=float(rng.uniform(0.7, 1.25)),
         cast=rng.uniform(0.85, 1.15, size=3).astype(np.float32),
         blur=int(rng.integers(0, 3)),  # passes of a [1,2,1]/4 filter
@@ -79,6 +96,47 @@ def camera_attributes(seed: int, cam: int) -> dict:
         floor=_hsv(rng, 0.0, 0.3, 0.2, 0.6),
         noise=float(rng.uniform(2.0, 7.0)),
     )
+    attrs.update(_camera_style(seed, cam))
+    return attrs
+
+
+def _camera_style(seed: int, cam: int) -> dict:
+    """Style of camera ``cam`` at full strength: log exposure, log contrast, cast hue angle, haze.
+
+    The cameras' positions along each style axis follow additive recurrences ``frac(o + cam * c)`` (a seed-level
+    random offset ``o``, irrational ``c``; low-discrepancy, Kronecker sequences), so any two cameras of a seed
+    are well apart on at least one axis whatever the number of cameras; a small per-camera draw breaks the
+    regularity.
+    """
+    base = np.random.default_rng([seed, _STYLE_STREAM]).uniform(size=4)
+    rng = np.random.default_rng([seed, _STYLE_STREAM, cam])
+    t = (base + cam * np.array(_STYLE_STEPS)) % 1.0
+    j = rng.uniform(-0.05, 0.05, size=4)
+    hue = 2 * np.pi * (t[0] + j[0])  # direction of the colour cast on the colour wheel
+    return dict(
+        style_exposure=float(_lerp(_STYLE_RANGE["exposure"], t[1] + j[1])),  # log gain
+        style_contrast=float(_lerp(_STYLE_RANGE["contrast"], t[2] + j[2])),  # log contrast
+        # log per-channel gains, zero mean (a pure colour change): cos(hue - 0/120/240 deg)
+        style_cast=(_STYLE_RANGE["cast"] * np.cos(hue - np.arange(3) * 2 * np.pi / 3)).astype(np.float32),
+        style_haze=float(np.clip(t[3] + j[3], 0, 1) * _STYLE_RANGE["haze"]),  # mix towards the haze colour
+        style_haze_color=np.array(colorsys.hsv_to_rgb((t[0] + 0.5) % 1.0, 0.25, 0.8), np.float32) * 255.0,
+    )
+
+
+def _lerp(lo_hi: tuple[float, float], t: float) -> float:
+    return lo_hi[0] + (lo_hi[1] - lo_hi[0]) * t
+
+
+def _apply_style(img: np.ndarray, ca: dict, strength: float) -> np.ndarray:
+    """Per-camera affine colour transform of ``img`` (H, W, 3 float): contrast about the image mean, exposure,
+    colour cast, haze; each camera's style scaled by ``strength``. Per image and channel it is ``a * x + b``:
+    the statistics that instance normalisation removes."""
+    s = strength
+    mean = img.mean((0, 1), keepdims=True)
+    img = mean + (img - mean) * np.float32(np.exp(s * ca["style_contrast"]))
+    img *= np.exp(s * (ca["style_exposure"] + ca["style_cast"])).astype(np.float32)
+    h = np.float32(min(s * ca["style_haze"], 0.9))
+    return img * (1 - h) + h * ca["style_haze_color"]
 
 
 def _blur(img: np.ndarray, passes: int) -> np.ndarray:
@@ -99,12 +157,17 @@ def _blur(img: np.ndarray, passes: int) -> np.ndarray:
     return img
 
 
-def render_person(seed: int, pid: int, cam: int, index: int, height: int = 128, width: int = 64) -> Image.Image:
+def render_person(seed: int, pid: int, cam: int, index: int, height: int = 128, width: int = 64,
+                  camera_style: float = 0.0) -> Image.Image:
     """Render one synthetic pedestrian image.
 
     Args:
         seed: dataset seed; pid: identity; cam: camera; index: image index within (pid, cam).
         height, width: output size in pixels.
+        camera_style: strength of the per-camera style shift (>= 0): 0 gives the mild camera effects only
+            (gain x0.7-1.25, cast +-15%); 1 adds each camera's exposure (x0.5-1.3), contrast about the image
+            mean (x0.6-1.55), colour cast (x0.7-1.42 per channel, zero mean in log) and haze (mix 0-0.35
+            towards a pale colour); other values scale the log exposure, contrast and cast and the haze mix.
 
     Returns:
         RGB ``PIL.Image`` of size ``width × height``; identical for identical arguments.
@@ -203,6 +266,8 @@ def render_person(seed: int, pid: int, cam: int, index: int, height: int = 128, 
 
     # camera: illumination gain, colour cast, blur, sensor noise
     img *= ca["gain"] * ca["cast"] * rng.uniform(0.95, 1.05)
+    if camera_style:
+        img = _apply_style(img, ca, float(camera_style))
     img = _blur(img, ca["blur"])
     img += rng.standard_normal((H, W, 3), dtype=np.float32) * ca["noise"]
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
@@ -236,6 +301,8 @@ class SyntheticReID(ReIDDataset):
         height, width: image size in pixels (default 128×64).
         seed: appearance seed; same seed → identical images.
         num_train_ids: identities used for training (default ``num_ids // 2``); the rest form query/gallery.
+        camera_style: strength of the per-camera style shift (exposure, contrast, colour cast, haze), >= 0;
+            0 (default) gives the mild camera effects only; see :func:`render_person`.
 
     Raises:
         DatasetLayoutError: an argument out of range (message names it and its value).
@@ -252,6 +319,7 @@ class SyntheticReID(ReIDDataset):
         width: int = 64,
         seed: int = 0,
         num_train_ids: int | None = None,
+        camera_style: float = 0.0,
     ):
         if num_ids < 2:
             raise DatasetLayoutError(f"synthetic: num_ids must be >= 2, got {num_ids}")
@@ -261,12 +329,15 @@ class SyntheticReID(ReIDDataset):
             raise DatasetLayoutError(f"synthetic: images_per_id_per_cam must be >= 1, got {images_per_id_per_cam}")
         if height < 16 or width < 8:
             raise DatasetLayoutError(f"synthetic: image size must be at least 16x8, got {height}x{width}")
+        if not camera_style >= 0:
+            raise DatasetLayoutError(f"synthetic: camera_style must be >= 0, got {camera_style}")
         if num_train_ids is None:
             num_train_ids = num_ids // 2
         if not 1 <= num_train_ids < num_ids:
             raise DatasetLayoutError(f"synthetic: num_train_ids must be in 1..{num_ids - 1}, got {num_train_ids}")
         self.seed, self.height, self.width = int(seed), int(height), int(width)
         self.num_cams, self.images_per_id_per_cam = num_cams, images_per_id_per_cam
+        self.camera_style = float(camera_style)
 
         def rec(pid, cam, idx):
             return ImageRecord(f"synthetic://{self.seed}/{pid}/{cam}/{idx}", pid, cam)
@@ -292,4 +363,4 @@ class SyntheticReID(ReIDDataset):
             ValueError: the path is not a ``synthetic://`` key.
         """
         seed, pid, cam, idx = parse_synthetic_key(record.path)
-        return render_person(seed, pid, cam, idx, self.height, self.width)
+        return render_person(seed, pid, cam, idx, self.height, self.width, self.camera_style)
