@@ -131,14 +131,19 @@ class Strategy:
         return make_genotype(recipe, sample, probs, **provenance)
 
 
+def _check_finite(probs: Mapping[str, Mapping[str, float]], where: str) -> None:
+    """Raise :class:`GenotypeError` if any architecture probability is NaN or infinite (a diverged search)."""
+    for label, p in probs.items():
+        if not all(math.isfinite(v) for v in p.values()):
+            raise GenotypeError(f"{where}architecture weights of {label!r} are not finite ({dict(p)}): the search "
+                                "diverged; rerun it with a lower (architecture) learning rate")
+
+
 def _argmax_sample(choices: Mapping[str, Any], probs: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    _check_finite(probs, "")
     out = {}
     for label, mut in choices.items():
         p = probs[label]
-        bad = [k for k, v in p.items() if not math.isfinite(v)]
-        if bad:
-            raise GenotypeError(f"architecture weights of {label!r} are not finite ({p}); the search diverged, "
-                                "derive from an earlier checkpoint or rerun with a lower arch learning rate")
         best = max(p, key=p.get)
         out[label] = next(v for v in mut.values if str(v) == best)  # the mutable's typed value
     return out
@@ -245,10 +250,7 @@ class OneShotStrategy(Strategy):
         if "probabilities" not in st:
             raise GenotypeError(f"{run}: the checkpoint holds no architecture weights (is this a one-shot search run?)")
         probs = st["probabilities"]
-        for label, p in probs.items():
-            if not all(math.isfinite(v) for v in p.values()):
-                raise GenotypeError(f"{run}: architecture weights of {label!r} are not finite ({p}): the search "
-                                    "diverged; rerun it with a lower learning rate")
+        _check_finite(probs, f"{run}: ")
         sample = dict(st.get("sample") or {})
         return make_genotype(recipe, sample, probs, epoch=int(ckpt["epoch"]) + 1, run=run.name,
                              rule="argmax of architecture weights per choice")

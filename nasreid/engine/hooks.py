@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from nasreid.config import RecipeError
+from nasreid.models.pretrained import under_prefixes
 
 from .trainer import Hook, Trainer
 
@@ -115,12 +116,9 @@ class FreezeBackboneHook(Hook):
         self.epochs = int(epochs)
         self.open_prefixes = tuple(open_prefixes)
 
-    def _is_open(self, name: str) -> bool:
-        return any(name == p or name.startswith(p + ".") for p in self.open_prefixes)
-
     def before_train(self, trainer: Trainer) -> None:
         names = [n for n, _ in trainer.model.named_parameters()]
-        if self.epochs and not any(self._is_open(n) for n in names):
+        if self.epochs and not any(under_prefixes(n, self.open_prefixes) for n in names):
             tops = sorted({n.split(".")[0] for n in names})
             raise RecipeError(f"training.open_layers {list(self.open_prefixes)} match no parameter; "
                              f"top-level modules are {tops}")
@@ -128,12 +126,11 @@ class FreezeBackboneHook(Hook):
     def before_epoch(self, trainer: Trainer) -> None:
         frozen = trainer.epoch < self.epochs
         for n, p in trainer.model.named_parameters():
-            p.requires_grad_(not frozen or self._is_open(n))
-        if frozen:
+            p.requires_grad_(not frozen or under_prefixes(n, self.open_prefixes))
+        if frozen:  # frozen leaf modules (BN statistics included) in eval mode
             for n, m in trainer.model.named_modules():
-                if n and not self._is_open(n) and not any(p.startswith(n + ".") for p in self.open_prefixes):
-                    if not any(True for _ in m.children()):
-                        m.eval()
+                if n and next(m.children(), None) is None and not under_prefixes(n, self.open_prefixes):
+                    m.eval()
             trainer.log(frozen_backbone=1.0)
 
 

@@ -285,8 +285,7 @@ def evaluate_dataset(model: nn.Module, dataset, recipe: Recipe, ctx, progress: b
     res = evaluate_model(model, q, g, device=ctx.device, flip=e.flip, metric=e.metric, amp=ctx.amp,
                          ranks=tuple(e.ranks), progress=progress, matcher=matcher, postprocessors=post)
     res["seconds"] = time.time() - t0
-    skipped = res.get("num_skipped_queries", res["num_query"] - res["num_valid_queries"])
-    res["num_skipped_queries"] = skipped
+    skipped = res["num_skipped_queries"]
     if skipped:
         log.warning("%s: %d of %d queries have no gallery match in another camera and are skipped by the "
                     "protocol", dataset.name, skipped, res["num_query"])

@@ -40,7 +40,8 @@ from torch import nn
 
 from nasreid.errors import NasreidError
 
-__all__ = ["PretrainedWeightsError", "load_pretrained", "read_state_dict", "backbone_and_head_parameters"]
+__all__ = ["PretrainedWeightsError", "load_pretrained", "read_state_dict", "backbone_and_head_parameters",
+           "under_prefixes"]
 
 #: keys under which checkpoints of torchreid (``state_dict``), nasreid (``model``) and the PyTorch tutorials
 #: (``model_state_dict``) keep the network's state dict, tried in this order
@@ -53,8 +54,8 @@ class PretrainedWeightsError(NasreidError, ValueError):
     keys / tensor shapes do not match the model. The message names the file and the keys concerned."""
 
 
-def _matches(key: str, prefixes: Iterable[str]) -> bool:
-    """``key`` is one of ``prefixes`` or lies below one (``"head"`` matches ``head.x`` but not ``header.x``)."""
+def under_prefixes(key: str, prefixes: Iterable[str]) -> bool:
+    """A parameter or module path ``key`` is one of ``prefixes`` or lies below one (``"head"`` matches ``head.x`` but not ``header.x``)."""
     return any(key == p or key.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
 
 
@@ -165,11 +166,11 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
     skipped: list[str] = []
     for key, value in file_sd.items():
         new = rename(key) if rename is not None else key
-        if new is None or _matches(new, skip):
+        if new is None or under_prefixes(new, skip):
             skipped.append(key)
         else:
             kept[new] = value
-    wanted = [k for k in model_sd if not _matches(k, skip)]
+    wanted = [k for k in model_sd if not under_prefixes(k, skip)]
     missing = [k for k in wanted if k not in kept]
     unexpected = [k for k in kept if k not in model_sd]
     mismatched = [(k, tuple(v.shape), tuple(model_sd[k].shape)) for k, v in kept.items()
@@ -231,7 +232,7 @@ def backbone_and_head_parameters(model: nn.Module, head_prefixes: Iterable[str] 
     backbone: list[nn.Parameter] = []
     head: list[nn.Parameter] = []
     for name, p in model.named_parameters():
-        (head if _matches(name, prefixes) else backbone).append(p)
+        (head if under_prefixes(name, prefixes) else backbone).append(p)
     if not head:
         top = [n for n, _ in model.named_children()]
         raise PretrainedWeightsError(
