@@ -88,7 +88,8 @@ class Strategy:
             msgs = []
             for err in e.errors():
                 loc = ".".join(map(str, err["loc"]))
-                msgs.append(f"strategy.kwargs.{loc}: " + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"]))
+                where = f"strategy.kwargs.{loc}" if loc else "strategy.kwargs"
+                msgs.append(f"{where}: " + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"]))
             raise StrategyConfigError(f"strategy {cls.name!r}: " + "; ".join(msgs)) from None
 
     # ---- the contract ----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 A context holds the recipe, the run folder, the device settings, the TensorBoard writer and the training
 dataset, and offers the pieces a search is built from -- a loader over any record list, an identity split
-into search-train / search-val with an overlap ratio (MSINet's TCM, Sec. 3.2), the recipe's loss,
+into search-train / search-val with an overlap ratio (MSINet's TCM, Sec. 3.1), the recipe's loss,
 optimiser and schedule, a :class:`~nasreid.engine.trainer.Trainer` with the standard hooks, and
 :meth:`RunContext.train_fixed` (train a fixed network for N epochs with the recipe's training method, the
 piece ``nasreid train`` is made of; a sampling strategy's proxy training).
@@ -20,9 +20,10 @@ import copy
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -66,8 +67,8 @@ class RunContext:
     extra_hooks: list[Hook] = field(default_factory=list)
 
     # ---- data ------------------------------------------------------------------------------------
-    def loader(self, records: Optional[Sequence] = None, *, batch_size: Optional[int] = None,
-               num_instances: Optional[int] = None, seed: Optional[int] = None):
+    def loader(self, records: Sequence | None = None, *, batch_size: int | None = None,
+               num_instances: int | None = None, seed: int | None = None):
         """PK-sampled training loader over ``records`` (default: the dataset's train split) with the
         recipe's input size, augmentation, workers and corrupt-image policy.
 
@@ -90,35 +91,47 @@ class RunContext:
             seed=self.recipe.seed if seed is None else seed, on_corrupt=d.on_corrupt, persistent_workers=False,
             **d.augment.model_dump())
 
-    def split_identities(self, overlap: float = 0.0, val_fraction: float = 0.5, seed: Optional[int] = None,
-                         name: str = "split") -> tuple[list, list]:
-        """Split the training identities into search-train / search-val (MSINet TCM, Sec. 3.2: the two
-        sets' categories are unbound, with an adjustable overlap ratio).
+    def split_identities(self, overlap: float = 0.0, val_fraction: float = 0.5, seed: int | None = None,
+                         name: str = "split", order: str = "random") -> tuple[list, list]:
+        """Split the training identities into search-train / search-val (MSINet TCM, Sec. 3.1: the two
+        sets' categories are unbound, with an adjustable category overlap ratio).
 
-        A fraction ``overlap`` of all identities appears in both sets (their images alternate between the
-        two, each keeps at least one); the others go to search-val with probability ``val_fraction``.
-        Each returned list is relabelled to pids ``0..n-1``. The split (original train pids of each set) is
-        written to ``run_dir/<name>.json`` and read back from there on resume, so it never changes within
-        a run.
+        The identities are ordered (``order="sorted"``: by pid, as the authors' code does;
+        ``"random"``: a permutation drawn from ``seed``) and cut into three consecutive groups:
+        train-only, shared, val-only. ``round(overlap * N)`` identities are shared -- they appear in both
+        sets, their images alternating between the two (each side keeps at least one image) -- and a
+        fraction ``val_fraction`` of the others is val-only. The authors' default (first 20 % train only,
+        next 40 % shared, last 40 % val only) is ``overlap=0.4, val_fraction=2/3, order="sorted"``;
+        ``overlap=1`` is classic DARTS (the same classes on both sides), ``overlap=0`` disjoint sets.
+
+        Each returned list is relabelled to pids ``0..n-1`` (sorted original pid). The split (original
+        train pids of each group) is written to ``run_dir/<name>.json`` and read back from there on resume,
+        so it never changes within a run.
 
         Raises:
-            ValueError: ``overlap`` or ``val_fraction`` outside ``[0, 1]``, or a set ends up empty.
+            ValueError: ``overlap`` outside ``[0, 1]``, ``val_fraction`` outside ``(0, 1)``, unknown
+                ``order``, or a set ends up empty.
         """
         from nasreid.data.datasets.base import relabel
 
         if not 0.0 <= overlap <= 1.0 or not 0.0 < val_fraction < 1.0:
             raise ValueError(f"overlap must be in [0, 1] and val_fraction in (0, 1), got {overlap}, {val_fraction}")
+        if order not in ("random", "sorted"):
+            raise ValueError(f"unknown identity order {order!r}; expected 'random' or 'sorted'")
         path = self.run_dir / f"{name}.json"
         saved = read_json(path)
         if saved is None:
             pids = sorted({r.pid for r in self.dataset.train})
-            rng = np.random.default_rng([self.recipe.seed if seed is None else seed, 7])
-            order = [int(p) for p in rng.permutation(pids)]
-            n_shared = int(round(overlap * len(order)))
-            shared, rest = order[:n_shared], order[n_shared:]
-            n_val = int(round(val_fraction * len(rest)))
-            saved = {"overlap": overlap, "val_fraction": val_fraction, "shared": sorted(shared),
-                     "train_only": sorted(rest[n_val:]), "val_only": sorted(rest[:n_val])}
+            if order == "random":
+                rng = np.random.default_rng([self.recipe.seed if seed is None else seed, 7])
+                pids = [int(p) for p in rng.permutation(pids)]
+            n = len(pids)
+            n_shared = round(overlap * n)
+            n_val = round(val_fraction * (n - n_shared))
+            n_train = n - n_shared - n_val
+            saved = {"overlap": overlap, "val_fraction": val_fraction, "order": order,
+                     "train_only": sorted(pids[:n_train]), "shared": sorted(pids[n_train:n_train + n_shared]),
+                     "val_only": sorted(pids[n_train + n_shared:])}
             write_json(path, saved)
         shared, t_only, v_only = set(saved["shared"]), set(saved["train_only"]), set(saved["val_only"])
         train, val, seen = [], [], {}
@@ -135,14 +148,28 @@ class RunContext:
             raise ValueError(f"identity split gives an empty set (train {len(train)}, val {len(val)} images)")
         return relabel(train), relabel(val)
 
+    def feature_loader(self, records: Sequence, batch_size: int = 128):
+        """Loader over ``records`` in their order with the test transform (no augmentation): batches as
+        in :func:`~nasreid.data.build_train_loader` (``img``, ``pid`` ...). For feature extraction during a
+        search (e.g. class-centroid initialisation of a memory)."""
+        from torch.utils.data import DataLoader
+
+        from nasreid.data.loaders import ImageDataset
+        from nasreid.data.transforms import build_transforms
+
+        d = self.recipe.data
+        ds = ImageDataset(list(records), self.dataset.read_image, build_transforms(d.height, d.width, is_train=False),
+                          on_corrupt=d.on_corrupt)
+        return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=d.workers, drop_last=False)
+
     # ---- model, loss, optimisation ---------------------------------------------------------------
-    def build_space(self, num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:
+    def build_space(self, num_classes: int | None = None, **overrides: Any) -> nn.Module:
         """The recipe's search space with its ``space.kwargs`` (``num_classes`` defaults to the dataset's)."""
         cls = SPACES.get(self.recipe.space.name)
         n = self.dataset.num_train_pids if num_classes is None else num_classes
         return cls(num_classes=n, **{**self.recipe.space.kwargs, **overrides})
 
-    def build_loss(self, num_classes: Optional[int] = None) -> nn.Module:
+    def build_loss(self, num_classes: int | None = None) -> nn.Module:
         """The recipe's loss (``loss.name`` from the loss registry) for ``num_classes`` identities."""
         L = self.recipe.loss
         n = self.dataset.num_train_pids if num_classes is None else num_classes
@@ -165,7 +192,7 @@ class RunContext:
 
     # ---- training --------------------------------------------------------------------------------
     def trainer(self, model: nn.Module, step_fn: Callable, *, loader, optimizer=None, scheduler=None,
-                hooks: Iterable[Hook] = (), epochs: Optional[int] = None, run_dir: Optional[Path] = None,
+                hooks: Iterable[Hook] = (), epochs: int | None = None, run_dir: Path | None = None,
                 checkpoint: bool = True) -> Trainer:
         """A :class:`Trainer` over ``loader`` with the run's device, seed, writer and progress setting,
         ``hooks`` and (unless ``checkpoint=False``) a :class:`CheckpointHook` into ``run_dir``
@@ -177,8 +204,8 @@ class RunContext:
                        run_dir=rd if checkpoint else None, seed=self.recipe.seed, writer=self.writer,
                        progress=self.progress)
 
-    def train_fixed(self, net: nn.Module, *, epochs: Optional[int] = None, hooks: Iterable[Hook] = (),
-                    records: Optional[Sequence] = None, run_dir: Optional[Path] = None) -> list[dict[str, Any]]:
+    def train_fixed(self, net: nn.Module, *, epochs: int | None = None, hooks: Iterable[Hook] = (),
+                    records: Sequence | None = None, run_dir: Path | None = None) -> list[dict[str, Any]]:
         """Train a fixed network with the recipe's training method (``training.method``) for ``epochs``
         (default ``optim.epochs``) on ``records`` (default: the training split); checkpoints into
         ``run_dir`` (default: this run's folder) and resumes from there. Returns the epoch history.

@@ -9,11 +9,15 @@
   "during the first 10 epochs, the ImageNet pre-trained base network is frozen and only the randomly
   initialised classifier is open for training").
 * :class:`CallbackHook` -- wrap plain functions as a hook.
+* :class:`ModuleStateHook` -- checkpoints a module that is not the trained network (a loss with parameters,
+  e.g. MSINet's PAM) with its ``state_dict``.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
+from torch import nn
 
 from nasreid.config import RecipeError
 from nasreid.models.pretrained import under_prefixes
@@ -21,7 +25,7 @@ from nasreid.models.pretrained import under_prefixes
 from .trainer import Hook, Trainer
 
 __all__ = ["CheckpointHook", "EvalHook", "ArchitectureLogHook", "StrategyStateHook", "FreezeBackboneHook",
-           "CallbackHook"]
+           "CallbackHook", "ModuleStateHook"]
 
 
 class CheckpointHook(Hook):
@@ -145,3 +149,24 @@ class CallbackHook(Hook):
                 raise ValueError(f"unknown hook event {event!r}")
             setattr(self, event, fn)
 
+
+
+class ModuleStateHook(Hook):
+    """Checkpoints ``module.state_dict()`` under ``name`` and restores it (``load_state_dict``, strict) on
+    resume: the state of a module trained beside the network but not part of it, such as a loss with
+    parameters (MSINet's spatial alignment module) -- its optimiser state is in the optimiser's.
+
+    Args:
+        module: the module (its tensors are saved as they are; restored onto the module's own device).
+        name: checkpoint key (``"loss"``); two such hooks need two names.
+    """
+
+    def __init__(self, module: nn.Module, name: str = "loss"):
+        self.module = module
+        self.name = name
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.module.load_state_dict(state)

@@ -7,6 +7,9 @@ model returns), ``batch`` the loader's dict (``pid [B]``, ``camid``, ``img`` ...
 graph and ``parts`` plain floats for logging (``loss`` among them). A recipe picks one with ``loss.name``.
 
 ``"reid"`` (:func:`build_reid_loss`) is ``L = CE_ls(logits, pids) + triplet_weight * L_BH(feat, pids)``.
+``"msinet"`` (:func:`~nasreid.losses.msinet.build_msinet_loss`) is MSINet's retraining loss: ID + triplet on the
+global and the local branch plus the spatial alignment loss (SAM, :mod:`nasreid.losses.sam`), whose PAM gives the
+loss module parameters of its own (trained and checkpointed by the training method).
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from torch import nn
 from nasreid.registry import LOSSES
 
 from .classification import CrossEntropyLabelSmooth, check_targets
+from .msinet import MSINetLoss, build_msinet_loss  # registers "msinet"
+from .sam import PositionActivation, SpatialAlignLoss, mutual_correlation
 from .triplet import TripletLoss, pairwise_distance
 
 __all__ = [
@@ -25,6 +30,11 @@ __all__ = [
     "build_reid_loss",
     "pairwise_distance",
     "check_targets",
+    "MSINetLoss",
+    "build_msinet_loss",
+    "SpatialAlignLoss",
+    "PositionActivation",
+    "mutual_correlation",
 ]
 
 
