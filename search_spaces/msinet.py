@@ -35,7 +35,8 @@ Each Interaction Module is a :class:`~nasreid.mutables.LayerChoice` labelled ``c
 candidate maps one argument, the tuple ``(x1 [B, C, H, W], x2 [B, C, H, W])``, to a tuple of the same
 shapes; a strategy's mixed op calls ``candidate(xs)`` and sums the outputs element-wise over the tuple.
 
-Outputs: training mode ``dict(feat=[B, D_g], logits=[B, num_classes], featmap=[B, D_g, h, w])``, plus
+Outputs: training mode ``dict(feat=[B, D_g], feat_bn=[B, D_g], logits=[B, num_classes], featmap=[B, D_g, h, w])``
+(``feat_bn`` the BNNeck output with batch statistics), plus
 ``feat_local=[B, local_dim], logits_local=[B, num_classes]`` with ``local_branch=True`` (``logits`` keys only
 when ``num_classes > 0``). ``feat`` / ``feat_local`` are the pre-neck GAP features (for the triplet and
 memory losses), ``featmap`` the last feature map (for the Spatial Alignment loss of Sec. 3.3). Eval mode:
@@ -78,6 +79,7 @@ from nasreid.models.osnet import (
     ConvBNReLU,
     LiteConv3x3,
     Transition,
+    init_reid_weights,
 )
 from nasreid.mutables import LayerChoice, ModelSpace, current_frozen_sample
 from nasreid.registry import register_space
@@ -363,18 +365,7 @@ class MSINetSpace(ModelSpace):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_reid_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, 3, H, W] -> (featmap [B, C3, H/16, W/16], stage-3 input [B, C2, H/16, W/16])``."""

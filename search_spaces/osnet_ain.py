@@ -18,7 +18,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from nasreid.models.heads import ReIDHead
-from nasreid.models.osnet import IN_VARIANTS, ConvBNReLU, OSBlock, OSResidual, Transition
+from nasreid.models.osnet import (
+    IN_VARIANTS,
+    ConvBNReLU,
+    OSBlock,
+    OSResidual,
+    Transition,
+    init_reid_weights,
+)
 from nasreid.mutables import LayerChoice, ModelSpace, current_frozen_sample
 from nasreid.registry import register_space
 
@@ -134,18 +141,7 @@ class OSNetAINSpace(ModelSpace):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.InstanceNorm2d)) and m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_reid_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone feature map ``[B, 3, H, W] -> [B, C5, H/16, W/16]``."""

@@ -16,6 +16,7 @@ from nasreid.engine import pipeline
 from nasreid.engine.checkpoint import load_checkpoint
 from nasreid.engine.context import SearchContext
 from nasreid.engine.trainer import device_context
+from nasreid.genotype import preset_genotype
 from nasreid.losses.memory import ClassMemory
 
 TINY = {
@@ -265,3 +266,37 @@ def test_interrupted_search_resumes_to_the_same_alpha_and_memories(recipe_file, 
     assert max(max(p.values()) for p in g_ref["probabilities"].values()) > 0.26
     rows = (cut / "alphas.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2 * 12 * 4
+
+
+def test_train_preset_with_sam_evaluates_cuhk01_and_cuhk03_without_sam_parameters(tmp_path, shared_data):
+    """``nasreid train recipes/msinet_cpu_retrain.yaml --genotype preset:...`` (shrunk): the SAM loss trains, the
+    saved network holds no SAM/PAM tensor, and CMC/mAP come back for CUHK01 and cross-domain CUHK03."""
+    from pathlib import Path
+
+    from nasreid import cli
+
+    if not (shared_data / "cuhk03").is_dir():
+        pytest.skip("cuhk03 not present")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "msinet_cpu_retrain.yaml"
+    sets = {"data.dataset.root": str(shared_data / "cuhk01"), "data.dataset.kwargs.max_ids": 24,
+            "data.height": 64, "data.width": 32, "data.batch_size": 16, "data.workers": 0,
+            "space.kwargs.width_mult": 0.125, "loss.kwargs.sam_weight": 2.0, "loss.kwargs.sam_channels": 64,
+            "optim.epochs": 1, "optim.warmup_epochs": 0, "eval.targets": json.dumps(
+                [{"name": "cuhk03np", "root": str(shared_data / "cuhk03")}])}
+    args = ["train", str(recipe), "--genotype", "preset:msinet_gate", "--out", str(tmp_path / "t")]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    assert cli.main(args) == 0
+    m = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert m["history"][0]["sam"] > 0 and set(m["genotype"].values()) == {"gate"}
+    ev = m["evaluation"]
+    assert any(k.startswith("cuhk01") for k in ev) and any(k.startswith("cuhk03") for k in ev)
+    for r in ev.values():
+        assert r["num_query"] > 0 and 0 <= r["mAP"] <= 100
+    state = load_checkpoint(tmp_path / "t" / "model.pt")["model"]
+    ck = load_checkpoint(tmp_path / "t" / "checkpoints" / "last.pt")
+    pam = [k for k in ck["hooks"]["loss"] if ".pam." in k]  # PAM is checkpointed with the loss, for --resume
+    assert pam and set(ck["model"]) == set(state)
+    assert not [k for k in state if k.split(".")[0] in ("sam", "pam") or ".pam." in k]
+    net = preset_genotype("msinet", "msinet_gate", width_mult=0.125, local_branch=True).build(num_classes=12)
+    assert set(net.state_dict()) == set(state)  # exactly the network's tensors, nothing of SAM

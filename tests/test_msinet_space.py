@@ -154,7 +154,7 @@ def test_forward_shapes_train_and_eval(local):
     net = small(num_classes=7, local_branch=local)
     x = torch.randn(3, 3, 128, 64)
     out = net.train()(x)
-    keys = {"feat", "logits", "featmap"} | ({"feat_local", "logits_local"} if local else set())
+    keys = {"feat", "feat_bn", "logits", "featmap"} | ({"feat_local", "logits_local"} if local else set())
     assert set(out) == keys
     assert out["feat"].shape == (3, 128) and out["logits"].shape == (3, 7)
     assert out["featmap"].shape == (3, 128, 8, 4)
@@ -169,7 +169,7 @@ def test_forward_shapes_train_and_eval(local):
 def test_no_classifier_without_classes_and_local_dim():
     net = small(local_branch=True, local_dim=64)
     out = net(torch.randn(2, 3, 128, 64))
-    assert set(out) == {"feat", "featmap", "feat_local"} and out["feat_local"].shape == (2, 64)
+    assert set(out) == {"feat", "feat_bn", "featmap", "feat_local"} and out["feat_local"].shape == (2, 64)
     assert net.local_conv.out_channels == 32 and net.local_conv.in_channels == 96
     assert net.feature_dim == 128 + 64
 

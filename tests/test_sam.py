@@ -325,3 +325,21 @@ def test_a_loss_without_parameters_trains_as_before(tmp_path):
     assert {id(p) for p in seen["groups"][0]} == {id(p) for p in seen["trainer"].model.parameters()}
     assert "loss" not in load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["hooks"]
     assert math.isfinite(hist[0]["loss"])
+
+
+def test_msinet_retrain_recipes_check_and_refuse_reid_only_loss_fields():
+    """The shipped MSINet recipes pass the recipe check (presets, loss kwargs, CUHK03 target); a top-level
+    loss.triplet_weight (a field of the 'reid' loss) is refused for loss 'msinet' instead of being ignored."""
+    from pathlib import Path
+
+    from nasreid.config import RecipeError, load_recipe
+    from nasreid.engine.validate import check_recipe
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    for name in ("msinet_cpu_retrain.yaml", "msinet_retrain.yaml"):
+        check_recipe(load_recipe(recipes / name))
+    for name in ("msinet_cpu.yaml", "msinet.yaml"):
+        check_recipe(load_recipe(recipes / name), search=True)
+    check_recipe(load_recipe(recipes / "msinet_cpu_retrain.yaml", {"loss.kwargs.sam_weight": 2.0}))
+    with pytest.raises(RecipeError, match=r"loss.triplet_weight applies to loss 'reid' only"):
+        check_recipe(load_recipe(recipes / "msinet_cpu_retrain.yaml", {"loss.triplet_weight": 1.0}))

@@ -84,6 +84,10 @@ def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = fro
         check_kwargs(_lookup(POSTPROCESSORS, pp.name, f"{src}: eval.postprocessors[{i}].name"), pp.kwargs,
                      f"{src}: eval.postprocessors[{i}].kwargs", f"post-processor {pp.name!r}")
     loss = _lookup(LOSSES, recipe.loss.name, f"{src}: loss.name")
+    stray = sorted(recipe.loss.model_fields_set & {"label_smooth", "triplet_weight", "triplet_margin"})
+    if recipe.loss.name != "reid" and stray:
+        raise RecipeError(f"{src}: loss.{stray[0]} applies to loss 'reid' only; loss {recipe.loss.name!r} takes "
+                          f"its settings under loss.kwargs")
     check_kwargs(loss, recipe.loss.kwargs, f"{src}: loss.kwargs", f"loss {recipe.loss.name!r}",
                  reserved=("num_classes", "label_smooth", "triplet_weight", "triplet_margin")
                  if recipe.loss.name == "reid" else ("num_classes",))

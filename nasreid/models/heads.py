@@ -24,7 +24,8 @@ class ReIDHead(nn.Module):
         kind: ``"fc"`` or ``"bnneck"``.
 
     Forward: ``[B, in_dim] -> dict(feat=[B, D] (pre-BN for bnneck, for the triplet loss),
-    logits=[B, num_classes])`` in training; ``[B, D]`` test-time features in eval mode.
+    feat_bn=[B, D] (bnneck only: the BN output f_i, batch statistics), logits=[B, num_classes])`` in
+    training; ``[B, D]`` test-time features in eval mode.
 
     Raises:
         ValueError: unknown ``kind``.
@@ -52,6 +53,8 @@ class ReIDHead(nn.Module):
         if not self.training:
             return fi
         out = {"feat": f}
+        if self.neck is not None:
+            out["feat_bn"] = fi
         if self.classifier is not None:
             out["logits"] = self.classifier(fi)
         return out

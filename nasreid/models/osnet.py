@@ -27,6 +27,7 @@ __all__ = [
     "OSResidual",
     "IN_VARIANTS",
     "Transition",
+    "init_reid_weights",
 ]
 
 #: IN placement of an OS block: value -> (IN on the residual branch, IN after the addition)
@@ -194,3 +195,21 @@ class Transition(nn.Sequential):
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__(ConvBNReLU(in_ch, out_ch, 1), nn.AvgPool2d(2, stride=2))
+
+
+def init_reid_weights(module: nn.Module) -> None:
+    """The weight initialisation of OSNet-style re-ID networks (torchreid / the MSINet code use the same):
+    convolutions Kaiming-normal (``fan_out``, ReLU gain) with zero bias; affine BN / IN weight 1, bias 0;
+    linear layers N(0, 0.01) with zero bias. Visits ``module.modules()`` in order (a fixed RNG order)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.InstanceNorm2d)) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
