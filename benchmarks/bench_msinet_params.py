@@ -58,13 +58,14 @@ def main() -> None:
         "params": counts,
         "params_millions": {k: round(v / 1e6, 3) for k, v in counts.items()},
         "note": (
-            "The paper's 2.3M (Table 2) matches the authors' retrained network without its identity classifiers "
-            "(authors_retrained_equivalent, 2.33M at width 1): our backbone plus the two-stripe local branch plus "
-            "the bias-free fc layers (512x512 and 256x256) the authors' code puts before its two BNNecks. This "
-            "space omits those fc layers (plain BNNeck on the GAP feature) and makes the local branch optional, "
-            "so its backbone alone has 1.95M. The paper does not say what it counts; the match suggests classifiers are excluded: with 751 classes the "
-            "count grows by 751 * 512 (+ 751 * 256 with the local branch). The authors' search network "
-            "(supernet_authors, mid = in // 4) has about 1.69M."
+            "msinet_paper at width 1 has 1.95M parameters as a backbone (no classifier, no local branch) against "
+            "the paper's 2.3M (Table 2, which does not say what it counts). Two readings both give 2.33M: "
+            "(a) the authors' retrained network without classifiers (authors_retrained_equivalent: backbone + "
+            "two-stripe local branch + the bias-free 512x512 and 256x256 fc layers their code puts before its "
+            "two BNNecks; this space omits those fc layers and makes the local branch optional); (b) this "
+            "backbone with a 751-class Market-1501 classifier (market1501_751_classes). The counts cannot tell "
+            "them apart. The authors' search network (supernet_authors, mid = in // 4) has 1.69M; our default "
+            "search width (child) 1.96M, the backbone plus the parameter-carrying candidates."
         ),
     }
     for k, v in counts.items():

@@ -38,7 +38,7 @@ from nasreid.errors import NasreidError
 from nasreid.genotype import Genotype, GenotypeError
 from nasreid.mutables import LayerChoice, ModelSpace, iter_layer_choices, simplify
 
-__all__ = ["Strategy", "OneShotStrategy", "StrategyConfigError", "replace_module"]
+__all__ = ["Strategy", "OneShotStrategy", "StrategyConfigError", "replace_module", "mix_outputs"]
 
 
 class StrategyConfigError(NasreidError, ValueError):
@@ -50,6 +50,31 @@ def replace_module(root: nn.Module, qualified_name: str, new: nn.Module) -> None
     parent_name, _, child = qualified_name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def mix_outputs(weights: torch.Tensor, outputs: list) -> Any:
+    """``sum_k weights[k] * outputs[k]`` for tensors, or element-wise for tuples of tensors: the mixed-op
+    output of every one-shot strategy (MSINet Eq. 1, OSNet-AIN Eq. 5), whatever its candidates return
+    (MSINet's interaction modules return the branch pair ``(x1, x2)``).
+
+    Args:
+        weights: ``[K]`` tensor (or K scalar tensors) of mixing weights; outputs: K tensors of one shape, or
+            K tuples of such tensors. Summed in order ``k = 0..K-1``.
+
+    Raises:
+        TypeError: the candidates return something else, or tuples of different lengths.
+    """
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        out = weights[0] * first
+        for w, o in zip(weights[1:], outputs[1:]):
+            out = out + w * o
+        return out
+    if isinstance(first, (tuple, list)):
+        if any(not isinstance(o, (tuple, list)) or len(o) != len(first) for o in outputs):
+            raise TypeError("candidates of a mixed op return tuples of different lengths")
+        return tuple(mix_outputs(weights, [o[i] for o in outputs]) for i in range(len(first)))
+    raise TypeError(f"candidates must return a tensor or a tuple of tensors, got {type(first).__name__}")
 
 
 class Strategy:

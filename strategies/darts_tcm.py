@@ -60,33 +60,11 @@ from nasreid.losses.memory import ClassMemory
 from nasreid.mutables import LayerChoice
 from nasreid.registry import register_strategy
 
-from .base import OneShotStrategy, StrategyConfigError
+from .base import OneShotStrategy, StrategyConfigError, mix_outputs
 
 __all__ = ["DartsMixedOp", "DartsTCMStrategy", "mix_outputs"]
 
 log = logging.getLogger("nasreid")
-
-
-def mix_outputs(weights: torch.Tensor, outputs: list) -> Any:
-    """``sum_k weights[k] * outputs[k]`` (Eq. 1) for tensors, or element-wise for tuples of tensors.
-
-    Args:
-        weights: ``[K]`` mixing weights; outputs: K tensors of one shape, or K tuples of such tensors.
-
-    Raises:
-        TypeError: the candidates return something else, or tuples of different lengths.
-    """
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        out = weights[0] * first
-        for w, o in zip(weights[1:], outputs[1:]):
-            out = out + w * o
-        return out
-    if isinstance(first, (tuple, list)):
-        if any(not isinstance(o, (tuple, list)) or len(o) != len(first) for o in outputs):
-            raise TypeError("candidates of a mixed op return tuples of different lengths")
-        return tuple(mix_outputs(weights, [o[i] for o in outputs]) for i in range(len(first)))
-    raise TypeError(f"candidates must return a tensor or a tuple of tensors, got {type(first).__name__}")
 
 
 class DartsMixedOp(LayerChoice):

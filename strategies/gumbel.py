@@ -44,7 +44,7 @@ from nasreid.engine.trainer import Hook, optimizer_step
 from nasreid.mutables import LayerChoice
 from nasreid.registry import register_strategy
 
-from .base import OneShotStrategy
+from .base import OneShotStrategy, mix_outputs
 
 __all__ = ["GumbelMixedOp", "GumbelStrategy", "LambdaScheduleHook", "gumbel_softmax_sample", "lambda_schedule"]
 
@@ -116,23 +116,19 @@ class GumbelMixedOp(LayerChoice):
         alpha = gumbel_softmax_sample(self.pi, self.lam, self.generator)
         self.last_alpha = alpha.detach()
         if self.mode == "soft":
-            out = None
-            for a, op in zip(alpha, ops):
-                y = a * op(x)
-                out = y if out is None else out + y
-            return out
+            return mix_outputs(alpha, [op(x) for op in ops])
         idx = int(alpha.argmax())
         hard = torch.zeros_like(alpha)
         hard[idx] = 1.0
         h = hard - alpha.detach() + alpha  # straight-through: value one-hot, gradient of alpha
-        out = h[idx] * ops[idx](x)
+        weights, outs = [h[idx]], [ops[idx](x)]
         if self.hard_gradient == "full":
             for k, op in enumerate(ops):
                 if k != idx:
                     with torch.no_grad():
-                        other = op(x)
-                    out = out + h[k] * other  # value + 0; gradient <dL/dy, omega_k(x)> to alpha_k
-        return out
+                        outs.append(op(x))  # value + 0; gradient <dL/dy, omega_k(x)> to alpha_k
+                    weights.append(h[k])
+        return mix_outputs(weights, outs)
 
     def probabilities(self) -> dict[str, float]:
         """``softmax(pi)`` as ``{value: p}`` (Eq. 7)."""

@@ -341,3 +341,19 @@ def test_real_images_forward_backward(cuhk01_dir):
     with torch.no_grad():
         feats = net.eval()(x)
     assert feats.shape == (4, 384) and torch.isfinite(feats).all()
+
+
+@pytest.mark.parametrize("strategy,kwargs", [("gumbel", {"mode": "hard"}), ("gumbel", {"mode": "soft"}),
+                                             ("random", {}), ("darts_tcm", {})])
+def test_every_strategy_mixes_the_branch_pairs(strategy, kwargs):
+    """Strategies never hard-code a space: each one's mixed op handles candidates that return tuples."""
+    from nasreid.registry import get_strategy
+
+    torch.manual_seed(0)
+    s = get_strategy(strategy)(MSINetSpace(num_classes=4, width_mult=0.125), **kwargs)
+    net = s.attach().train()
+    out = net(torch.randn(4, 3, 64, 32))
+    (out["logits"].sum() + out["feat"].sum()).backward()
+    arch = s.arch_parameters()
+    assert all(a.grad is not None and torch.isfinite(a.grad).all() for a in arch)
+    assert len(arch) == (0 if strategy == "random" else 12)
