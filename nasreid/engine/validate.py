@@ -84,7 +84,9 @@ def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = fro
         check_kwargs(_lookup(POSTPROCESSORS, pp.name, f"{src}: eval.postprocessors[{i}].name"), pp.kwargs,
                      f"{src}: eval.postprocessors[{i}].kwargs", f"post-processor {pp.name!r}")
     loss = _lookup(LOSSES, recipe.loss.name, f"{src}: loss.name")
-    stray = sorted(recipe.loss.model_fields_set & {"label_smooth", "triplet_weight", "triplet_margin"})
+    fields = type(recipe.loss).model_fields  # the 'reid' fields, compared with their defaults: a run's saved
+    stray = sorted(k for k in ("label_smooth", "triplet_weight", "triplet_margin")  # recipe.yaml lists them all
+                   if getattr(recipe.loss, k) != fields[k].default)
     if recipe.loss.name != "reid" and stray:
         raise RecipeError(f"{src}: loss.{stray[0]} applies to loss 'reid' only; loss {recipe.loss.name!r} takes "
                           f"its settings under loss.kwargs")
