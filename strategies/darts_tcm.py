@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
-from nasreid.engine.trainer import Hook, check_finite, optimizer_step
+from nasreid.engine.trainer import Hook, check_finite, optimizer_step, reseed_loader
 from nasreid.genotype import Genotype
 from nasreid.losses.memory import ClassMemory
 from nasreid.mutables import LayerChoice
@@ -104,13 +104,7 @@ class _ValStream(Hook):
 
     def _restart(self) -> None:
         k = self._epoch * 1000 + self._restarts
-        for s in {id(s): s for s in (getattr(self.loader, "sampler", None),
-                                     getattr(getattr(self.loader, "batch_sampler", None), "sampler", None))
-                  if hasattr(s, "set_epoch")}.values():
-            s.set_epoch(k)
-        gen = getattr(self.loader, "generator", None)
-        if isinstance(gen, torch.Generator):
-            gen.manual_seed((self.seed * 1_000_003 + 7919 * (k + 1)) % (2 ** 63))
+        reseed_loader(self.loader, k, (self.seed * 1_000_003 + 7919 * (k + 1)) % (2 ** 63))
         self._it = iter(self.loader)
         self._restarts += 1
 
@@ -421,20 +415,12 @@ class DartsTCMStrategy(OneShotStrategy):
         train_recs, val_recs = ctx.split_identities(self.overlap, c.val_fraction, name="split", order=c.split_order)
         n_tr = len({r.pid for r in train_recs})
         n_val = len({r.pid for r in val_recs})
-        if c.scheme == "ce_overlap":
-            # the classifier's labels must mean the same identities on both sides
-            if n_tr != n_val:
-                raise StrategyConfigError(f"ce_overlap needs the same classes on both sides, got {n_tr} / {n_val}")
+        if c.scheme == "ce_overlap" and n_tr != n_val:  # the classifier's labels must mean the same ids
+            raise StrategyConfigError(f"ce_overlap needs the same classes on both sides, got {n_tr} / {n_val}")
         model = ctx.device.model(self.attach())
         dev = ctx.device.device
         if self.uses_memories:
-            probe = next(iter(ctx.feature_loader(train_recs[:2], batch_size=2)))
-            with torch.no_grad():
-                dim = self._feat(model.train()(ctx.device.batch(probe)["img"])).shape[1]
-            # the probe forward touched BN running stats: rebuild them as at initialisation
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.reset_running_stats()
+            dim = self.extract(ctx, model, train_recs[:2])[0].shape[1]  # BN statistics left as they are
             self.build_memories(n_tr, n_val, dim, dev)
         self.w_opt = ctx.build_optimizer(self.weight_parameters())
         w_sched = ctx.build_scheduler(self.w_opt)

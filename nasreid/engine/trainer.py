@@ -43,7 +43,7 @@ from nasreid.errors import NonFiniteLossError
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 __all__ = ["Trainer", "Hook", "OptimSlot", "build_optimizer", "build_scheduler", "device_context", "DeviceContext",
-           "backward", "optimizer_step", "check_finite"]
+           "backward", "optimizer_step", "check_finite", "reseed_loader"]
 
 log = logging.getLogger("nasreid")
 
@@ -166,6 +166,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_sch
 
 
 # ---------------------------------------------------------------------------------------------------
+def reseed_loader(loader: Any, epoch: int, generator_seed: int) -> None:
+    """Make a loader's next pass a function of ``(epoch, generator_seed)`` only: ``set_epoch(epoch)`` on its
+    sampler(s) (each once; the PK sampler is reachable by two paths) and its ``torch.Generator`` (worker
+    seeds, shuffling) re-seeded with ``generator_seed``. What makes a resumed run draw the same batches."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    samplers = (getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
+    for s in {id(s): s for s in samplers if hasattr(s, "set_epoch")}.values():
+        s.set_epoch(epoch)
+    gen = getattr(loader, "generator", None)
+    if isinstance(gen, torch.Generator):
+        gen.manual_seed(generator_seed)
+
+
 class Hook:
     """Base class of trainer hooks; override any of the six calls (each receives the trainer).
 
@@ -358,13 +371,7 @@ class Trainer:
             getattr(h, event)(self)
 
     def _prepare_loader(self, epoch: int) -> None:
-        batch_sampler = getattr(self.loader, "batch_sampler", None)
-        samplers = (getattr(self.loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
-        for s in {id(s): s for s in samplers if hasattr(s, "set_epoch")}.values():
-            s.set_epoch(epoch)  # each sampler once (the PK sampler is reachable by two paths)
-        gen = getattr(self.loader, "generator", None)
-        if isinstance(gen, torch.Generator):  # worker seeds / shuffling of this epoch: a function of (seed, epoch)
-            gen.manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+        reseed_loader(self.loader, epoch, (self.seed * 1_000_003 + epoch) % (2**63))
 
     def fit(self) -> list[dict[str, Any]]:
         """Train to ``epochs`` (resuming when a checkpoint exists); returns the per-epoch history rows
