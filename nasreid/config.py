@@ -26,6 +26,7 @@ __all__ = [
     "ModelConfig",
     "TrainingConfig",
     "load_recipe",
+    "apply_overrides",
     "resolve_data_root",
 ]
 
@@ -38,6 +39,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class RSAConfig(_Strict):
+    """Random shifting augmentation (Wang et al., "Receptive Multi-granularity Representation for Person
+    Re-Identification", TIP 2020, Sec. III-D, Fig. 6): with probability ``p`` crop (probability ``p_c``) to a
+    height ratio ``r_c ~ U(r_c_min, 1)``, rescale by ``r_h ~ U(r_h_min, 1/r_c)``, ``r_w ~ U(r_w_min, 1)`` and
+    place the patch at a random position in the original box filled with 0.5 (float) / 127 (uint8).
+    Defaults: the paper's Sec. IV-A (``p`` itself is not given there; 0.5 here)."""
+
+    p: float = Field(0.5, ge=0, le=1)
+    p_c: float = Field(0.5, ge=0, le=1)
+    r_c_min: float = Field(0.7, gt=0, le=1)
+    r_h_min: float = Field(0.5, gt=0, le=1)
+    r_w_min: float = Field(0.5, gt=0, le=1)
+
+
 class AugmentConfig(_Strict):
     """Training augmentation (torchvision v2)."""
 
@@ -45,6 +60,7 @@ class AugmentConfig(_Strict):
     color_jitter: bool = False
     random_erasing: bool = False
     pad: int = Field(0, ge=0)
+    rsa: Optional[RSAConfig] = Field(None, description="random shifting augmentation (RMGL Sec. III-D); None: off")
 
 
 class DatasetRef(_Strict):
@@ -102,6 +118,13 @@ class OptimConfig(_Strict):
     gamma: float = Field(0.1, gt=0)
     warmup_epochs: int = Field(0, ge=0)
     warmup_factor: float = Field(0.1, gt=0, le=1)
+    warmup_mode: Literal["linear", "exponential"] = Field(
+        "linear", description="lr factor from warmup_factor to 1: linear, or exponential (geometric; RMGL "
+        "Sec. IV-A warms up exponentially from 1e-5 to 0.01, i.e. warmup_factor 1e-3)")
+    lr_mult: dict[str, float] = Field(
+        default_factory=dict, description="learning-rate multipliers by parameter-name pattern (fnmatch), e.g. "
+        "{'*reduction*': 10, '*classifier*': 10} (RMGL Sec. IV-A: 10x on reduction and classifier layers); "
+        "the first matching pattern wins")
     grad_clip: Optional[float] = Field(None, gt=0)
 
 
@@ -258,6 +281,36 @@ def load_recipe(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
         plugins.append(entry)
     recipe.plugins = plugins
     return recipe
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, Any], where: str = "overrides") -> Recipe:
+    """A copy of ``recipe`` with dotted-key ``overrides`` applied and validated again (e.g. the
+    ``recipe_key`` values of a searched sample, :func:`nasreid.mutables.recipe_overrides`).
+
+    A key whose parent is ``None`` (an optional section switched off, such as ``data.augment.rsa``) is
+    created with that section's defaults first.
+
+    Raises:
+        RecipeError: a key the schema does not know or a value it refuses; the message names ``where``
+            and the key.
+    """
+    if not overrides:
+        return recipe
+    raw = recipe.model_dump(mode="json")
+    for key, value in overrides.items():
+        d = raw
+        parts = key.split(".")
+        for k in parts[:-1]:
+            if d.get(k) is None:
+                d[k] = {}
+            d = d[k]
+            if not isinstance(d, dict):
+                raise RecipeError(f"{where}: {key!r}: {k!r} is not a mapping")
+        d[parts[-1]] = value
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(where, e)) from None
 
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:

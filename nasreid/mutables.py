@@ -4,8 +4,14 @@ A *search space* is an ``nn.Module`` (subclass of :class:`ModelSpace`) that decl
 
 * :class:`LayerChoice` -- a labelled choice among candidate ``nn.Module`` s (e.g. the four OS blocks of
   OSNet-AIN, Zhou et al. TPAMI 2021, Fig. 5), and
-* :class:`Categorical` -- a labelled choice among plain values (integers such as RMGL stripe counts,
-  floats such as RSA hyper-parameters).
+* :class:`Categorical` -- a labelled choice among plain values (integers such as RMGL stripe counts), and
+* :class:`Numerical` -- a labelled number in a declared range ``[low, high]`` (linear or log scale, optionally
+  integer or on a step grid), e.g. the RSA hyper-parameters of RMGL (Wang et al., TIP 2020, Sec. III-D).
+
+A value choice may name a recipe key (``recipe_key="data.augment.rsa.p"``): the value then configures the
+training run rather than the network (an augmentation or optimiser setting searched with the
+architecture); :func:`recipe_overrides` collects them so that every trainer of a sample (an HPO trial's
+proxy run, ``nasreid train``) applies them the same way.
 
 The words and sample dictionaries follow NNI 3.0 (``LayerChoice(candidates, label=...)``,
 ``Categorical(values, label=...)``, ``space.simplify()``, ``space.freeze(sample)``, a *sample* being
@@ -38,6 +44,7 @@ from nasreid.errors import NasreidError
 __all__ = [
     "Mutable",
     "Categorical",
+    "Numerical",
     "LayerChoice",
     "ModelSpace",
     "MutableError",
@@ -50,6 +57,8 @@ __all__ = [
     "validate_sample",
     "space_graph",
     "default_sample",
+    "random_sample",
+    "recipe_overrides",
 ]
 
 _LABEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
@@ -102,6 +111,10 @@ class Mutable:
                 f"value {value!r} is not a choice of {self.label!r}; choices are {self.values!r}"
             )
 
+    def sample(self, rng) -> Any:
+        """A uniformly drawn value (``rng``: a :class:`random.Random`)."""
+        return rng.choice(self.values)
+
 
 def _check_label(label: str) -> str:
     if not isinstance(label, str) or not _LABEL_RE.match(label):
@@ -113,14 +126,16 @@ class Categorical(Mutable):
     """A labelled choice among plain values (NNI ``Categorical``).
 
     Args:
-        values: the candidate values (ints, floats, strings), at least one, no duplicates.
+        values: the candidate values (ints, floats, strings, bools), at least one, no duplicates.
         label: unique name of the choice, used as the key of samples and genotypes.
+        recipe_key: dotted recipe key this value sets when a sample is trained (see
+            :func:`recipe_overrides`); None: the space itself reads the value (:func:`ensure_frozen`).
 
     Raises:
         MutableError: empty or duplicated values, invalid label.
     """
 
-    def __init__(self, values: Sequence[Any], *, label: str):
+    def __init__(self, values: Sequence[Any], *, label: str, recipe_key: str | None = None):
         values = list(values)
         if not values:
             raise MutableError(f"Categorical {label!r} needs at least one value")
@@ -128,6 +143,7 @@ class Categorical(Mutable):
             raise MutableError(f"Categorical {label!r} has duplicated values {values!r}")
         self._values = values
         self.label = _check_label(label)
+        self.recipe_key = recipe_key
 
     @property
     def values(self) -> list[Any]:
@@ -137,12 +153,97 @@ class Categorical(Mutable):
         return f"Categorical({self._values!r}, label={self.label!r})"
 
 
-def ensure_frozen(mutable: Categorical | Any) -> Any:
-    """Concrete value of a ``Categorical`` in the current :func:`frozen_context` (its default outside).
+class Numerical(Mutable):
+    """A labelled number in ``[low, high]`` (NNI ``Numerical``; Optuna ``suggest_float`` / ``suggest_int``).
+
+    Args:
+        low, high: inclusive range, ``low < high`` (``low > 0`` with ``log``).
+        label: unique name of the choice.
+        log: sample on a log scale.
+        step: grid step (values ``low + k * step``); None: continuous (floats) or 1 (integers).
+        integer: the value is an ``int`` (``low``, ``high``, ``step`` integers).
+        default: the value an unsearched space uses (default ``low``); must lie in the range.
+        recipe_key: dotted recipe key this value sets (see :func:`recipe_overrides`).
+
+    Raises:
+        MutableError: empty or inverted range, ``log`` with ``low <= 0``, ``log`` with a ``step``,
+            non-integer bounds for ``integer``, a default outside the range, invalid label.
+
+    Example::
+
+        rsa_p = space.add_mutable(Numerical(0.0, 1.0, default=0.5, label="rsa.p", recipe_key="data.augment.rsa.p"))
+    """
+
+    def __init__(self, low: float, high: float, *, label: str, log: bool = False, step: float | None = None,
+                 integer: bool = False, default: float | None = None, recipe_key: str | None = None):
+        self.label = _check_label(label)
+        if not low < high:
+            raise MutableError(f"Numerical {label!r}: low {low!r} must be below high {high!r}")
+        if log and low <= 0:
+            raise MutableError(f"Numerical {label!r}: a log-scale range needs low > 0, got {low!r}")
+        if log and step is not None:
+            raise MutableError(f"Numerical {label!r}: step and log cannot be combined")
+        if step is not None and step <= 0:
+            raise MutableError(f"Numerical {label!r}: step must be positive, got {step!r}")
+        if integer and not all(float(v).is_integer() for v in (low, high, step or 1)):
+            raise MutableError(f"Numerical {label!r}: an integer range needs integer low, high and step")
+        cast = int if integer else float
+        self.low, self.high, self.log, self.integer = cast(low), cast(high), bool(log), bool(integer)
+        self.step = None if step is None else cast(step)
+        self.recipe_key = recipe_key
+        self._default = self.low if default is None else cast(default)
+        self.check(self._default)
+
+    @property
+    def values(self) -> list[Any]:
+        """``[low, high]``: the range (a numerical choice has no finite list of values)."""
+        return [self.low, self.high]
+
+    def default(self) -> Any:
+        return self._default
+
+    def check(self, value: Any) -> None:
+        """Raise :class:`MutableError` naming the label if ``value`` is not a number in the range (an
+        integer for ``integer``, on the grid for ``step``)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MutableError(f"value {value!r} of {self.label!r} is not a number")
+        if self.integer and not float(value).is_integer():
+            raise MutableError(f"value {value!r} of {self.label!r} is not an integer")
+        if not self.low - 1e-12 <= value <= self.high + 1e-12:
+            raise MutableError(f"value {value!r} of {self.label!r} is outside [{self.low}, {self.high}]")
+        if self.step is not None:
+            k = (value - self.low) / self.step
+            if abs(k - round(k)) > 1e-6:
+                raise MutableError(f"value {value!r} of {self.label!r} is not on the grid {self.low} + k * {self.step}")
+
+    def sample(self, rng) -> Any:
+        """A uniformly drawn value (log-uniform with ``log``, on the grid with ``step``)."""
+        import math
+
+        if self.step is not None:
+            k = rng.randint(0, int(math.floor((self.high - self.low) / self.step + 1e-9)))
+            v = self.low + k * self.step
+        elif self.log:
+            v = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        elif self.integer:
+            return rng.randint(self.low, self.high)
+        else:
+            v = rng.uniform(self.low, self.high)
+        return int(round(v)) if self.integer else float(v)
+
+    def __repr__(self) -> str:
+        opts = "".join([", log=True" if self.log else "", f", step={self.step}" if self.step else "",
+                        ", integer=True" if self.integer else ""])
+        return f"Numerical({self.low}, {self.high}{opts}, label={self.label!r})"
+
+
+def ensure_frozen(mutable: Categorical | Numerical | Any) -> Any:
+    """Concrete value of a ``Categorical`` / ``Numerical`` in the current :func:`frozen_context` (its
+    default outside).
 
     Non-mutables pass through unchanged, so space code can write ``n = ensure_frozen(self.n_stripes)``.
     """
-    if not isinstance(mutable, Categorical):
+    if not isinstance(mutable, (Categorical, Numerical)):
         return mutable
     sample = current_frozen_sample()
     if sample is not None and mutable.label in sample:
@@ -242,7 +343,7 @@ class ModelSpace(nn.Module):
 
         cls.__init__ = wrapped
 
-    def add_mutable(self, mutable: Categorical) -> Categorical:
+    def add_mutable(self, mutable: Categorical | Numerical) -> Categorical | Numerical:
         """Register a value choice so :func:`simplify` lists it; returns it."""
         if "_value_mutables" not in self.__dict__:
             self.__dict__["_value_mutables"] = OrderedDict()
@@ -289,6 +390,25 @@ def simplify(space: nn.Module) -> "OrderedDict[str, Mutable]":
 def default_sample(space: nn.Module) -> dict[str, Any]:
     """Sample taking every choice's first value."""
     return {k: m.default() for k, m in simplify(space).items()}
+
+
+def random_sample(space: nn.Module, rng) -> dict[str, Any]:
+    """Sample drawing every choice uniformly (:meth:`Mutable.sample`) from ``rng`` (a ``random.Random``)."""
+    return {k: m.sample(rng) for k, m in simplify(space).items()}
+
+
+def recipe_overrides(space: nn.Module, sample: Mapping[str, Any]) -> dict[str, Any]:
+    """``{recipe_key: value}`` of the value choices of ``space`` that name a ``recipe_key`` (hyper-parameters
+    searched with the architecture, e.g. RMGL's RSA settings), for the labels present in ``sample``.
+
+    Apply them with :func:`nasreid.config.apply_overrides` before training the sample.
+    """
+    out: dict[str, Any] = {}
+    for label, mut in simplify(space).items():
+        key = getattr(mut, "recipe_key", None)
+        if key and label in sample:
+            out[key] = sample[label]
+    return out
 
 
 def validate_sample(space: nn.Module, sample: Mapping[str, Any], *, complete: bool = True) -> dict:
@@ -394,7 +514,11 @@ def space_graph(space: nn.Module, sample: Mapping[str, Any] | None = None) -> nx
     for a, b in zip(order, order[1:]):
         g.add_edge(a, b)
     for label, mut in simplify(space).items():
-        if isinstance(mut, Categorical):
+        if isinstance(mut, Numerical):
+            g.graph[f"choice:{label}"] = f"[{mut.low}, {mut.high}]" + (" log" if mut.log else "")
+            if sample is not None and label in sample:
+                g.graph[f"value:{label}"] = str(sample[label])
+        elif isinstance(mut, Categorical):
             g.graph[f"choice:{label}"] = ",".join(map(str, mut.values))
             if sample is not None and label in sample:
                 g.graph[f"value:{label}"] = str(sample[label])
