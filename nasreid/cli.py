@@ -5,6 +5,7 @@
     nasreid train recipes/osnet_ain_retrain.yaml --genotype results/<run>/genotype.json
     nasreid evaluate results/<retrain-run> [--target market1501=/data/market1501]
     nasreid plot results/<run>                         # architecture-weight trajectories (PNG/SVG)
+    nasreid hpo recipes/rmgl_cpu.yaml --workers 2      # Optuna study shared by 2 worker processes
     nasreid list [spaces|strategies|datasets|losses|matchers|postprocessors|methods] [PATTERN]
 
 ``--set key=value`` overrides a recipe key (dotted, YAML-typed), e.g. ``--set optim.epochs=2``.
@@ -84,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     s.add_argument("--no-retrain", action="store_true", help="skip the recipe's then_retrain step")
+
+    h = sub.add_parser("hpo", parents=[plugin], help="Optuna search (sampling strategy) with N worker processes")
+    h.add_argument("recipe", nargs="?", help="search recipe YAML with strategy.name optuna (omit with --resume)")
+    h.add_argument("--workers", type=int, default=1, help="worker processes on the study (default 1)")
+    h.add_argument("--threads", type=int, help="CPU threads per worker (default: cores / workers)")
+    h.add_argument("--out", help="run folder (default: <output_root>/<name>_<timestamp>)")
+    h.add_argument("--resume", metavar="RUN", help="continue the study of this run folder")
+    h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    h.add_argument("--no-retrain", action="store_true", help="skip the recipe's then_retrain step")
+
+    hw = sub.add_parser("hpo-worker", parents=[plugin], help=argparse.SUPPRESS)
+    hw.add_argument("run")
+    hw.add_argument("--worker", type=int, default=0)
+    hw.add_argument("--threads", type=int)
 
     d = sub.add_parser("derive", parents=[plugin], help="derive genotype.json from a search run")
     d.add_argument("run")
@@ -172,6 +187,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 recipe = recipe.model_copy(update={"then_retrain": None})
             run = pipeline.run_search(recipe, run_dir=run_dir, resume=bool(args.resume))
             print(_search_summary(run))
+        elif args.command == "hpo":
+            recipe, run_dir = _recipe_and_run(args)
+            if args.no_retrain:
+                recipe = recipe.model_copy(update={"then_retrain": None})
+            run = pipeline.run_hpo(recipe, workers=args.workers, run_dir=run_dir, resume=bool(args.resume),
+                                   threads=args.threads)
+            print(_search_summary(run))
+        elif args.command == "hpo-worker":
+            n = pipeline.run_hpo_worker(args.run, worker=args.worker, threads=args.threads)
+            print(f"worker {args.worker}: {n} trials")
         elif args.command == "derive":
             g = pipeline.derive(args.run, args.out)
             print(g.summary())

@@ -110,6 +110,23 @@ class Genotype:
         except ValueError as e:
             raise GenotypeError(f"genotype does not fit space {self.space!r}: {e}") from e
 
+    def recipe_overrides(self) -> dict[str, Any]:
+        """``{recipe_key: value}`` of the choices that configure training rather than the network (value
+        choices declared with a ``recipe_key``, e.g. RMGL's RSA settings ``data.augment.rsa.*``); empty for
+        spaces without such choices. ``nasreid train`` applies them to the retrain recipe (they win over it).
+
+        Raises:
+            GenotypeError: unknown space.
+        """
+        from nasreid.mutables import recipe_overrides
+
+        try:
+            space_cls = get_space(self.space)
+        except KeyError as e:
+            raise GenotypeError(str(e)) from e
+        space = space_cls(**{**self.space_kwargs, "num_classes": 0})
+        return recipe_overrides(space, self.choices)
+
     def to_networkx(self, space: nn.Module | None = None) -> nx.DiGraph:
         """Graph of the derived network (nodes: stages and chosen blocks with ``value`` attributes)."""
         if space is None:

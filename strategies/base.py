@@ -192,7 +192,20 @@ class OneShotStrategy(Strategy):
 
     Subclasses implement :meth:`attach`, :meth:`train_step`, :meth:`probabilities` and may add
     :meth:`hooks` (called with the trainer) and :meth:`arch_parameters`.
+
+    Raises:
+        StrategyConfigError: the space declares value choices (``Categorical`` / ``Numerical``: stripe counts,
+            augmentation settings ...), which a weight-sharing supernet cannot mix; search those with a
+            sampling strategy (``optuna``).
     """
+
+    def __init__(self, space: ModelSpace, **kwargs: Any):
+        super().__init__(space, **kwargs)
+        values = [label for label, m in self.choices.items() if not isinstance(m, LayerChoice)]
+        if values:
+            raise StrategyConfigError(
+                f"strategy {self.name!r} mixes layer choices only; space {getattr(space, 'space_name', '?')!r} "
+                f"declares value choices {values}: search it with a sampling strategy (optuna)")
 
     def attach(self) -> nn.Module:
         """Return the supernet to train (the space with choices replaced by the strategy's mixed ops)."""

@@ -187,7 +187,8 @@ def build_train_loader(
         on_corrupt: ``"error"`` or ``"skip"`` (see :class:`ImageDataset`).
         persistent_workers: keep workers alive between epochs (default: ``workers > 0``).
         **aug: forwarded to :func:`build_transforms` (``flip``, ``color_jitter``, ``random_erasing``, ``pad``,
-            ``mean``, ``std``).
+            ``mean``, ``std``, ``rsa``: ``None`` or a dict of :class:`~nasreid.data.transforms.RandomShift`
+            arguments — the recipe's ``data.augment.rsa``, random shifting augmentation, RMGL Sec. III-D).
 
     Returns:
         ``DataLoader`` with ``drop_last=True`` yielding dicts with ``img`` ``[B, 3, H, W]`` float32, ``pid``,

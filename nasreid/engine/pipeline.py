@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from nasreid.config import DatasetRef, Recipe, RecipeError, load_recipe, resolve_data_root
+from nasreid.config import DatasetRef, Recipe, RecipeError, apply_overrides, load_recipe, resolve_data_root
 from nasreid.errors import RunFolderError
 from nasreid.genotype import Genotype, GenotypeError, preset_genotype
 from nasreid.registry import STRATEGIES
@@ -36,7 +36,7 @@ from .hooks import EvalHook
 from .trainer import device_context
 from .validate import check_recipe
 
-__all__ = ["run_search", "derive", "run_train", "run_evaluate", "setup_logging", "load_run_recipe",
+__all__ = ["run_search", "run_hpo", "run_hpo_worker", "derive", "run_train", "run_evaluate", "setup_logging", "load_run_recipe",
            "evaluate_dataset", "evaluate_run_model", "DatasetRef"]
 
 log = logging.getLogger("nasreid")
@@ -136,7 +136,8 @@ def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resu
     run = _prepare_run(recipe, run_dir, resume)
     metrics = read_json(run / "metrics.json", {}) or {}
     t_start = time.time()
-    if not (metrics.get("search_done") and (run / "genotype.json").is_file()):
+    sampling = hasattr(STRATEGIES.get(recipe.strategy.name), "work")  # a study can be extended: never "done"
+    if sampling or not (metrics.get("search_done") and (run / "genotype.json").is_file()):
         ctx = _context(SearchContext, recipe, run, progress)
         strategy = STRATEGIES.get(recipe.strategy.name)(ctx.build_space(), **recipe.strategy.kwargs)
         geno = strategy.search(ctx)
@@ -170,6 +171,76 @@ def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resu
         metrics["pipeline_seconds"] = metrics.get("pipeline_seconds", 0.0) + time.time() - t_start
         write_json(run / "metrics.json", metrics)
     return run
+
+
+def run_hpo(recipe: Recipe, workers: int = 1, run_dir: Optional[str | os.PathLike] = None, resume: bool = False,
+            progress: Optional[bool] = None, threads: Optional[int] = None) -> Path:
+    """``nasreid hpo``: a sampling search (``strategy.name: optuna``) run by ``workers`` processes on one study.
+
+    The run folder is prepared here (it holds the study's journal storage unless the recipe names another);
+    ``workers`` processes of ``nasreid hpo-worker RUN`` then ask/train/tell on the shared study, each with
+    ``threads`` CPU threads (default: the machine's cores divided among the workers) or, on CUDA, GPU
+    ``worker % device_count``. When they are done (a worker killed meanwhile loses at most its current
+    epoch: its trial is failed by heartbeat and retried by the others), this process finishes any trial
+    still missing, writes the trials table, plots and ``genotype.json`` (:func:`run_search` with ``resume``)
+    and runs ``then_retrain``. With ``workers=1`` it is :func:`run_search`.
+
+    Raises:
+        RecipeError: the strategy cannot share a study between processes (it has no ``work`` loop).
+    """
+    import subprocess
+
+    check_recipe(recipe, search=True)
+    if not hasattr(STRATEGIES.get(recipe.strategy.name), "work"):
+        raise RecipeError(f"{recipe.source}: strategy.name: {recipe.strategy.name!r} is not a sampling strategy with "
+                          "workers (use 'optuna' with nasreid hpo, or nasreid search)")
+    run = _prepare_run(recipe, run_dir, resume).resolve()
+    if resume:  # the workers read the run's recipe: keep its strategy section in step (e.g. more trials)
+        import yaml
+
+        raw = yaml.safe_load((run / "recipe.yaml").read_text())
+        if raw.get("strategy") != recipe.strategy.model_dump(mode="json"):
+            raw["strategy"] = recipe.strategy.model_dump(mode="json")
+            (run / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+            log.info("strategy settings of %s updated: %s", run, raw["strategy"]["kwargs"])
+    if workers <= 1:
+        return run_search(recipe, run_dir=run, resume=True, progress=progress)
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    env = dict(os.environ, NASREID_NO_PROGRESS="1")
+    procs = []
+    for i in range(workers):
+        cmd = [sys.executable, "-m", "nasreid.cli", "hpo-worker", str(run), "--worker", str(i),
+               "--threads", str(threads)] + [a for p in recipe.plugins for a in ("--plugin", p)]
+        with open(run / f"worker_{i}.log", "a") as fh:
+            procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env))
+        log.info("started HPO worker %d (pid %d, %d threads), log %s", i, procs[-1].pid, threads,
+                 run / f"worker_{i}.log")
+    codes = [p.wait() for p in procs]
+    for i, c in enumerate(codes):
+        if c != 0:
+            log.warning("HPO worker %d exited with code %d (see worker_%d.log); its trial is retried", i, c, i)
+    return run_search(recipe, run_dir=run, resume=True, progress=progress)
+
+
+def run_hpo_worker(run_dir: str | os.PathLike, worker: int = 0, threads: Optional[int] = None) -> int:
+    """One worker of :func:`run_hpo` on the run folder's study (``nasreid hpo-worker RUN``); returns the
+    number of trials it finished."""
+    import torch
+
+    run = Path(run_dir)
+    recipe = load_run_recipe(run)
+    check_recipe(recipe, search=True)
+    if threads:
+        torch.set_num_threads(int(threads))
+    if recipe.device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        recipe = recipe.model_copy(update={"device": f"cuda:{worker % torch.cuda.device_count()}"})
+    setup_logging(None)
+    ctx = _context(SearchContext, recipe, run, progress=False)
+    strategy = STRATEGIES.get(recipe.strategy.name)(ctx.build_space(), **recipe.strategy.kwargs)
+    try:
+        return strategy.work(ctx, worker=worker)
+    finally:
+        ctx.writer.close()
 
 
 def derive(run_dir: str | os.PathLike, out: Optional[str | os.PathLike] = None) -> Genotype:
@@ -231,7 +302,13 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
         geno = _load_genotype(recipe, genotype)
     if geno.space != recipe.space.name:
         raise GenotypeError(f"genotype is for space {geno.space!r} but the recipe trains {recipe.space.name!r}")
+    overrides = Genotype(space=geno.space, choices=geno.choices,
+                         space_kwargs={**geno.space_kwargs, **recipe.space.kwargs}).recipe_overrides()
+    if overrides:  # searched training settings (RMGL's RSA ...) travel with the genotype and win over the recipe
+        recipe = apply_overrides(recipe, overrides, where=f"{recipe.source or 'recipe'} + genotype choices")
     run = _prepare_run(recipe, run_dir, resume)
+    if overrides:
+        log.info("training settings from the genotype: %s", overrides)
     geno.space_kwargs = {**geno.space_kwargs, **recipe.space.kwargs}
     geno.save(run / "genotype.json")
     ctx = _context(RunContext, recipe, run, progress)

@@ -147,13 +147,31 @@ def build_optimizer(groups: list[dict[str, Any]], cfg) -> torch.optim.Optimizer:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch LR factor: linear warm-up from ``warmup_factor`` over ``warmup_epochs``, then cosine
-    annealing to zero (Loshchilov & Hutter, SGDR, ICLR 2017, Eq. 5 without restarts), multistep decay by
-    ``gamma`` at ``milestones``, or constant."""
+    """Per-epoch LR schedule (``LambdaLR``, stepped once per epoch) of the recipe's ``optim`` section ``cfg``.
+
+    The factor multiplies each parameter group's *initial* lr (``LambdaLR.base_lrs``), so per-group lr
+    multipliers (``optim.lr_mult``) are kept through the schedule. For epoch ``e`` (0-based) and
+    ``W = warmup_epochs``:
+
+    * warm-up, ``e < W``: ``warmup_mode="linear"``: ``warmup_factor + (1 - warmup_factor)·e/W``;
+      ``"exponential"``: ``warmup_factor ** (1 - e/W)``, geometric from ``warmup_factor`` at ``e = 0`` to 1 at
+      ``e = W`` (RMGL, Wang et al., TIP 2020, Sec. IV-A: "exponential warmup from 1e-5 to 0.01 in the starting
+      3 epochs", i.e. ``warmup_factor=1e-3``, ``warmup_epochs=3``);
+    * then cosine annealing to zero (Loshchilov & Hutter, SGDR, ICLR 2017, Eq. 5 without restarts), multistep
+      decay by ``gamma`` at each of ``milestones``, or constant.
+
+    Raises:
+        ValueError: unknown ``cfg.warmup_mode`` (the recipe schema already refuses it).
+    """
     E, W = cfg.epochs, cfg.warmup_epochs
+    mode = getattr(cfg, "warmup_mode", "linear")
+    if mode not in ("linear", "exponential"):
+        raise ValueError(f"optim.warmup_mode must be 'linear' or 'exponential', got {mode!r}")
 
     def factor(epoch: int) -> float:
         if epoch < W:
+            if mode == "exponential":
+                return cfg.warmup_factor ** (1 - epoch / W)
             return cfg.warmup_factor + (1 - cfg.warmup_factor) * epoch / W
         if cfg.scheduler == "cosine":
             t = (epoch - W) / max(E - W, 1)
