@@ -1,4 +1,4 @@
-"""Command line: ``nasreid search | derive | train | evaluate | plot | list``.
+"""Command line: ``nasreid search | hpo | derive | train | evaluate | plot | list``.
 
     nasreid search recipes/osnet_ain.yaml              # one-shot search, writes results/<run>/
     nasreid derive results/<run>                       # genotype.json (+ GraphML) from the last checkpoint
@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-same-domain", action="store_true", help="skip the training dataset's test split")
     e.add_argument("--device", help="override the recipe's device")
 
-    p = sub.add_parser("plot", help="plot architecture-weight trajectories of a search run")
+    p = sub.add_parser("plot", help="plot architecture-weight trajectories of a search run (an HPO run: Optuna's "
+                       "history, intermediate values, importances / Pareto front)")
     p.add_argument("run")
     p.add_argument("--out", help="output folder (default: the run folder)")
     p.add_argument("--format", action="append", default=[], choices=["png", "svg", "pdf"])
@@ -216,7 +217,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "plot":
             from nasreid.plot import plot_alpha_trajectories
 
-            files = plot_alpha_trajectories(args.run, args.out, formats=tuple(args.format) or ("png", "svg"))
+            recipe = pipeline.load_run_recipe(args.run) if (Path(args.run) / "recipe.yaml").is_file() else None
+            if recipe is not None and recipe.strategy is not None and recipe.strategy.name == "optuna":
+                from nasreid.strategies.optuna_hpo import OptunaStrategy, open_study, write_study_report
+
+                cfg = OptunaStrategy.validate_kwargs(recipe.strategy.kwargs)
+                study = open_study(cfg, Path(args.run), cfg.study_name or recipe.name, create=False)
+                files = write_study_report(study, Path(args.run))["plots"]  # trials.csv + Optuna's plots
+            else:
+                files = plot_alpha_trajectories(args.run, args.out, formats=tuple(args.format) or ("png", "svg"))
             for f in files:
                 print(f)
         return 0

@@ -128,6 +128,7 @@ class Categorical(Mutable):
     Args:
         values: the candidate values (ints, floats, strings, bools), at least one, no duplicates.
         label: unique name of the choice, used as the key of samples and genotypes.
+        default: the value of the unsearched space (default: the first value).
         recipe_key: dotted recipe key this value sets when a sample is trained (see
             :func:`recipe_overrides`); None: the space itself reads the value (:func:`ensure_frozen`).
 
@@ -135,7 +136,7 @@ class Categorical(Mutable):
         MutableError: empty or duplicated values, invalid label.
     """
 
-    def __init__(self, values: Sequence[Any], *, label: str, recipe_key: str | None = None):
+    def __init__(self, values: Sequence[Any], *, label: str, default: Any = None, recipe_key: str | None = None):
         values = list(values)
         if not values:
             raise MutableError(f"Categorical {label!r} needs at least one value")
@@ -144,6 +145,13 @@ class Categorical(Mutable):
         self._values = values
         self.label = _check_label(label)
         self.recipe_key = recipe_key
+        if default is not None and default not in values:
+            raise MutableError(f"Categorical {label!r}: default {default!r} is not among {values!r}")
+        self._default = values[0] if default is None else default
+
+    def default(self) -> Any:
+        """The value an unsearched space uses (``default``, else the first value)."""
+        return self._default
 
     @property
     def values(self) -> list[Any]:

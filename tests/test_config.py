@@ -30,7 +30,13 @@ def test_shipped_recipes_can_start(path):
         inspect.signature(DATASETS.get(ref.name)).bind(root=None, **ref.kwargs)
     space = SPACES.get(r.space.name)(num_classes=5, **r.space.kwargs)
     if r.strategy is not None:
-        STRATEGIES.get(r.strategy.name)(space, **r.strategy.kwargs).attach()
+        strategy = STRATEGIES.get(r.strategy.name)(space, **r.strategy.kwargs)
+        if hasattr(strategy, "attach"):  # one-shot: the supernet
+            strategy.attach()
+        else:  # sampling (optuna): a sample of the space freezes into a network
+            from nasreid.mutables import default_sample, freeze
+
+            freeze(space, default_sample(space), copy_weights=False)
 
 
 def test_paper_recipes_follow_the_paper():

@@ -193,3 +193,30 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(hpo_recipe, tmp_
     assert rec["retry_of"] == 0 and rec["epochs_run"] == 6
     # the retry continued the killed run from its checkpoint instead of starting over
     assert f"(epoch {done_before} done)" in caplog.text and "marked failed and retried" in caplog.text
+
+
+def test_hpo_on_rmgl_then_train_applies_the_searched_rsa(hpo_recipe, tmp_path):
+    """The RMGL space through the whole path: Optuna samples its value choices (stripes, RP depth, ABP, RSA),
+    the proxy runs train, derive writes a genotype, and ``nasreid train`` on it applies the searched RSA values
+    to the retrain recipe (recipe_key -> data.augment.rsa)."""
+    d = yaml.safe_load(hpo_recipe(trials=2, epochs=1, pruner="none").read_text())
+    d["space"] = {"name": "rmgl", "kwargs": {"backbone": "osnet", "width_mult": 0.125, "reduce_dim": 16,
+                                             "branch_choices": [1, 2], "stripe_choices": [1, 2]}}
+    d["loss"] = {"name": "rmgl", "kwargs": {"margin": 0.6}}
+    p = tmp_path / "rmgl_hpo.yaml"
+    p.write_text(yaml.safe_dump(d))
+    run = pipeline.run_hpo(load_recipe(p), workers=1, run_dir=tmp_path / "rmgl_run")
+    g = Genotype.load(run / "genotype.json")
+    assert g.space == "rmgl" and g.choices["rsa.p"] != 0.5  # a sampled value, not the default
+    assert g.provenance["trial"] in (0, 1) and g.provenance["rule"].startswith("best trial")
+    df = __import__("pandas").read_csv(run / "trials.csv")
+    assert {"params_rsa.p", "params_rp_depth", "params_num_branches"} <= set(df.columns)
+    d.pop("strategy")
+    d["optim"]["epochs"] = 1
+    q = tmp_path / "rmgl_train.yaml"
+    q.write_text(yaml.safe_dump(d))
+    train = pipeline.run_train(load_recipe(q), genotype=run / "genotype.json", run_dir=tmp_path / "rmgl_train")
+    rsa = yaml.safe_load((train / "recipe.yaml").read_text())["data"]["augment"]["rsa"]
+    assert rsa == {k.split(".", 1)[1]: v for k, v in g.choices.items() if k.startswith("rsa.")}
+    ev = json.loads((train / "metrics.json").read_text())["evaluation"]
+    assert any(k.startswith("cuhk01") for k in ev)

@@ -20,6 +20,7 @@ from nasreid.registry import LOSSES
 
 from .classification import CrossEntropyLabelSmooth, check_targets
 from .msinet import MSINetLoss, build_msinet_loss  # registers "msinet"
+from .rmgl import RMGLLoss, build_rmgl_loss  # registers "rmgl"
 from .sam import PositionActivation, SpatialAlignLoss, mutual_correlation
 from .triplet import TripletLoss, pairwise_distance
 
@@ -32,6 +33,8 @@ __all__ = [
     "check_targets",
     "MSINetLoss",
     "build_msinet_loss",
+    "RMGLLoss",
+    "build_rmgl_loss",
     "SpatialAlignLoss",
     "PositionActivation",
     "mutual_correlation",
