@@ -42,3 +42,40 @@ def market_root(tmp_path, cuhk01_dir) -> Path:
     build_market_tree(root, cuhk01_dir, market_name)
     add_junk_and_distractors(root, cuhk01_dir)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module's tests (tiny nets run faster so; the CPU cores are shared).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def write_recipe(tmp_path, shared_data):
+    """``write_recipe(base: dict, **dotted_overrides) -> Path``: a copy of ``base`` with the dataset root set to
+    the real CUHK01 folder, ``output_root`` in ``tmp_path`` and ``{"a.b": v}`` overrides (dotted keys; nested
+    dicts are created), written as ``tmp_path/<recipe name>.yaml``."""
+    import json
+
+    import yaml
+
+    def make(base: dict, **over):
+        d = json.loads(json.dumps(base))
+        d["data"]["dataset"]["root"] = str(shared_data / "cuhk01")
+        d["output_root"] = str(tmp_path / "results")
+        for k, v in over.items():
+            node = d
+            *head, last = k.split(".")
+            for kk in head:
+                node = node.setdefault(kk, {})
+            node[last] = v
+        p = tmp_path / f"{d['name']}.yaml"
+        p.write_text(yaml.safe_dump(d))
+        return p
+    return make

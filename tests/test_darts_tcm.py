@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import yaml
 from nasreid.strategies.base import StrategyConfigError
 from nasreid.strategies.darts_tcm import DartsMixedOp, DartsTCMStrategy, mix_outputs
 from torch.nn import functional as F
@@ -35,30 +34,12 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def recipe_file(tmp_path, shared_data):
-    def make(**over):
-        d = json.loads(json.dumps(TINY))
-        d["data"]["dataset"]["root"] = str(shared_data / "cuhk01")
-        d["output_root"] = str(tmp_path / "results")
-        for k, v in over.items():
-            node = d
-            *head, last = k.split(".")
-            for kk in head:
-                node = node[kk]
-            node[last] = v
-        p = tmp_path / "tiny_msinet.yaml"
-        p.write_text(yaml.safe_dump(d))
-        return p
-    return make
+def recipe_file(write_recipe):
+    return lambda **over: write_recipe(TINY, **over)
 
 
 @pytest.fixture

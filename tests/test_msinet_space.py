@@ -28,13 +28,7 @@ from nasreid.registry import get_space
 OP_CLASSES = {"none": NoInteraction, "exchange": Exchange, "gate": ChannelGate, "attention": CrossAttention}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny nets run faster so, and the CPU cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pair(b=2, c=8, h=6, w=4, seed=0):

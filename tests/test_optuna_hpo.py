@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import optuna
 import pytest
@@ -34,16 +33,8 @@ TINY = {
 
 
 @pytest.fixture
-def hpo_recipe(tmp_path, shared_data):
-    def make(**kwargs):
-        d = json.loads(json.dumps(TINY))
-        d["data"]["dataset"]["root"] = str(shared_data / "cuhk01")
-        d["output_root"] = str(tmp_path / "results")
-        d["strategy"]["kwargs"].update(kwargs)
-        p = tmp_path / "tinyhpo.yaml"
-        p.write_text(yaml.safe_dump(d))
-        return p
-    return make
+def hpo_recipe(write_recipe):
+    return lambda **kwargs: write_recipe(TINY, **{f"strategy.kwargs.{k}": v for k, v in kwargs.items()})
 
 
 class _Toy(ModelSpace):

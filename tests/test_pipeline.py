@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from nasreid import cli
 from nasreid.config import load_recipe
@@ -32,21 +31,8 @@ TINY = {
 
 
 @pytest.fixture
-def tiny_recipe(tmp_path, shared_data):
-    def make(**over):
-        d = json.loads(json.dumps(TINY))
-        d["data"]["dataset"]["root"] = str(shared_data / "cuhk01")
-        d["output_root"] = str(tmp_path / "results")
-        for k, v in over.items():
-            node = d
-            keys = k.split(".")
-            for kk in keys[:-1]:
-                node = node[kk]
-            node[keys[-1]] = v
-        p = tmp_path / f"{d['name']}.yaml"
-        p.write_text(yaml.safe_dump(d))
-        return p
-    return make
+def tiny_recipe(write_recipe):
+    return lambda **over: write_recipe(TINY, **over)
 
 
 def test_search_derive_train_evaluate_plot_on_cuhk01(tiny_recipe, tmp_path, market_root):

@@ -28,13 +28,7 @@ LABELS = ["rp_depth", "num_branches", "branch1_stripes", "branch2_stripes", "bra
           "rsa.p", "rsa.p_c", "rsa.r_c_min", "rsa.r_h_min", "rsa.r_w_min"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the CPU cores are shared with other work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sample(rp="stage2", stripes=(2, 3), abp=True, **rsa):
