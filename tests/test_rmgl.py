@@ -372,3 +372,15 @@ def test_rmgl_loss_errors_and_weights():
         build_rmgl_loss(3, id_weight=-1)
     with pytest.raises(ValueError, match="label_smooth"):
         build_rmgl_loss(3, label_smooth=2)
+
+
+def test_rmgl_loss_id_reduction_mean_divides_by_the_number_of_classifiers():
+    torch.manual_seed(0)
+    logits = [torch.randn(4, 3) for _ in range(5)]
+    out = {"logits_list": logits, "feat_branches": [torch.randn(4, 8)]}
+    pids = torch.tensor([0, 0, 1, 1])
+    s, ps = build_rmgl_loss(3, triplet_weight=0.0)(out, pids)
+    m, pm = build_rmgl_loss(3, triplet_weight=0.0, id_reduction="mean")(out, pids)
+    assert torch.allclose(m * 5, s) and math.isclose(pm["ce"] * 5, ps["ce"], rel_tol=1e-6)
+    with pytest.raises(ValueError, match="id_reduction"):
+        build_rmgl_loss(3, id_reduction="max")

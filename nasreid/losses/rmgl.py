@@ -38,12 +38,16 @@ class RMGLLoss(nn.Module):
         triplet: batch-hard triplet loss (Eq. 3), or None when ``triplet_weight == 0``.
         id_weight: weight of the summed cross entropies (>= 0).
         triplet_weight: weight of the summed triplet losses (>= 0; 0 skips them).
+        id_reduction: ``"sum"`` over the (branch, path, stripe) classifiers as Eq. 4 prints, or ``"mean"``
+            (the sum divided by the number of classifiers, so the trunk's identity gradient does not grow with
+            the number of stripes: with 14 summed heads, 2+3 stripes + RP collapsed from scratch at SGD lr 0.05
+            on CUHK01 while 8 heads trained; see results/README.md).
 
     Forward:
         outputs: the model's training outputs (``logits_list``, ``feat_branches``, optionally ``logits``).
         batch: the batch dict (its ``pid [B]``) or the pid tensor.
         returns: ``(total, parts)``; ``total`` a scalar tensor with graph, ``parts`` plain floats
-            ``{"loss", "ce", "triplet", "acc"}``: ``ce`` the sum of the cross entropies (nats), ``triplet`` the
+            ``{"loss", "ce", "triplet", "acc"}``: ``ce`` the reduced cross entropies (nats), ``triplet`` the
             sum of the branch triplet losses (distance units; 0.0 when disabled), ``acc`` the top-1 training
             accuracy of ``logits`` in ``[0, 1]``.
 
@@ -54,8 +58,11 @@ class RMGLLoss(nn.Module):
     """
 
     def __init__(self, ce: CrossEntropyLabelSmooth, triplet: TripletLoss | None = None, id_weight: float = 1.0,
-                 triplet_weight: float = 1.0):
+                 triplet_weight: float = 1.0, id_reduction: str = "sum"):
         super().__init__()
+        if id_reduction not in ("sum", "mean"):
+            raise ValueError(f"id_reduction must be 'sum' or 'mean', got {id_reduction!r}")
+        self.id_reduction = id_reduction
         for name, w in (("id_weight", id_weight), ("triplet_weight", triplet_weight)):
             if not w >= 0:
                 raise ValueError(f"{name} must be >= 0, got {w!r}")
@@ -85,6 +92,8 @@ class RMGLLoss(nn.Module):
         logits_list = self._get(outputs, "logits_list", "list of [B, num_classes], Eq. 2")
         feats = self._get(outputs, "feat_branches", "list of [B, D_b], Eq. 3")
         ce = sum(self.ce(lg, pids) for lg in logits_list)
+        if self.id_reduction == "mean":
+            ce = ce / len(logits_list)
         total = self.id_weight * ce
         tri_val = 0.0
         if self.triplet is not None:
@@ -97,12 +106,12 @@ class RMGLLoss(nn.Module):
         return total, {"loss": float(total.detach()), "ce": float(ce.detach()), "triplet": tri_val, "acc": acc}
 
     def extra_repr(self) -> str:
-        return f"id_weight={self.id_weight}, triplet_weight={self.triplet_weight}"
+        return f"id_weight={self.id_weight}, triplet_weight={self.triplet_weight}, id_reduction={self.id_reduction!r}"
 
 
 @LOSSES.register("rmgl")
 def build_rmgl_loss(num_classes: int, *, margin: float = 0.6, label_smooth: float = 0.0, id_weight: float = 1.0,
-                    triplet_weight: float = 1.0) -> RMGLLoss:
+                    triplet_weight: float = 1.0, id_reduction: str = "sum") -> RMGLLoss:
     """Build RMGL's loss (recipe: ``loss: {name: rmgl, kwargs: {...}}``).
 
     Args:
@@ -111,6 +120,7 @@ def build_rmgl_loss(num_classes: int, *, margin: float = 0.6, label_smooth: floa
         label_smooth: label-smoothing ``eps`` of the cross entropies, in ``[0, 1]`` (0: plain Eq. 2).
         id_weight: weight of the summed cross entropies (1.0, Eq. 4).
         triplet_weight: weight of the summed branch triplet losses (1.0, Eq. 4; 0 disables them).
+        id_reduction: ``"sum"`` (Eq. 4) or ``"mean"`` over the classifiers (see :class:`RMGLLoss`).
 
     Raises:
         ValueError: invalid arguments (the message names the argument).
@@ -121,4 +131,4 @@ def build_rmgl_loss(num_classes: int, *, margin: float = 0.6, label_smooth: floa
         raise ValueError(f"label_smooth must be in [0, 1], got {label_smooth!r}")
     ce = CrossEntropyLabelSmooth(num_classes, epsilon=label_smooth)
     triplet = TripletLoss(margin=margin, metric="euclidean") if triplet_weight > 0 else None
-    return RMGLLoss(ce, triplet, id_weight=id_weight, triplet_weight=triplet_weight)
+    return RMGLLoss(ce, triplet, id_weight=id_weight, triplet_weight=triplet_weight, id_reduction=id_reduction)
