@@ -61,7 +61,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -69,17 +69,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from nasreid.config import apply_overrides
 from nasreid.engine.checkpoint import read_json, write_json
 from nasreid.engine.trainer import Hook
+from nasreid.errors import NasreidError
 from nasreid.genotype import Genotype, GenotypeError
 from nasreid.mutables import Categorical, LayerChoice, Numerical, freeze, recipe_overrides, simplify
 from nasreid.registry import register_strategy
 
 from .base import Strategy, StrategyConfigError, make_genotype
 
-__all__ = ["OptunaStrategy", "query_gallery_split", "open_study", "suggest_sample", "pick_pareto"]
+__all__ = ["OptunaStrategy", "HPOError", "query_gallery_split", "open_study", "suggest_sample", "pick_pareto"]
 
 log = logging.getLogger("nasreid")
 
 _OBJECTIVE_DIRECTIONS = {"mAP": "maximize", "rank1": "maximize", "params": "minimize", "latency": "minimize"}
+
+
+class HPOError(NasreidError, RuntimeError):
+    """The study cannot go on (e.g. every trial fails); the message names the cause and where to look."""
 
 
 def _optuna():
@@ -178,11 +183,12 @@ class _PruneHook(Hook):
 
     name = "hpo_validation"
 
-    def __init__(self, trial, evaluate, every: int, optuna):
+    def __init__(self, trial, evaluate, every: int, optuna, report: bool = True):
         self.trial, self.evaluate, self.every, self.optuna = trial, evaluate, max(1, int(every)), optuna
+        self.report = report  # Optuna has no intermediate values (nor pruning) for multi-objective studies
 
     def before_train(self, trainer) -> None:
-        for row in trainer.history:
+        for row in trainer.history if self.report else ():
             if "val_mAP" in row:
                 self.trial.report(float(row["val_mAP"]), int(row["epoch"]) + 1)
 
@@ -192,6 +198,8 @@ class _PruneHook(Hook):
             return
         res = self.evaluate(trainer.model)
         trainer.log(val_mAP=float(res["mAP"]), val_rank1=float(res["rank1"]))
+        if not self.report:
+            return
         self.trial.report(float(res["mAP"]), e)
         if e < trainer.epochs and self.trial.should_prune():
             trainer.save()  # keep the pruned epoch's row for the trial record
@@ -306,6 +314,7 @@ class OptunaStrategy(Strategy):
         heartbeat_seconds: float = Field(10.0, gt=0)
         grace_seconds: float = Field(60.0, gt=0, description="a running trial without heartbeat for this long failed")
         max_retry: int = Field(2, ge=0, description="retries of a trial whose worker died")
+        max_failures: int = Field(3, gt=0, description="a worker stops after this many failed trials in a row")
         latency_batch: int = Field(16, gt=0, description="images per forward for the latency objective")
 
         @model_validator(mode="after")
@@ -343,7 +352,7 @@ class OptunaStrategy(Strategy):
         self.worker = worker
         study = open_study(self.cfg, ctx.run_dir, self._study_name(ctx.recipe), worker=worker)
         TS = optuna.trial.TrialState
-        done = 0
+        done = failures = 0
         while True:
             with self._ask_lock(ctx.run_dir):
                 self._fail_stale(study)
@@ -360,8 +369,12 @@ class OptunaStrategy(Strategy):
                     time.sleep(self.cfg.heartbeat_seconds)
                     continue
                 break
-            self._run_trial(ctx, study, trial)
+            state, error = self._run_trial(ctx, study, trial)
             done += 1
+            failures = failures + 1 if state == "FAIL" else 0
+            if failures >= self.cfg.max_failures:
+                raise HPOError(f"{failures} trials in a row failed in this worker (strategy.kwargs.max_failures); "
+                               f"the last: {error}; see {ctx.run_dir / 'train.log'} and the trials' record.json")
         return done
 
     @contextlib.contextmanager
@@ -451,6 +464,7 @@ class OptunaStrategy(Strategy):
             shutil.rmtree(tdir / "checkpoints")  # keep trial folders small; the record holds the history
         log.info("trial %d %s in %.0f s: %s  %s", trial.number, state.name, record["seconds"],
                  values, json.dumps(record.get("sample", {})))
+        return state.name, record.get("error")
 
     def _splits(self, ctx):
         train_recs, val_recs = ctx.split_identities(overlap=0.0, val_fraction=self.cfg.val_fraction,
@@ -473,7 +487,7 @@ class OptunaStrategy(Strategy):
         def evaluate(model):
             return tctx.evaluate(model, dataset=valset)
 
-        hook = _PruneHook(trial, evaluate, self.cfg.val_every, _optuna())
+        hook = _PruneHook(trial, evaluate, self.cfg.val_every, _optuna(), report=len(self.cfg.objectives) == 1)
         history = tctx.train_fixed(net, epochs=self.cfg.epochs or recipe.optim.epochs, hooks=[hook],
                                    records=train_recs, run_dir=tdir)
         last = [r for r in history if "val_mAP" in r][-1]

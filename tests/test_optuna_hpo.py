@@ -211,3 +211,34 @@ def test_hpo_on_rmgl_then_train_applies_the_searched_rsa(hpo_recipe, tmp_path):
     assert rsa == {k.split(".", 1)[1]: v for k, v in g.choices.items() if k.startswith("rsa.")}
     ev = json.loads((train / "metrics.json").read_text())["evaluation"]
     assert any(k.startswith("cuhk01") for k in ev)
+
+
+def test_multi_objective_study_derives_a_pareto_point(hpo_recipe, tmp_path):
+    """mAP vs inference parameters with NSGA-II: derive picks a point of the Pareto front by pareto_rule."""
+    recipe = load_recipe(hpo_recipe(trials=3, epochs=1, pruner="none", objectives=["mAP", "params"],
+                                    pareto_rule="cheapest"))
+    run = pipeline.run_hpo(recipe, workers=1, run_dir=tmp_path / "mo")
+    cfg = OptunaStrategy.validate_kwargs(recipe.strategy.kwargs)
+    study = open_study(cfg, run, "tinyhpo", create=False)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert isinstance(study.sampler, optuna.samplers.NSGAIISampler)
+    g = Genotype.load(run / "genotype.json")
+    front = study.best_trials
+    cheapest = min(t.values[1] for t in front)
+    assert g.provenance["trial"] in {t.number for t in front}
+    assert g.provenance["values"]["params"] == cheapest and "Pareto" in g.provenance["rule"]
+    assert (run / "plots" / "pareto_front.png").is_file()
+
+
+def test_a_trial_that_always_fails_stops_the_worker_with_a_clear_error(hpo_recipe, tmp_path):
+    from nasreid.strategies.optuna_hpo import HPOError
+
+    # P = 64 / 4 = 16 identities per batch, but the proxy trains on 15 (20 train ids, 25 % held out): every
+    # trial fails alike when its loader is built
+    recipe = load_recipe(hpo_recipe(trials=5, epochs=1, max_failures=2))
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"batch_size": 64})})
+    with pytest.raises(HPOError, match="2 trials in a row failed"):
+        pipeline.run_hpo(recipe, workers=1, run_dir=tmp_path / "fail")
+    recs = sorted((tmp_path / "fail" / "trials").glob("trial_*/record.json"))
+    assert len(recs) == 2 and all(json.loads(p.read_text())["state"] == "FAIL" for p in recs)
+    assert "error" in json.loads(recs[0].read_text())

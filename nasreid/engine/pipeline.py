@@ -140,7 +140,9 @@ def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resu
     if sampling or not (metrics.get("search_done") and (run / "genotype.json").is_file()):
         ctx = _context(SearchContext, recipe, run, progress)
         strategy = STRATEGIES.get(recipe.strategy.name)(ctx.build_space(), **recipe.strategy.kwargs)
+        t_search = time.time()
         geno = strategy.search(ctx)
+        t_search = time.time() - t_search
         ctx.writer.close()
         geno.save(run / "genotype.json")
         geno.write_graphml(run / "genotype.graphml")
@@ -148,6 +150,7 @@ def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resu
         history = load_checkpoint(ckpt).get("history", []) if ckpt.is_file() else []
         metrics.update({"kind": "search", "space": recipe.space.name, "strategy": recipe.strategy.name,
                         "history": history, "search_seconds": sum(h.get("epoch_seconds", 0.0) for h in history),
+                        "search_wall_seconds": t_search,  # this process (an HPO run: after its workers, if any)
                         "final_probabilities": geno.probabilities, "device": str(ctx.device.device),
                         "search_done": True})
         write_json(run / "metrics.json", metrics)
@@ -428,7 +431,7 @@ def run_evaluate(run_dir: str | os.PathLike, targets: Optional[list[DatasetRef]]
     state = st["model"]
     num_classes = st.get("num_classes")
     if num_classes is None:
-        w = [v for k, v in state.items() if k.endswith("classifier.weight")]
+        w = [v for k, v in state.items() if "classifier" in k and k.endswith("weight") and v.dim() == 2]
         num_classes = int(w[0].shape[0]) if w else 0
     model = geno.build(num_classes=num_classes)
     model.load_state_dict(state)
