@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_supernet import time_steps  # noqa: E402  (the project's warm-up + synchronised timing loop)
 
 
 def bench(preset: str, args, device: torch.device) -> dict:
@@ -52,19 +53,8 @@ def bench(preset: str, args, device: torch.device) -> dict:
         scaler.step(opt)
         scaler.update()
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(args.warmup):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    dt = time.perf_counter() - t0
-    out = {"preset": preset, "images_per_s": args.batch * args.steps / dt, "step_ms": 1000 * dt / args.steps,
+    dt = time_steps(step, args.warmup, args.steps, device)  # seconds per step
+    out = {"preset": preset, "images_per_s": args.batch / dt, "step_ms": 1000 * dt,
            "params_M": sum(p.numel() for p in net.parameters()) / 1e6}
     if device.type == "cuda":
         out["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30

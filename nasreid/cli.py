@@ -219,11 +219,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             recipe = pipeline.load_run_recipe(args.run) if (Path(args.run) / "recipe.yaml").is_file() else None
             if recipe is not None and recipe.strategy is not None and recipe.strategy.name == "optuna":
-                from nasreid.strategies.optuna_hpo import OptunaStrategy, open_study, write_study_report
+                from nasreid.strategies.optuna_hpo import OptunaStrategy
 
-                cfg = OptunaStrategy.validate_kwargs(recipe.strategy.kwargs)
-                study = open_study(cfg, Path(args.run), cfg.study_name or recipe.name, create=False)
-                files = write_study_report(study, Path(args.run))["plots"]  # trials.csv + Optuna's plots
+                files = OptunaStrategy.report(args.run, recipe)["plots"]  # trials.csv + Optuna's plots
             else:
                 files = plot_alpha_trajectories(args.run, args.out, formats=tuple(args.format) or ("png", "svg"))
             for f in files:

@@ -209,8 +209,8 @@ class _PruneHook(Hook):
 class _Heartbeat:
     """Refresh a trial's ``heartbeat`` user attribute every ``interval`` seconds in a daemon thread."""
 
-    def __init__(self, study, trial_id_holder, interval: float):
-        self.study, self.trial, self.interval = study, trial_id_holder, interval
+    def __init__(self, trial, interval: float):
+        self.trial, self.interval = trial, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -270,17 +270,17 @@ def open_study(cfg, run_dir: Path, study_name: str, worker: int = 0, create: boo
 
 
 def _storage(spec: Optional[str], run_dir: Path):
+    """An SQLAlchemy URL -> ``RDBStorage``; a file path (``$VARS`` and ``~`` expanded) or None (the run's
+    ``study.journal``) -> Optuna's journal file storage."""
     optuna = _optuna()
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    if spec is None or not ("://" in spec):
-        path = Path(spec) if spec else run_dir / "study.journal"
-        if not path.is_absolute() and spec:
-            path = Path(os.path.expandvars(spec)).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    return optuna.storages.RDBStorage(spec)
+    if spec and "://" in spec:
+        return optuna.storages.RDBStorage(spec)
+    path = Path(os.path.expandvars(spec)).expanduser() if spec else run_dir / "study.journal"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -432,7 +432,7 @@ class OptunaStrategy(Strategy):
         state, values, history = optuna.trial.TrialState.FAIL, None, []
         writer = SummaryWriter(log_dir=str(tdir / "tb"))
         try:
-            with _Heartbeat(study, trial, self.cfg.heartbeat_seconds):
+            with _Heartbeat(trial, self.cfg.heartbeat_seconds):
                 sample = suggest_sample(trial, self.space)
                 record["sample"] = sample
                 trial.set_user_attr("sample", json.dumps(sample))
@@ -504,9 +504,19 @@ class OptunaStrategy(Strategy):
     # ---- results ---------------------------------------------------------------------------------
     def finalize(self, ctx) -> Genotype:
         """Write ``trials.csv`` and the plots, and return the derived genotype (see :meth:`derive`)."""
-        study = open_study(self.cfg, ctx.run_dir, self._study_name(ctx.recipe), create=False)
-        write_study_report(study, ctx.run_dir)
+        self.report(ctx.run_dir, ctx.recipe)
         return self.derive(ctx.run_dir, ctx.recipe)
+
+    @classmethod
+    def load_study(cls, run_dir, recipe):
+        """The study of a run folder (its recipe's storage and study name), read-only use."""
+        cfg = cls.validate_kwargs(recipe.strategy.kwargs)
+        return open_study(cfg, Path(run_dir), cfg.study_name or recipe.name, create=False)
+
+    @classmethod
+    def report(cls, run_dir, recipe) -> dict[str, Any]:
+        """``trials.csv`` and Optuna's plots of a run folder (:func:`write_study_report`); ``nasreid plot``."""
+        return write_study_report(cls.load_study(run_dir, recipe), Path(run_dir))
 
     def probabilities(self) -> dict[str, dict[str, float]]:
         return {}
@@ -521,7 +531,7 @@ class OptunaStrategy(Strategy):
         """
         optuna = _optuna()
         cfg = cls.validate_kwargs(recipe.strategy.kwargs)
-        study = open_study(cfg, Path(run_dir), cfg.study_name or recipe.name, create=False)
+        study = cls.load_study(run_dir, recipe)
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if not complete:
             raise GenotypeError(f"{run_dir}: the study has no complete trial yet")
