@@ -37,7 +37,7 @@ from .trainer import device_context
 from .validate import check_recipe
 
 __all__ = ["run_search", "run_hpo", "run_hpo_worker", "derive", "run_train", "run_evaluate", "setup_logging", "load_run_recipe",
-           "evaluate_dataset", "evaluate_run_model", "DatasetRef"]
+           "evaluate_dataset", "evaluate_run_model", "load_run_model", "DatasetRef"]
 
 log = logging.getLogger("nasreid")
 
@@ -406,6 +406,43 @@ def evaluate_run_model(model: nn.Module, recipe: Recipe, ctx, dataset=None,
     return results
 
 
+def load_run_model(run_dir: str | os.PathLike, device: Optional[str] = None) -> tuple[nn.Module, Recipe, Genotype]:
+    """The trained network of a retrain run folder, in eval mode on CPU, with its recipe and genotype.
+
+    Weights come from ``model.pt`` (a finished run) or ``checkpoints/last.pt`` (an interrupted one); the
+    classifier size from the checkpoint's ``num_classes`` or, failing that, from any 2-D ``classifier``
+    weight. ``device`` replaces the recipe's ``device`` in the returned recipe (the model stays on CPU: move
+    it with :func:`~nasreid.engine.trainer.device_context` ``(...).model``).
+
+    Raises:
+        RunFolderError: no ``recipe.yaml``; GenotypeError: no or bad ``genotype.json``;
+        CheckpointError: neither weights file is readable, or the weights do not fit the genotype's network.
+    """
+    from .checkpoint import CheckpointError
+
+    run = Path(run_dir)
+    recipe = load_run_recipe(run)
+    if device is not None:
+        recipe = recipe.model_copy(update={"device": device})
+    if not (run / "genotype.json").is_file():
+        raise RunFolderError(f"{run} is not a retrain run folder: genotype.json is missing")
+    geno = Genotype.load(run / "genotype.json")
+    src = run / "model.pt" if (run / "model.pt").is_file() else run / "checkpoints" / "last.pt"
+    st = load_checkpoint(src)
+    state = st["model"]
+    num_classes = st.get("num_classes")
+    if num_classes is None:
+        w = [v for k, v in state.items() if "classifier" in k and k.endswith("weight") and v.dim() == 2]
+        num_classes = int(w[0].shape[0]) if w else 0
+    model = geno.build(num_classes=num_classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{src}: the weights do not fit the network of {run / 'genotype.json'}: "
+                              f"{str(e).splitlines()[0]}") from None
+    return model.eval(), recipe, geno
+
+
 def run_evaluate(run_dir: str | os.PathLike, targets: Optional[list[DatasetRef]] = None,
                  device: Optional[str] = None, same_domain: bool = True) -> dict[str, dict[str, Any]]:
     """Evaluate the model of a retrain run folder (``model.pt``, or ``checkpoints/last.pt``).
@@ -421,20 +458,8 @@ def run_evaluate(run_dir: str | os.PathLike, targets: Optional[list[DatasetRef]]
         RecipeError: an unknown target dataset or target options that do not fit its parser.
     """
     run = Path(run_dir)
-    recipe = load_run_recipe(run)
-    if device is not None:
-        recipe = recipe.model_copy(update={"device": device})
     setup_logging(None)
-    geno = Genotype.load(run / "genotype.json")
-    src = run / "model.pt" if (run / "model.pt").is_file() else run / "checkpoints" / "last.pt"
-    st = load_checkpoint(src)
-    state = st["model"]
-    num_classes = st.get("num_classes")
-    if num_classes is None:
-        w = [v for k, v in state.items() if "classifier" in k and k.endswith("weight") and v.dim() == 2]
-        num_classes = int(w[0].shape[0]) if w else 0
-    model = geno.build(num_classes=num_classes)
-    model.load_state_dict(state)
+    model, recipe, _ = load_run_model(run, device=device)
     ctx = device_context(recipe.device, recipe.amp, recipe.channels_last)
     model = ctx.model(model)
     if targets is None:
