@@ -1,4 +1,4 @@
-"""Command line: ``nasreid search | hpo | derive | train | evaluate | plot | list``.
+"""Command line: ``nasreid search | hpo | derive | train | evaluate | plot | export | visualize | profile | list``.
 
     nasreid search recipes/osnet_ain.yaml              # one-shot search, writes results/<run>/
     nasreid derive results/<run>                       # genotype.json (+ GraphML) from the last checkpoint
@@ -6,6 +6,10 @@
     nasreid evaluate results/<retrain-run> [--target market1501=/data/market1501]
     nasreid plot results/<run>                         # architecture-weight trajectories (PNG/SVG)
     nasreid hpo recipes/rmgl_cpu.yaml --workers 2      # Optuna study shared by 2 worker processes
+    nasreid export results/<retrain-run> --format onnx  # model.onnx + parity on real images of its dataset
+    nasreid visualize results/<retrain-run> --queries 10 # ranked lists as PNG (green/red: true/false match)
+    nasreid profile preset:osnet_ain --space osnet_ain  # params, multiply-adds, latency (batch 1 and 64)
+    nasreid search recipe.yaml --nproc 2               # data-parallel (torchrun) on this machine
     nasreid list [spaces|strategies|datasets|losses|matchers|postprocessors|methods] [PATTERN]
 
 ``--set key=value`` overrides a recipe key (dotted, YAML-typed), e.g. ``--set optim.epochs=2``.
@@ -85,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     s.add_argument("--no-retrain", action="store_true", help="skip the recipe's then_retrain step")
+    s.add_argument("--nproc", type=int, metavar="N", help="data-parallel over N processes on this machine "
+                   "(runs torchrun --standalone --nproc_per_node N; gloo on CPU, NCCL on GPUs)")
 
     h = sub.add_parser("hpo", parents=[plugin], help="Optuna search (sampling strategy) with N worker processes")
     h.add_argument("recipe", nargs="?", help="search recipe YAML with strategy.name optuna (omit with --resume)")
@@ -110,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder")
     t.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--nproc", type=int, metavar="N", help="data-parallel over N processes (see search --nproc)")
 
     e = sub.add_parser("evaluate", parents=[plugin], help="CMC / mAP of a retrained run, same- and cross-domain")
     e.add_argument("run")
@@ -123,6 +130,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--out", help="output folder (default: the run folder)")
     p.add_argument("--format", action="append", default=[], choices=["png", "svg", "pdf"])
+
+    x = sub.add_parser("export", parents=[plugin], help="export a retrained network (ONNX) with a parity check "
+                       "on real images of its dataset")
+    x.add_argument("run")
+    x.add_argument("--format", default="onnx", choices=["onnx"])
+    x.add_argument("--out", help="model file (default: RUN/export/model.onnx)")
+    x.add_argument("--opset", type=int, help="ONNX opset (default: the newest both onnx and torch's exporter know)")
+    x.add_argument("--queries", type=int, default=64, help="query images of the parity check (gallery: 4x)")
+    x.add_argument("--no-parity", action="store_true", help="skip the parity check")
+    x.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"],
+                   help="torch.export-based exporter (default) or the legacy TorchScript one")
+
+    v = sub.add_parser("visualize", parents=[plugin], help="ranked lists: each query with its top-k gallery "
+                       "images, green/red borders for true/false matches (PNG)")
+    v.add_argument("run")
+    v.add_argument("--queries", type=int, default=10, help="number of queries (drawn with --seed)")
+    v.add_argument("--topk", type=int, default=10)
+    v.add_argument("--query-id", type=int, action="append", default=[], metavar="I",
+                   help="this query index (repeatable) instead of random ones")
+    v.add_argument("--target", metavar="NAME[=ROOT][:k=v,...]", help="a cross-domain dataset instead of the "
+                   "run's own test split")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out", help="output folder (default: RUN/ranks)")
+    v.add_argument("--device", help="override the recipe's device")
+
+    pr = sub.add_parser("profile", parents=[plugin], help="parameters, multiply-adds and measured latency of a "
+                        "genotype (CPU, and GPU when there is one)")
+    pr.add_argument("target", help="genotype.json, preset:NAME (with --space) or a run folder")
+    pr.add_argument("--space", help="search space of a preset (e.g. osnet_ain)")
+    pr.add_argument("--height", type=int)
+    pr.add_argument("--width", type=int)
+    pr.add_argument("--batch", type=int, action="append", default=[], help="batch size (repeatable; default 1, 64)")
+    pr.add_argument("--device", action="append", default=[], help="cpu / cuda (repeatable; default: cpu + cuda "
+                    "when available)")
+    pr.add_argument("--iters", type=int, default=10, help="timed runs per setting")
+    pr.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA")
+    pr.add_argument("--channels-last", action="store_true", help="channels_last on CUDA")
+    pr.add_argument("--json", help="also write the report to this JSON file")
 
     ls = sub.add_parser("list", parents=[plugin], help="print what is registered (spaces, strategies, ...)")
     ls.add_argument("kind", nargs="?", help="one registry: spaces, strategies, datasets, losses, matchers, "
@@ -168,10 +213,36 @@ def _search_summary(run: Path) -> str:
     return "\n".join(lines)
 
 
+def _torchrun(nproc: int, argv: Sequence[str]) -> int:
+    """Re-run this command under ``torchrun --standalone --nproc_per_node nproc`` (one machine; torchrun
+    picks a free port) without ``--nproc``; returns torchrun's exit status."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "nasreid", *rest]
+    print("running: " + " ".join(cmd[2:]), file=sys.stderr)
+    return subprocess.call(cmd)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``nasreid`` console script. Returns 0 on success and 2 on a user error
-    (bad recipe, genotype, dataset or run folder), printed as one ``nasreid <command>: error: ...`` line."""
+    (bad recipe, genotype, dataset or run folder), printed as one ``nasreid <command>: error: ...`` line.
+    Under ``torchrun`` (``search`` / ``train``), rank 0 alone prints the results."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", None):
+        if args.nproc < 1:
+            raise SystemExit("--nproc must be >= 1")
+        if args.nproc > 1:
+            return _torchrun(args.nproc, argv)
     from nasreid.errors import NasreidError
 
     try:
@@ -187,7 +258,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.no_retrain:
                 recipe = recipe.model_copy(update={"then_retrain": None})
             run = pipeline.run_search(recipe, run_dir=run_dir, resume=bool(args.resume))
-            print(_search_summary(run))
+            if _is_main():
+                print(_search_summary(run))
         elif args.command == "hpo":
             recipe, run_dir = _recipe_and_run(args)
             if args.no_retrain:
@@ -208,8 +280,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if geno and geno.startswith("preset:"):
                 geno = preset_genotype(recipe.space.name, geno.split(":", 1)[1])
             run = pipeline.run_train(recipe, genotype=geno, run_dir=run_dir, resume=bool(args.resume))
-            print(f"train run: {run}")
-            print(json.dumps(json.loads((run / "metrics.json").read_text()).get("evaluation", {}), indent=2))
+            if _is_main():
+                print(f"train run: {run}")
+                print(json.dumps(json.loads((run / "metrics.json").read_text()).get("evaluation", {}), indent=2))
         elif args.command == "evaluate":
             res = pipeline.run_evaluate(args.run, targets=_targets(args.target) or None, device=args.device,
                                         same_domain=not args.no_same_domain)
@@ -226,10 +299,47 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 files = plot_alpha_trajectories(args.run, args.out, formats=tuple(args.format) or ("png", "svg"))
             for f in files:
                 print(f)
+        elif args.command == "export":
+            from nasreid.export import run_export
+
+            rep = run_export(args.run, fmt=args.format, out=args.out, opset=args.opset, parity=not args.no_parity,
+                             num_query=args.queries, num_gallery=4 * args.queries, exporter=args.exporter)
+            print(json.dumps(rep, indent=2, default=str))
+            if rep.get("parity") is not None and not rep["parity"]["passed"]:
+                print(f"nasreid export: parity check FAILED (see {rep.get('parity_path')})", file=sys.stderr)
+                return 1
+        elif args.command == "visualize":
+            from nasreid.visualize import visualize_ranks
+
+            files = visualize_ranks(args.run, queries=args.queries, topk=args.topk, out=args.out,
+                                    target=_targets([args.target])[0] if args.target else None, seed=args.seed,
+                                    device=args.device, query_ids=args.query_id or None)
+            for f in files:
+                print(f)
+        elif args.command == "profile":
+            from nasreid.profile import format_profile, profile_network
+
+            size = None if args.height is None and args.width is None else (args.height, args.width)
+            rep = profile_network(args.target, space=args.space, input_size=size,
+                                  batch_sizes=tuple(args.batch) or (1, 64), devices=args.device or None,
+                                  iters=args.iters, amp=args.amp, channels_last=args.channels_last)
+            print(format_profile(rep))
+            if args.json:
+                Path(args.json).write_text(json.dumps(rep, indent=2, default=str) + "\n")
         return 0
     except NasreidError as e:
         print(f"nasreid {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        from nasreid.engine.distributed import shutdown
+
+        shutdown()
+
+
+def _is_main() -> bool:
+    from nasreid.engine.distributed import is_main
+
+    return is_main()
 
 
 if __name__ == "__main__":  # pragma: no cover

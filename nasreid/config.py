@@ -184,6 +184,18 @@ class TrainingConfig(_Strict):
     open_layers: list[str] = Field(default_factory=lambda: ["head"])
 
 
+class DistributedConfig(_Strict):
+    """Data-parallel settings, used only when the run is started by ``torchrun`` (or ``--nproc N``); see
+    :mod:`nasreid.engine.distributed`. ``data.batch_size`` is the global batch either way."""
+
+    sync_bn: bool = Field(False, description="SyncBatchNorm over ranks (CUDA only)")
+    find_unused_parameters: Optional[bool] = Field(
+        None, description="DDP option; None: on for one-shot searches (a hard Gumbel step uses one path) and "
+        "frozen-backbone warm starts, off otherwise; turn it on for a network with heads unused in training")
+    backend: Optional[Literal["gloo", "nccl"]] = Field(None, description="default: nccl on CUDA, gloo on CPU")
+    timeout_minutes: float = Field(30.0, gt=0, description="collective timeout")
+
+
 class Recipe(_Strict):
     """A whole run: search (``strategy`` set) or retrain (``model`` set)."""
 
@@ -201,6 +213,7 @@ class Recipe(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     plugins: list[str] = Field(
         default_factory=list, description="Python files (relative to this recipe) or modules that register "
         "spaces, strategies, datasets, losses, matchers or methods; imported before anything is built")

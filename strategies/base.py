@@ -265,6 +265,7 @@ class OneShotStrategy(Strategy):
         hooks = [*self.hooks(), ArchitectureLogHook(self, ctx.run_dir / "alphas.csv"), StrategyStateHook(self)]
         trainer = ctx.trainer(model, step, loader=ctx.loader(), optimizer=optimizer, scheduler=scheduler,
                               hooks=hooks)
+        self.forward_model = trainer.forward_model
         trainer.fit()
         return self._genotype(self.export(), self.probabilities(), ctx, epoch=len(trainer.history),
                               run=ctx.run_dir.name, rule="argmax of architecture weights per choice")
@@ -305,7 +306,8 @@ class OneShotStrategy(Strategy):
         """Forward ``batch['img']``, loss on ``(outputs, batch)`` (times ``scale``), finite check, backward."""
         from nasreid.engine.trainer import backward
 
+        net = getattr(self, "forward_model", None) or self.model  # DDP wrapper under torchrun
         with autocast() if autocast is not None else contextlib.nullcontext():
-            loss, parts = loss_fn(self.model(batch["img"]), batch)
+            loss, parts = loss_fn(net(batch["img"]), batch)
         backward(loss * scale if scale != 1.0 else loss, scaler, parts)
         return parts

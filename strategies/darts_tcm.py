@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
+from nasreid.engine.distributed import all_gather_cat, average_gradients
 from nasreid.engine.trainer import Hook, check_finite, optimizer_step, reseed_loader
 from nasreid.genotype import Genotype
 from nasreid.losses.memory import ClassMemory
@@ -317,9 +318,10 @@ class DartsTCMStrategy(OneShotStrategy):
         parts = {"loss": float(loss.detach()), "acc": acc}
         check_finite(loss, parts)
         self._backward(loss, None if self.cfg.reference_mode else W)
+        average_gradients(W)  # torchrun: the mean over ranks (no DDP wrapper: backward reaches a subset)
         optimizer_step(self.w_opt, W, self.scaler, self.grad_clip)
-        if self.uses_memories:
-            self.memories["tr"].update(feat.detach(), batch["pid"])
+        if self.uses_memories:  # every rank's memory sees the global batch
+            self.memories["tr"].update(all_gather_cat(feat.detach()), all_gather_cat(batch["pid"]))
         return parts
 
     def arch_step(self, vbatch: dict, batch: dict | None = None) -> dict[str, float]:
@@ -341,13 +343,14 @@ class DartsTCMStrategy(OneShotStrategy):
             check_finite(loss, {"val_loss": float(loss.detach())})
             self._backward(loss, None if self.cfg.reference_mode else A)
             vloss = float(loss.detach())
+        average_gradients(A)  # torchrun: alpha stays identical on every rank
         if self.scaler is not None:
             self.scaler.step(self.a_opt)
             self.scaler.update()
         else:
             self.a_opt.step()
         if self.uses_memories:
-            self.memories["val"].update(vfeat.detach(), vbatch["pid"])
+            self.memories["val"].update(all_gather_cat(vfeat.detach()), all_gather_cat(vbatch["pid"]))
         return {"val_loss": vloss, "val_acc": vacc}
 
     def _unrolled_grads(self, batch: dict, vbatch: dict) -> tuple[float, torch.Tensor, float]:
@@ -437,8 +440,10 @@ class DartsTCMStrategy(OneShotStrategy):
 
         hooks = [val_stream, _MemoryInit(self, ctx, train_recs, val_recs),
                  ArchitectureLogHook(self, ctx.run_dir / "alphas.csv"), StrategyStateHook(self)]
+        # ddp=False: the two updates back-propagate into omega or alpha only, which DDP's reducer cannot
+        # follow; each step averages its gradients over ranks itself (average_gradients)
         trainer = ctx.trainer(model, step, loader=ctx.loader(train_recs), optimizer=self.w_opt, scheduler=w_sched,
-                              hooks=hooks)
+                              hooks=hooks, ddp=False)
         trainer.register_optimizer("arch", self.a_opt, a_sched)
         trainer.fit()
         return self._genotype(self.export(), self.probabilities(), ctx, epoch=len(trainer.history),

@@ -174,6 +174,8 @@ def build_train_loader(
     seed: int = 0,
     on_corrupt: str = "error",
     persistent_workers: bool | None = None,
+    num_replicas: int = 1,
+    rank: int = 0,
     **aug,
 ) -> DataLoader:
     """PK-sampled training loader over ``dataset.train``.
@@ -186,6 +188,8 @@ def build_train_loader(
         seed: seed of the PK order (with the epoch, see ``loader.sampler.set_epoch``) and of the augmentations.
         on_corrupt: ``"error"`` or ``"skip"`` (see :class:`ImageDataset`).
         persistent_workers: keep workers alive between epochs (default: ``workers > 0``).
+        num_replicas, rank: data-parallel share (:class:`PKSampler`): ``batch_size`` stays the global batch, the
+            loader yields ``batch_size / num_replicas`` images per step.
         **aug: forwarded to :func:`build_transforms` (``flip``, ``color_jitter``, ``random_erasing``, ``pad``,
             ``mean``, ``std``, ``rsa``: ``None`` or a dict of :class:`~nasreid.data.transforms.RandomShift`
             arguments — the recipe's ``data.augment.rsa``, random shifting augmentation, RMGL Sec. III-D).
@@ -199,12 +203,13 @@ def build_train_loader(
     """
     transform = build_transforms(height, width, is_train=True, **aug)
     ds = ImageDataset(dataset.train, dataset.read_image, transform, on_corrupt=on_corrupt)
-    sampler = PKSampler(ds.pids, num_instances=num_instances, batch_size=batch_size, seed=seed)
+    sampler = PKSampler(ds.pids, num_instances=num_instances, batch_size=batch_size, seed=seed,
+                        num_replicas=num_replicas, rank=rank)
     gen = torch.Generator()
     gen.manual_seed(seed)
     return DataLoader(
         ds,
-        batch_size=batch_size,
+        batch_size=batch_size // num_replicas,
         sampler=sampler,
         num_workers=workers,
         drop_last=True,

@@ -29,12 +29,20 @@ class PKSampler(Sampler[int]):
         num_instances: K, images per identity in a batch (>= 1).
         batch_size: P × K (must be divisible by K).
         seed: base seed.
+        num_replicas, rank: data-parallel share (``torchrun``; see :mod:`nasreid.engine.distributed`). Every
+            replica computes the same global order; replica ``rank`` yields, of each global batch, the
+            identities at slots ``rank, rank + W, ...`` (P/W identities x K images, ``batch_size / W`` indices
+            per step). The replicas' identities are disjoint within each step, every index of the epoch goes to
+            exactly one replica, and concatenating the replicas' step-t batches gives the single-process batch
+            t (as a set). ``len(sampler)`` is this replica's count.
 
     Raises:
-        ValueError: ``batch_size`` not a positive multiple of ``num_instances``, or fewer than P distinct ids.
+        ValueError: ``batch_size`` not a positive multiple of ``num_instances``, fewer than P distinct ids, or P
+            not a multiple of ``num_replicas`` (names ``data.batch_size``).
     """
 
-    def __init__(self, pids: Sequence[int], num_instances: int, batch_size: int, seed: int = 0):
+    def __init__(self, pids: Sequence[int], num_instances: int, batch_size: int, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0):
         if num_instances < 1:
             raise ValueError(f"num_instances (K) must be >= 1, got {num_instances}")
         if batch_size < num_instances or batch_size % num_instances:
@@ -57,6 +65,13 @@ class PKSampler(Sampler[int]):
                 f"PKSampler needs at least P={self.num_pids_per_batch} identities "
                 f"(batch_size={batch_size} / num_instances={num_instances}), got {len(self.pids)}"
             )
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} must be in [0, num_replicas={num_replicas})")
+        if self.num_pids_per_batch % num_replicas:
+            raise ValueError(
+                f"data.batch_size: P = batch_size / num_instances = {self.num_pids_per_batch} identities per global "
+                f"batch must be a multiple of the {num_replicas} processes (each process takes P / W of them)")
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
         self._cache: tuple[int, list[int]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -87,8 +102,20 @@ class PKSampler(Sampler[int]):
         self._cache = (self.epoch, out)
         return out
 
+    def _shard(self) -> list[int]:
+        out = self._indices()
+        W = self.num_replicas
+        if W == 1:
+            return out
+        K, B = self.num_instances, self.batch_size
+        mine: list[int] = []
+        for b in range(0, len(out), B):
+            for j in range(self.rank, B // K, W):  # identity slots rank, rank + W, ...
+                mine.extend(out[b + j * K:b + (j + 1) * K])
+        return mine
+
     def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
+        return iter(self._shard())
 
     def __len__(self) -> int:
-        return len(self._indices())
+        return len(self._indices()) // self.num_replicas

@@ -73,13 +73,17 @@ class RunContext:
         recipe's input size, augmentation, workers and corrupt-image policy.
 
         ``records`` must carry pids ``0..N-1`` (as :meth:`split_identities` returns them). Workers are not
-        persistent: the trainer re-seeds the loader every epoch, which makes resuming exact.
+        persistent: the trainer re-seeds the loader every epoch, which makes resuming exact. Under
+        ``torchrun`` this rank's share of each global batch (:class:`~nasreid.data.samplers.PKSampler`).
 
         Raises:
             ValueError: fewer identities than P = batch_size / num_instances.
         """
         from nasreid.data import build_train_loader
 
+        from .distributed import info
+
+        dist = info()
         d = self.recipe.data
         ds = self.dataset
         if records is not None:
@@ -89,7 +93,7 @@ class RunContext:
             ds, height=d.height, width=d.width, batch_size=batch_size or d.batch_size,
             num_instances=num_instances or d.num_instances, workers=d.workers,
             seed=self.recipe.seed if seed is None else seed, on_corrupt=d.on_corrupt, persistent_workers=False,
-            **d.augment.model_dump())
+            num_replicas=dist.world_size, rank=dist.rank, **d.augment.model_dump())
 
     def split_identities(self, overlap: float = 0.0, val_fraction: float = 0.5, seed: int | None = None,
                          name: str = "split", order: str = "random") -> tuple[list, list]:
@@ -132,7 +136,10 @@ class RunContext:
             saved = {"overlap": overlap, "val_fraction": val_fraction, "order": order,
                      "train_only": sorted(pids[:n_train]), "shared": sorted(pids[n_train:n_train + n_shared]),
                      "val_only": sorted(pids[n_train + n_shared:])}
-            write_json(path, saved)
+            from .distributed import is_main
+
+            if is_main():  # every rank computes the same split; rank 0 writes it
+                write_json(path, saved)
         shared, t_only, v_only = set(saved["shared"]), set(saved["train_only"]), set(saved["val_only"])
         train, val, seen = [], [], {}
         for r in self.dataset.train:
@@ -193,16 +200,25 @@ class RunContext:
     # ---- training --------------------------------------------------------------------------------
     def trainer(self, model: nn.Module, step_fn: Callable, *, loader, optimizer=None, scheduler=None,
                 hooks: Iterable[Hook] = (), epochs: int | None = None, run_dir: Path | None = None,
-                checkpoint: bool = True) -> Trainer:
+                checkpoint: bool = True, ddp: bool = True, find_unused: bool = True) -> Trainer:
         """A :class:`Trainer` over ``loader`` with the run's device, seed, writer and progress setting,
         ``hooks`` and (unless ``checkpoint=False``) a :class:`CheckpointHook` into ``run_dir``
-        (default: this run's folder)."""
+        (default: this run's folder). Under ``torchrun`` (and ``ddp``) the trainer wraps ``model`` in
+        ``DistributedDataParallel`` with the recipe's ``distributed`` settings: call ``trainer.forward_model``
+        in the step. ``ddp=False`` for steps that average gradients themselves
+        (:func:`~nasreid.engine.distributed.average_gradients`). ``find_unused``: whether a step may leave
+        parameters without gradient (DDP's ``find_unused_parameters``), unless the recipe's
+        ``distributed.find_unused_parameters`` says otherwise."""
         rd = self.run_dir if run_dir is None else Path(run_dir)
         all_hooks = [*self.extra_hooks, *hooks] + ([CheckpointHook()] if checkpoint else [])
         return Trainer(model, step_fn, epochs=epochs or self.recipe.optim.epochs, loader=loader, ctx=self.device,
                        optimizer=optimizer, scheduler=scheduler, hooks=all_hooks,
                        run_dir=rd if checkpoint else None, seed=self.recipe.seed, writer=self.writer,
-                       progress=self.progress)
+                       progress=self.progress, ddp=self._ddp_settings(find_unused) if ddp else None)
+
+    def _ddp_settings(self, find_unused: bool):
+        d = self.recipe.distributed
+        return d if d.find_unused_parameters is not None else d.model_copy(update={"find_unused_parameters": find_unused})
 
     def train_fixed(self, net: nn.Module, *, epochs: int | None = None, hooks: Iterable[Hook] = (),
                     records: Sequence | None = None, run_dir: Path | None = None) -> list[dict[str, Any]]:

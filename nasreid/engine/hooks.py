@@ -42,7 +42,8 @@ class CheckpointHook(Hook):
 
 
 class EvalHook(Hook):
-    """Evaluate every ``every`` epochs (not after the last one, which the caller evaluates in full).
+    """Evaluate every ``every`` epochs (not after the last one, which the caller evaluates in full); under
+    torchrun on rank 0 while the other ranks wait.
 
     Args:
         every: period in epochs (0 disables).
@@ -58,11 +59,21 @@ class EvalHook(Hook):
     def after_epoch(self, trainer: Trainer) -> None:
         e = trainer.epoch + 1
         if self.every and e % self.every == 0 and e < trainer.epochs:
-            res = self.evaluate()
-            trainer.log(eval_rank1=float(res["rank1"]), eval_mAP=float(res["mAP"]))
-            if trainer.writer is not None:
-                trainer.writer.add_scalar("eval/rank1", res["rank1"], trainer.epoch)
-                trainer.writer.add_scalar("eval/mAP", res["mAP"], trainer.epoch)
+            if trainer.dist.enabled:  # rank 0 evaluates, the others wait
+                from .distributed import barrier
+
+                if trainer.dist.rank == 0:
+                    self._evaluate(trainer)
+                barrier()
+                return
+            self._evaluate(trainer)
+
+    def _evaluate(self, trainer: Trainer) -> None:
+        res = self.evaluate()
+        trainer.log(eval_rank1=float(res["rank1"]), eval_mAP=float(res["mAP"]))
+        if trainer.writer is not None:
+            trainer.writer.add_scalar("eval/rank1", res["rank1"], trainer.epoch)
+            trainer.writer.add_scalar("eval/mAP", res["mAP"], trainer.epoch)
 
 
 class ArchitectureLogHook(Hook):
@@ -82,6 +93,8 @@ class ArchitectureLogHook(Hook):
     def after_epoch(self, trainer: Trainer) -> None:
         from nasreid.plot import append_alphas_csv, log_alphas_tensorboard
 
+        if trainer.dist.rank != 0:  # identical on every rank; rank 0 writes
+            return
         probs = self.strategy.probabilities()
         append_alphas_csv(self.csv_path, trainer.epoch, trainer.global_step, probs, self.strategy.temperature())
         if trainer.writer is not None:

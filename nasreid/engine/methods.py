@@ -98,7 +98,7 @@ class SupervisedMethod:
         opt = trainer.optimizer
         opt.zero_grad(set_to_none=True)
         with trainer.ctx.autocast():
-            loss, parts = loss_fn(trainer.model(batch["img"]), batch)
+            loss, parts = loss_fn(trainer.forward_model(batch["img"]), batch)
         backward(loss, trainer.ctx.scaler, parts)
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         params += [p for p in loss_fn.parameters() if p.requires_grad]  # a loss's own (PAM), clipped with the net
@@ -145,5 +145,6 @@ class SupervisedMethod:
             hooks = [FreezeBackboneHook(t.freeze_backbone_epochs, t.open_layers), *hooks]
         clip = ctx.recipe.optim.grad_clip
         trainer = ctx.trainer(model, lambda tr, b: self.step(tr, b, loss_fn, clip), loader=ctx.loader(records),
-                              optimizer=optimizer, scheduler=scheduler, hooks=hooks, epochs=epochs, run_dir=run_dir)
+                              optimizer=optimizer, scheduler=scheduler, hooks=hooks, epochs=epochs, run_dir=run_dir,
+                              find_unused=bool(t.freeze_backbone_epochs))
         return trainer.fit()

@@ -81,6 +81,39 @@ def load_run_recipe(run_dir: str | os.PathLike) -> Recipe:
 
 
 def _prepare_run(recipe: Recipe, run_dir: Optional[str | os.PathLike], resume: bool) -> Path:
+    """The run folder (created, ``recipe.yaml`` written, logging to ``train.log``). Under torchrun rank 0
+    prepares it and the other ranks receive its path (an error on rank 0 is raised on every rank)."""
+    from . import distributed as D
+
+    if not D.is_distributed():
+        return _prepare_run_local(recipe, run_dir, resume)
+    run, err = None, None
+    if D.is_main():
+        try:
+            run = str(_prepare_run_local(recipe, run_dir, resume))
+        except RunFolderError as e:
+            err = str(e)
+    run, err = D.broadcast_object((run, err))
+    if err is not None:
+        raise RunFolderError(err)
+    if not D.is_main():
+        setup_logging(None, level=logging.WARNING)
+    return Path(run)
+
+
+def _dist_setup(recipe: Recipe) -> Recipe:
+    """Join torchrun's process group when there is one (:mod:`.distributed`); a ``cuda`` device becomes
+    ``cuda:LOCAL_RANK``. The recipe unchanged in a single process."""
+    from . import distributed as D
+
+    d = recipe.distributed
+    info = D.init_distributed(recipe.device, backend=d.backend, timeout_minutes=d.timeout_minutes)
+    if info.enabled and recipe.device.startswith("cuda"):
+        recipe = recipe.model_copy(update={"device": f"cuda:{info.local_rank}"})
+    return recipe
+
+
+def _prepare_run_local(recipe: Recipe, run_dir: Optional[str | os.PathLike], resume: bool) -> Path:
     if run_dir is None:
         run = new_run_dir(recipe.output_root, recipe.name)
     else:
@@ -114,7 +147,9 @@ def _context(cls, recipe: Recipe, run: Path, progress: Optional[bool]):
     seed_everything(recipe.seed)
     dev = device_context(recipe.device, recipe.amp, recipe.channels_last)
     dataset = _build_dataset(recipe)
-    return cls(recipe=recipe, run_dir=run, device=dev, dataset=dataset, writer=_writer(run),
+    from .distributed import is_main
+
+    return cls(recipe=recipe, run_dir=run, device=dev, dataset=dataset, writer=_writer(run) if is_main() else None,
                progress=progress_enabled() if progress is None else progress)
 
 
@@ -133,6 +168,9 @@ def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resu
             finds (checked before any data is read, ``then_retrain`` included).
     """
     check_recipe(recipe, search=True)
+    recipe = _dist_setup(recipe)
+    from . import distributed as D
+
     run = _prepare_run(recipe, run_dir, resume)
     metrics = read_json(run / "metrics.json", {}) or {}
     t_start = time.time()
@@ -143,6 +181,9 @@ def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resu
         t_search = time.time()
         geno = strategy.search(ctx)
         t_search = time.time() - t_search
+        if not D.is_main():  # rank 0 writes the genotype and metrics, then every rank retrains
+            D.barrier()
+            return _then_retrain(recipe, run, metrics, progress, t_start)
         ctx.writer.close()
         geno.save(run / "genotype.json")
         geno.write_graphml(run / "genotype.graphml")
@@ -152,9 +193,19 @@ def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resu
                         "history": history, "search_seconds": sum(h.get("epoch_seconds", 0.0) for h in history),
                         "search_wall_seconds": t_search,  # this process (an HPO run: after its workers, if any)
                         "final_probabilities": geno.probabilities, "device": str(ctx.device.device),
-                        "search_done": True})
+                        "world_size": D.world_size(), "search_done": True})
         write_json(run / "metrics.json", metrics)
         log.info("derived genotype\n%s", geno.summary())
+        D.barrier()
+    return _then_retrain(recipe, run, metrics, progress, t_start)
+
+
+def _then_retrain(recipe: Recipe, run: Path, metrics: dict, progress: Optional[bool], t_start: float) -> Path:
+    """Run (or resume) a search's ``then_retrain`` on its genotype; the search run folder. Under torchrun
+    every rank retrains (rank 0 names the folder and writes ``metrics.json``)."""
+    from . import distributed as D
+
+    metrics = D.broadcast_object(metrics)  # rank 0's record decides for every rank (new retrain or resume)
     if recipe.then_retrain:
         retrain = load_recipe(recipe.then_retrain)
         prev = metrics.get("retrain_run")
@@ -165,14 +216,18 @@ def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resu
             train_run = run_train(retrain, genotype=run / "genotype.json", run_dir=prev, resume=True,
                                   progress=progress)
         else:
-            train_dir = new_run_dir(retrain.output_root, retrain.name).resolve()
-            metrics["retrain_run"] = str(train_dir)  # recorded first, so an interrupted retrain is found again
-            write_json(run / "metrics.json", metrics)
-            log.info("retraining with %s in %s", recipe.then_retrain, train_dir)
+            train_dir = None
+            if D.is_main():
+                train_dir = new_run_dir(retrain.output_root, retrain.name).resolve()
+                metrics["retrain_run"] = str(train_dir)  # recorded first, so an interrupted retrain is found again
+                write_json(run / "metrics.json", metrics)
+                log.info("retraining with %s in %s", recipe.then_retrain, train_dir)
+            train_dir = D.broadcast_object(train_dir)
             train_run = run_train(retrain, genotype=run / "genotype.json", run_dir=train_dir, progress=progress)
         metrics["retrain_run"] = str(Path(train_run).resolve())
         metrics["pipeline_seconds"] = metrics.get("pipeline_seconds", 0.0) + time.time() - t_start
-        write_json(run / "metrics.json", metrics)
+        if D.is_main():
+            write_json(run / "metrics.json", metrics)
     return run
 
 
@@ -194,6 +249,8 @@ def run_hpo(recipe: Recipe, workers: int = 1, run_dir: Optional[str | os.PathLik
     import subprocess
 
     check_recipe(recipe, search=True)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise RecipeError("nasreid hpo runs its own worker processes (--workers N); do not start it with torchrun")
     if not hasattr(STRATEGIES.get(recipe.strategy.name), "work"):
         raise RecipeError(f"{recipe.source}: strategy.name: {recipe.strategy.name!r} is not a sampling strategy with "
                           "workers (use 'optuna' with nasreid hpo, or nasreid search)")
@@ -299,6 +356,9 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
         PretrainedWeightsError: a ``model.pretrained`` file that does not fit the network.
     """
     check_recipe(recipe)
+    recipe = _dist_setup(recipe)
+    from . import distributed as D
+
     if resume and run_dir is not None and (Path(run_dir) / "genotype.json").is_file():
         geno = Genotype.load(Path(run_dir) / "genotype.json")
     else:
@@ -313,10 +373,12 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
     if overrides:
         log.info("training settings from the genotype: %s", overrides)
     geno.space_kwargs = {**geno.space_kwargs, **recipe.space.kwargs}
-    geno.save(run / "genotype.json")
+    if D.is_main():
+        geno.save(run / "genotype.json")
     ctx = _context(RunContext, recipe, run, progress)
     net = geno.build(num_classes=ctx.dataset.num_train_pids)
-    geno.write_graphml(run / "genotype.graphml")
+    if D.is_main():
+        geno.write_graphml(run / "genotype.graphml")
     if recipe.model and recipe.model.pretrained and not (run / "checkpoints" / "last.pt").is_file():
         from nasreid.models.pretrained import load_pretrained
 
@@ -325,10 +387,14 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
                  len(report["skipped"]))
     model = ctx.device.model(net)
     history = ctx.train_fixed(model, hooks=[EvalHook(recipe.eval.every, lambda: ctx.evaluate(model))])
+    if not D.is_main():  # rank 0 saves and evaluates; the others wait so that no rank leaves the group early
+        D.barrier()
+        return run
     save_checkpoint(run / "model.pt", {"model": model.state_dict(), "genotype": geno.to_dict(),
                                        "num_classes": ctx.dataset.num_train_pids})
     metrics = {"kind": "train", "space": geno.space, "genotype": geno.choices, "history": history,
-               "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in history), "device": str(ctx.device.device)}
+               "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in history), "device": str(ctx.device.device),
+               "world_size": D.world_size()}
     write_json(run / "metrics.json", metrics)
     results = evaluate_run_model(model, recipe, ctx.device, ctx.dataset, progress=ctx.progress)
     metrics["evaluation"] = results
@@ -337,6 +403,7 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
         ctx.writer.add_scalar(f"final/{name}/rank1", r["rank1"], recipe.optim.epochs)
         ctx.writer.add_scalar(f"final/{name}/mAP", r["mAP"], recipe.optim.epochs)
     ctx.writer.close()
+    D.barrier()
     return run
 
 

@@ -258,6 +258,11 @@ class Trainer:
             augmentations in workers), so resuming with ``workers > 0`` is exact.
         writer: TensorBoard ``SummaryWriter`` (step scalars ``train/<name>``, epoch row ``epoch/<name>``).
         progress: show a tqdm bar per epoch.
+        ddp: the recipe's ``distributed`` section; under ``torchrun`` the model is wrapped in
+            ``DistributedDataParallel`` (:func:`~nasreid.engine.distributed.wrap_model`) and steps call
+            :attr:`forward_model`. ``None``: no wrapper (the step averages gradients itself). In a process
+            group, only rank 0 writes checkpoints and TensorBoard, and each epoch row holds the mean over
+            ranks of the step scalars.
 
     Attributes during :meth:`fit`: ``epoch`` (0-based), ``step`` (0-based within the epoch),
     ``global_step``, ``row`` (the epoch's history row), ``history``, ``last_parts`` (the last step's output).
@@ -267,8 +272,18 @@ class Trainer:
                  epochs: int, loader: Iterable, ctx: DeviceContext,
                  optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None,
                  hooks: Iterable[Hook] = (), run_dir: Optional[str | Path] = None, seed: int = 0,
-                 writer: Any = None, progress: bool = False):
+                 writer: Any = None, progress: bool = False, ddp: Any = None):
+        from . import distributed as D
+
+        self.dist = D.info()
         self.model = model
+        #: what a training step calls: ``DistributedDataParallel(model)`` under torchrun, else ``model``
+        self.forward_model = model
+        if self.dist.enabled and ddp is not None:
+            self.forward_model = D.wrap_model(model, ctx.device, find_unused_parameters=ddp.find_unused_parameters,
+                                              sync_bn=ddp.sync_bn)
+        if not D.is_main():
+            writer, progress = None, False
         self.step_fn = step_fn
         self.epochs = int(epochs)
         self.loader = loader
@@ -370,8 +385,9 @@ class Trainer:
         self.global_step = int(st.get("global_step", 0))
 
     def save(self) -> None:
-        """Atomically write ``last.pt`` for the epoch just finished (see :class:`CheckpointHook`)."""
-        if self.ckpt_path is not None:
+        """Atomically write ``last.pt`` for the epoch just finished (see :class:`CheckpointHook`); rank 0
+        only under torchrun (every rank holds the same weights)."""
+        if self.ckpt_path is not None and self.dist.rank == 0:
             save_checkpoint(self.ckpt_path, self.state_dict())
 
     def resume(self) -> int:
@@ -429,7 +445,12 @@ class Trainer:
             if self.step == 0:
                 raise RecipeError("the training loader yielded no batch: too few images/identities for the batch "
                                   "size (data.batch_size / data.num_instances)")
-            self.row.update({k: v / self.step for k, v in sums.items()})
+            means = {k: v / self.step for k, v in sums.items()}
+            if self.dist.enabled:  # the global epoch mean (equal steps and shard sizes on every rank)
+                from .distributed import all_reduce_mean
+
+                means = all_reduce_mean(means)
+            self.row.update(means)
             for n, s in self.slots.items():
                 self.row["lr" if n == "main" else f"lr_{n}"] = s.optimizer.param_groups[0]["lr"]
                 if s.scheduler is not None:

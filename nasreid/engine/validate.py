@@ -66,6 +66,11 @@ def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = fro
     src = recipe.source or "<recipe>"
     if recipe.plugins:
         load_plugins(recipe.plugins, Path(src).parent if recipe.source else None)
+    if recipe.distributed.sync_bn and not recipe.device.startswith("cuda"):
+        raise RecipeError(f"{src}: distributed.sync_bn: SyncBatchNorm needs device cuda (PyTorch has no CPU "
+                          f"implementation), the recipe's device is {recipe.device!r}")
+    if recipe.distributed.backend == "nccl" and not recipe.device.startswith("cuda"):
+        raise RecipeError(f"{src}: distributed.backend: nccl needs device cuda; use gloo on {recipe.device!r}")
     space = _lookup(SPACES, recipe.space.name, f"{src}: space.name")
     check_kwargs(space, recipe.space.kwargs, f"{src}: space.kwargs", f"search space {recipe.space.name!r}",
                  reserved=("num_classes",))
