@@ -11,21 +11,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from torch import nn
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from _runs import make_untrained_run
+
 import nasreid
-from nasreid.config import load_recipe
 from nasreid.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_transforms
 from nasreid.engine.checkpoint import load_checkpoint, save_checkpoint
 from nasreid.engine.pipeline import load_run_model
 from nasreid.errors import NasreidError, RunFolderError
-from nasreid.export import ExportError, check_parity, default_opset, export_onnx, read_metadata, run_export
-from nasreid.genotype import preset_genotype
+from nasreid.export import (
+    ExportError,
+    check_parity,
+    default_opset,
+    export_onnx,
+    read_metadata,
+    run_export,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,35 +40,7 @@ CUHK01 = {"split_seed": 0, "max_ids": 40}  # 20 test ids: 40 query (camera A) an
 
 def make_run(root: Path, data: Path, recipe_file: str, name: str, space_kwargs: dict, preset: str) -> Path:
     """A retrain run folder (recipe.yaml, genotype.json, model.pt) of ``recipe_file`` on real CUHK01, untrained."""
-    raw = yaml.safe_load((RECIPES / recipe_file).read_text())
-    raw.update(name=name, output_root=str(root))
-    raw["data"].update(dataset={"name": "cuhk01", "root": str(data / "cuhk01"), "kwargs": CUHK01}, workers=0)
-    raw["space"]["kwargs"].update(space_kwargs)
-    raw["eval"]["targets"] = []
-    raw["model"] = {"preset": preset}
-    (root / f"{name}.yaml").write_text(yaml.safe_dump(raw))
-    recipe = load_recipe(root / f"{name}.yaml")
-    run = root / name
-    run.mkdir()
-    (run / "recipe.yaml").write_text(recipe.model_copy(update={"source": None}).to_yaml())
-    geno = preset_genotype(recipe.space.name, preset, **recipe.space.kwargs)
-    geno.save(run / "genotype.json")
-    ds = build_dataset("cuhk01", str(data / "cuhk01"), **CUHK01)
-    torch.manual_seed(0)
-    net = geno.build(num_classes=ds.num_train_pids)
-    tf = build_transforms(recipe.data.height, recipe.data.width, is_train=False)
-    x = torch.stack([tf(ds.read_image(r)) for r in ds.train[:16]])
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
-        net.train()
-        for i in range(2):
-            net(x[8 * i:8 * i + 8])
-    save_checkpoint(run / "model.pt", {"model": net.state_dict(), "genotype": geno.to_dict(),
-                                       "num_classes": ds.num_train_pids})
-    return run
+    return make_untrained_run(root, data, recipe_file, name, space_kwargs, preset, CUHK01)
 
 
 @pytest.fixture(scope="module")

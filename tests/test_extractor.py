@@ -9,15 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from _runs import make_untrained_run
 from PIL import Image
-from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.functional import to_tensor
 
-from nasreid.config import load_recipe
-from nasreid.data import CorruptImageError, build_dataset, build_test_loaders, build_transforms
-from nasreid.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from nasreid.data import (
+    CorruptImageError,
+    build_dataset,
+    build_test_loaders,
+)
+from nasreid.engine.checkpoint import CheckpointError, load_checkpoint
 from nasreid.engine.pipeline import load_run_model
 from nasreid.errors import NasreidError
 from nasreid.evaluation.features import extract_features
@@ -35,36 +37,8 @@ SPACE_KWARGS = {"width_mult": 0.25, "feature_dim": 128}
 def run(tmp_path_factory, shared_data, one_thread) -> Path:
     """A retrain run folder of recipes/osnet_ain_cpu_retrain.yaml (eval.flip: true) on real CUHK01, 128x64,
     width x0.25, untrained: random BN affine parameters, running statistics from train-mode passes."""
-    root = tmp_path_factory.mktemp("extractor")
-    raw = yaml.safe_load((RECIPES / "osnet_ain_cpu_retrain.yaml").read_text())
-    raw.update(name="fx_tiny", output_root=str(root))
-    raw["data"].update(dataset={"name": "cuhk01", "root": str(shared_data / "cuhk01"), "kwargs": CUHK01}, workers=0)
-    raw["space"]["kwargs"].update(SPACE_KWARGS)
-    raw["eval"]["targets"] = []
-    raw["model"] = {"preset": "osnet_ain"}
-    (root / "fx_tiny.yaml").write_text(yaml.safe_dump(raw))
-    recipe = load_recipe(root / "fx_tiny.yaml")
-    run = root / "fx_tiny"
-    run.mkdir()
-    (run / "recipe.yaml").write_text(recipe.model_copy(update={"source": None}).to_yaml())
-    geno = preset_genotype("osnet_ain", "osnet_ain", **recipe.space.kwargs)
-    geno.save(run / "genotype.json")
-    ds = build_dataset("cuhk01", str(shared_data / "cuhk01"), **CUHK01)
-    torch.manual_seed(0)
-    net = geno.build(num_classes=ds.num_train_pids)
-    tf = build_transforms(recipe.data.height, recipe.data.width, is_train=False)
-    x = torch.stack([tf(ds.read_image(r)) for r in ds.train[:16]])
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
-        net.train()
-        for i in range(2):
-            net(x[8 * i:8 * i + 8])
-    save_checkpoint(run / "model.pt", {"model": net.state_dict(), "genotype": geno.to_dict(),
-                                       "num_classes": ds.num_train_pids})
-    return run
+    return make_untrained_run(tmp_path_factory.mktemp("extractor"), shared_data, name="fx_tiny",
+                              space_kwargs=SPACE_KWARGS, cuhk01=CUHK01)
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import yaml
+from _runs import make_untrained_run
+from _trees import cuhk_png, market_name, to_jpg
 from PIL import Image
 
-from _trees import cuhk_png, market_name, to_jpg
 from nasreid.config import DatasetRef
 from nasreid.errors import NasreidError, RunFolderError
-from nasreid.visualize import (MATCH_COLOR, MISMATCH_COLOR, QUERY_COLOR, UNKNOWN_COLOR, RankLayout, VisualizeError,
-                               draw_ranked_list, visualize_ranks)
+from nasreid.visualize import (
+    MATCH_COLOR,
+    MISMATCH_COLOR,
+    QUERY_COLOR,
+    UNKNOWN_COLOR,
+    RankLayout,
+    VisualizeError,
+    draw_ranked_list,
+    visualize_ranks,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,27 +33,8 @@ LAYOUT = RankLayout()
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, shared_data) -> Path:
     """A retrain run folder as ``nasreid train`` leaves it (recipe.yaml, genotype.json, model.pt), untrained."""
-    from nasreid.data import build_dataset
-    from nasreid.engine.checkpoint import save_checkpoint
-    from nasreid.genotype import preset_genotype
-
-    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "osnet_ain_cpu_retrain.yaml").read_text())
-    recipe["data"]["dataset"].update(root=str(shared_data / "cuhk01"), kwargs={"split_seed": 0, "max_ids": MAX_IDS})
-    recipe["data"].update(height=128, width=64, workers=0)
-    recipe["space"]["kwargs"]["width_mult"] = 0.25
-    recipe["eval"]["targets"] = []
-    root = tmp_path_factory.mktemp("vis")
-    recipe["output_root"] = str(root / "results")
-    run = root / "run"
-    run.mkdir()
-    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    geno = preset_genotype("osnet_ain", "osnet_ain", **recipe["space"]["kwargs"])
-    geno.save(run / "genotype.json")
-    n = build_dataset("cuhk01", shared_data / "cuhk01", split_seed=0, max_ids=MAX_IDS).num_train_pids
-    torch.manual_seed(0)
-    net = geno.build(num_classes=n)
-    save_checkpoint(run / "model.pt", {"model": net.state_dict(), "genotype": geno.to_dict(), "num_classes": n})
-    return run
+    return make_untrained_run(tmp_path_factory.mktemp("vis"), shared_data, space_kwargs={"width_mult": 0.25},
+                              cuhk01={"split_seed": 0, "max_ids": MAX_IDS}, perturb_bn=False)
 
 
 @pytest.fixture(scope="module")
