@@ -44,6 +44,23 @@ PROBE = textwrap.dedent('''
             with open(os.path.join(os.environ["PROBE_DIR"], f"pi_rank{rank()}.jsonl"), "a") as fh:
                 fh.write(json.dumps(pis) + "\\n")
             return out
+
+
+    from nasreid.strategies.darts_tcm import DartsTCMStrategy
+
+
+    @register_strategy("darts_probe")
+    class DartsProbe(DartsTCMStrategy):
+        """DARTS-TCM that records alpha and both twin memories on every rank after every step."""
+        name = "darts_probe"
+
+        def step(self, *args, **kwargs):
+            out = super().step(*args, **kwargs)
+            rec = {"alpha": [a.detach().tolist() for a in self.arch_parameters()],
+                   "memories": {k: m.features.sum().item() for k, m in sorted(self.memories.items())}}
+            with open(os.path.join(os.environ["PROBE_DIR"], f"alpha_rank{rank()}.jsonl"), "a") as fh:
+                fh.write(json.dumps(rec) + "\\n")
+            return out
 ''')
 
 EXACT = textwrap.dedent('''
@@ -145,7 +162,7 @@ def _run(args, probe_dir: Path, nproc: int | None = None, timeout: int = 420):
     cmd = [sys.executable, "-m", "nasreid", *args] + (["--nproc", str(nproc)] if nproc else [])
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:  # the failing rank's own lines first (torchrun prefixes them [rankN])
-        ranks = "\n".join(line for line in p.stderr.splitlines() if line.startswith("[rank") or "Error" in line)
+        ranks = "\n".join(line for line in p.stderr.splitlines() if line.startswith("[rank") or "rror" in line)
         pytest.fail(f"{' '.join(cmd)} exited {p.returncode}:\n{ranks[-4000:]}\n--- stderr tail ---\n{p.stderr[-2000:]}")
     return p
 
@@ -255,6 +272,30 @@ def test_ddp_matches_single_process_of_the_same_global_batch(ddp_runs):
     for x, y in zip(a, b):
         assert x["steps"] == y["steps"] and x["lr"] == y["lr"]
         assert abs(x["loss"] - y["loss"]) < 0.02 * y["loss"], (x["loss"], y["loss"])
+
+
+def test_darts_tcm_alpha_and_memories_identical_on_both_ranks(tmp_path, shared_data):
+    """DARTS-TCM under torchrun (no DDP wrapper: each update averages its own gradients; the twin memories are
+    updated with the gathered global batch): alpha and both memories identical on the two ranks, every step."""
+    import yaml
+
+    (tmp_path / "probe_plugin.py").write_text(PROBE)
+    recipe = {"name": "ddp_darts", "seed": 0, "device": "cpu", "output_root": str(tmp_path / "results"),
+              "data": {"dataset": {"name": "cuhk01", "root": str(shared_data / "cuhk01"),
+                                   "kwargs": {"split_seed": 0, "max_ids": 40}},
+                       "height": 64, "width": 32, "batch_size": 16, "num_instances": 4, "workers": 0},
+              "space": {"name": "msinet", "kwargs": {"width_mult": 0.125}},
+              "strategy": {"name": "darts_probe", "kwargs": {"arch_lr": 0.05}},
+              "optim": {"lr": 0.05, "epochs": 1, "scheduler": "constant", "warmup_epochs": 0},
+              "plugins": ["probe_plugin.py"]}
+    (tmp_path / "darts.yaml").write_text(yaml.safe_dump(recipe))
+    _run(["search", str(tmp_path / "darts.yaml"), "--out", str(tmp_path / "run")], tmp_path / "probe", nproc=2)
+    r0 = _pis(tmp_path / "probe" / "alpha_rank0.jsonl")
+    r1 = _pis(tmp_path / "probe" / "alpha_rank1.jsonl")
+    assert len(r0) == len(r1) >= 2
+    assert r0 == r1
+    assert r0[-1]["alpha"] != r0[0]["alpha"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
 
 
 @pytest.mark.parametrize("mode", ["ddp", "avg"])
