@@ -384,3 +384,17 @@ def test_rmgl_loss_id_reduction_mean_divides_by_the_number_of_classifiers():
     assert torch.allclose(m * 5, s) and math.isclose(pm["ce"] * 5, ps["ce"], rel_tol=1e-6)
     with pytest.raises(ValueError, match="id_reduction"):
         build_rmgl_loss(3, id_reduction="max")
+
+
+def test_equal_stripe_pool_and_running_max_equal_the_torch_ops_they_replace():
+    """The ONNX-exportable forms (static slices, elementwise maxima) equal F.adaptive_max_pool2d(y, (n, 1)) and
+    torch.cummax exactly, for every n <= H, divisible or not."""
+    from nasreid.models.rmgl import _running_max, equal_stripe_pool
+
+    g = torch.Generator().manual_seed(0)
+    for h in (1, 3, 5, 8, 12, 16):
+        for n in range(1, h + 1):
+            y = torch.randn(2, 3, h, 4, generator=g)
+            assert torch.equal(equal_stripe_pool(y, n), F.adaptive_max_pool2d(y, (n, 1)).flatten(2)), (h, n)
+    x = torch.randint(-9, 9, (5, 7), generator=g)
+    assert torch.equal(_running_max(x), torch.cummax(x, dim=1).values)

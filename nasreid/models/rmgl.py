@@ -33,6 +33,7 @@ __all__ = [
     "FeatureReduction",
     "RMGLBranch",
     "abp_boundaries",
+    "equal_stripe_pool",
     "merge_partitions",
     "receptive_partition",
     "stripe_pool",
@@ -194,8 +195,27 @@ def abp_boundaries(fmap: torch.Tensor, n: int) -> torch.Tensor:
         raw[:, n] = height
         # strictly increasing with one row at least per stripe: c_k = h_k - k is made non-decreasing
         # (running maximum) and capped at H - n, which keeps h_0 = 0 and h_n = H
-        c = torch.cummax(raw - ks, dim=1).values.clamp(max=height - n)
+        c = _running_max(raw - ks).clamp(max=height - n)
         return c + ks
+
+
+def _running_max(x: torch.Tensor) -> torch.Tensor:
+    """``torch.cummax(x, dim=1).values`` for ``[B, m]`` with small ``m``, written as ``m - 1`` elementwise maxima
+    so that the ONNX exporter can translate it (``aten::cummax`` has no ONNX counterpart)."""
+    cols = [x[:, 0]]
+    for k in range(1, x.shape[1]):
+        cols.append(torch.maximum(cols[-1], x[:, k]))
+    return torch.stack(cols, dim=1)
+
+
+def equal_stripe_pool(y: torch.Tensor, n: int) -> torch.Tensor:
+    """Max over ``n`` horizontal stripes of equal height: ``[B, C, H, W] -> [B, C, n]``, exactly
+    ``F.adaptive_max_pool2d(y, (n, 1)).flatten(2)`` (stripe ``i`` covers rows ``floor(i H / n)`` to
+    ``ceil((i + 1) H / n) - 1``, so stripes overlap by a row when ``n`` does not divide ``H``), written with static
+    slices so that it exports to ONNX for every ``H`` (uneven adaptive pooling does not)."""
+    height = y.shape[2]
+    return torch.stack([y[:, :, (i * height) // n:-((-(i + 1) * height) // n)].amax(dim=(2, 3)) for i in range(n)],
+                       dim=2)
 
 
 def stripe_pool(fmap: torch.Tensor, bounds: torch.Tensor, mode: str = "max") -> torch.Tensor:
@@ -224,8 +244,9 @@ def stripe_pool(fmap: torch.Tensor, bounds: torch.Tensor, mode: str = "max") -> 
     bsz, _, height, width = fmap.shape
     if bounds.dim() != 2 or bounds.shape[0] != bsz or bounds.shape[1] < 2:
         raise ValueError(f"bounds must be [B={bsz}, n + 1 >= 2], got shape {tuple(bounds.shape)}")
-    if bool((bounds[:, 0] != 0).any()) or bool((bounds[:, -1] != height).any()) or bool(
-            (bounds[:, 1:] <= bounds[:, :-1]).any()):
+    # the value check reads the tensor on the host: skipped while torch.export / torch.compile trace the graph
+    if not torch.compiler.is_compiling() and (bool((bounds[:, 0] != 0).any()) or bool(
+            (bounds[:, -1] != height).any()) or bool((bounds[:, 1:] <= bounds[:, :-1]).any())):
         raise ValueError(f"bounds must increase strictly from 0 to H={height}; got {bounds.tolist()}")
     r = torch.arange(height, device=fmap.device).view(1, 1, height)
     mask = (r >= bounds[:, :-1].unsqueeze(2)) & (r < bounds[:, 1:].unsqueeze(2))  # [B, n, H]
@@ -352,7 +373,7 @@ class RMGLBranch(nn.Module):
         if self.abp and not self.training:
             stripes = stripe_pool(y, abp_boundaries(y, n), self.abp_pool)  # [B, C, n]
         else:
-            stripes = F.adaptive_max_pool2d(y, (n, 1)).flatten(2)  # [B, C, n]
+            stripes = equal_stripe_pool(y, n)  # [B, C, n], = F.adaptive_max_pool2d(y, (n, 1))
         out += list(stripes.unbind(dim=2))
         if z is not None:
             per_stripe = z.amax(dim=(3, 4))  # [n, B, C]
