@@ -9,6 +9,8 @@
     nasreid export results/<retrain-run> --format onnx  # model.onnx + parity on real images of its dataset
     nasreid visualize results/<retrain-run> --queries 10 # ranked lists as PNG (green/red: true/false match)
     nasreid profile preset:osnet_ain --space osnet_ain  # params, multiply-adds, latency (batch 1 and 64)
+    nasreid evaluate RUN --matcher qaconv --post tlift # a learned matcher / post-processors instead of the recipe's
+    nasreid match RUN --query 0 --gallery 5            # QAConv score + local correspondences picture
     nasreid search recipe.yaml --nproc 2               # data-parallel (torchrun) on this machine
     nasreid list [spaces|strategies|datasets|losses|matchers|postprocessors|methods] [PATTERN]
 
@@ -57,6 +59,18 @@ def _targets(specs: Sequence[str]):
             kwargs[k] = yaml.safe_load(v)
         refs.append(DatasetRef(name=name, root=root or None, kwargs=kwargs))
     return refs
+
+
+def _named(spec: str):
+    """``name[:k=v,k=v]`` -> NamedConfig (values YAML-typed)."""
+    from nasreid.config import NamedConfig
+
+    name, _, kw = spec.partition(":")
+    kwargs = {}
+    for item in filter(None, kw.split(",")):
+        k, _, v = item.partition("=")
+        kwargs[k] = yaml.safe_load(v)
+    return NamedConfig(name=name, kwargs=kwargs)
 
 
 def _recipe_and_run(args):
@@ -124,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-domain dataset (repeatable); default: the recipe's eval.targets")
     e.add_argument("--no-same-domain", action="store_true", help="skip the training dataset's test split")
     e.add_argument("--device", help="override the recipe's device")
+    e.add_argument("--matcher", metavar="NAME[:k=v,...]", help="a registered matcher instead of the recipe's, "
+                   "e.g. qaconv:block_size=128 (a run trained with training.method qaconv)")
+    e.add_argument("--post", action="append", default=None, metavar="NAME[:k=v,...]",
+                   help="row post-processors instead of the recipe's, in order (repeatable), e.g. rerank, "
+                   "tlift:preset=public_code")
 
     p = sub.add_parser("plot", help="plot architecture-weight trajectories of a search run (an HPO run: Optuna's "
                        "history, intermediate values, importances / Pareto front)")
@@ -154,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", help="output folder (default: RUN/ranks)")
     v.add_argument("--device", help="override the recipe's device")
+
+    mt = sub.add_parser("match", parents=[plugin], help="QAConv score of one query/gallery pair and a picture of "
+                        "their strongest local correspondences (a run trained with training.method qaconv)")
+    mt.add_argument("run")
+    mt.add_argument("--query", type=int, required=True, help="index into the query list")
+    mt.add_argument("--gallery", type=int, required=True, help="index into the gallery list")
+    mt.add_argument("--top", type=int, default=12, help="correspondences to draw")
+    mt.add_argument("--target", metavar="NAME[=ROOT][:k=v,...]", help="a cross-domain dataset instead of the run's")
+    mt.add_argument("--out", help="PNG path (default: RUN/match/q<query>_g<gallery>.png)")
+    mt.add_argument("--device")
 
     pr = sub.add_parser("profile", parents=[plugin], help="parameters, multiply-adds and measured latency of a "
                         "genotype (CPU, and GPU when there is one)")
@@ -285,7 +314,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(json.dumps(json.loads((run / "metrics.json").read_text()).get("evaluation", {}), indent=2))
         elif args.command == "evaluate":
             res = pipeline.run_evaluate(args.run, targets=_targets(args.target) or None, device=args.device,
-                                        same_domain=not args.no_same_domain)
+                                        same_domain=not args.no_same_domain,
+                                        matcher=_named(args.matcher) if args.matcher else None,
+                                        postprocessors=[_named(p) for p in args.post] if args.post else None)
             print(json.dumps(res, indent=2))
         elif args.command == "plot":
             from nasreid.plot import plot_alpha_trajectories
@@ -316,6 +347,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                     device=args.device, query_ids=args.query_id or None)
             for f in files:
                 print(f)
+        elif args.command == "match":
+            from nasreid.visualize import match_pair
+
+            rep = match_pair(args.run, args.query, args.gallery, out=args.out, top=args.top,
+                             target=_targets([args.target])[0] if args.target else None, device=args.device)
+            print(json.dumps({k: v for k, v in rep.items() if k != "correspondences"}, indent=2))
         elif args.command == "profile":
             from nasreid.profile import format_profile, profile_network
 

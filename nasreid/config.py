@@ -53,6 +53,14 @@ class RSAConfig(_Strict):
     r_w_min: float = Field(0.5, gt=0, le=1)
 
 
+class RandomBlockConfig(_Strict):
+    """Random Block (QAConv, Liao & Shao, ECCV 2020, Sec. 5.1): with probability ``p`` a white square of side
+    drawn up to ``max_ratio`` x image width, fully inside the image."""
+
+    p: float = Field(0.5, ge=0, le=1)
+    max_ratio: float = Field(0.8, gt=0, le=1)
+
+
 class AugmentConfig(_Strict):
     """Training augmentation (torchvision v2)."""
 
@@ -61,6 +69,7 @@ class AugmentConfig(_Strict):
     random_erasing: bool = False
     pad: int = Field(0, ge=0)
     rsa: Optional[RSAConfig] = Field(None, description="random shifting augmentation (RMGL Sec. III-D); None: off")
+    random_block: Optional[RandomBlockConfig] = Field(None, description="Random Block (QAConv Sec. 5.1); None: off")
 
 
 class DatasetRef(_Strict):

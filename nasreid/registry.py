@@ -135,9 +135,12 @@ SPACES: Registry[type] = Registry("search space", ("nasreid.search_spaces",))
 STRATEGIES: Registry[type] = Registry("strategy", ("nasreid.strategies",))
 DATASETS: Registry[Callable] = Registry("dataset", ("nasreid.data.datasets",))
 LOSSES: Registry[Callable] = Registry("loss", ("nasreid.losses",))
-MATCHERS: Registry[Callable] = Registry("matcher", ("nasreid.evaluation.matchers",))
-POSTPROCESSORS: Registry[Callable] = Registry("post-processor", ("nasreid.evaluation.matchers",))
-METHODS: Registry[Callable] = Registry("training method", ("nasreid.engine.methods",))
+MATCHERS: Registry[Callable] = Registry("matcher", ("nasreid.evaluation.matchers", "nasreid.evaluation.qaconv"))
+POSTPROCESSORS: Registry[Callable] = Registry("post-processor", ("nasreid.evaluation.matchers",
+                                                                 "nasreid.evaluation.rerank",
+                                                                 "nasreid.evaluation.tlift"))
+METHODS: Registry[Callable] = Registry("training method", ("nasreid.engine.methods",
+                                                            "nasreid.engine.qaconv_method"))
 
 #: every registry by the plural name ``nasreid list`` prints
 ALL_REGISTRIES: dict[str, Registry] = {

@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 from nasreid.errors import NasreidError, RunFolderError
 
 __all__ = ["VisualizeError", "RankLayout", "draw_ranked_list", "render_ranked_list", "visualize_ranks",
+           "correspondences", "draw_correspondences", "match_pair",
            "QUERY_COLOR", "MATCH_COLOR", "MISMATCH_COLOR", "UNKNOWN_COLOR"]
 
 log = logging.getLogger("nasreid")
@@ -447,3 +448,139 @@ def visualize_ranks(run_dir: str | os.PathLike, *, queries: int = 10, topk: int 
     })
     files.append(out_dir / "ranks.json")
     return files
+
+
+# ---------------------------------------------------------------------------------------------------
+def correspondences(qmap: "torch.Tensor", gmap: "torch.Tensor", top: int = 12) -> list[dict[str, Any]]:
+    """The strongest local correspondences between two QAConv feature maps (Liao & Shao, ECCV 2020, Sec. 3.1
+    and Fig. 2): for every query location its best-matching gallery location (the max that QAConv's global max
+    pooling keeps, kernel s = 1: cosine similarity of the L2-normalised channel vectors), the ``top`` strongest
+    kept, strongest first.
+
+    Args:
+        qmap, gmap: ``[d, h, w]`` L2-normalised maps of one query and one gallery image (``head.extract``).
+        top: number of correspondences to keep (>= 1).
+
+    Returns:
+        ``[{"query": (row, col), "gallery": (row, col), "similarity": float}, ...]`` in map coordinates.
+
+    Raises:
+        VisualizeError: maps of different shapes or not 3-D, ``top < 1``.
+    """
+    import torch
+
+    top = _positive_int(top, "top")
+    if qmap.dim() != 3 or qmap.shape != gmap.shape:
+        raise VisualizeError(f"qmap and gmap must be [d, h, w] of one shape, got {tuple(qmap.shape)} and "
+                             f"{tuple(gmap.shape)}")
+    _, h, w = qmap.shape
+    sim = torch.einsum("dq,dg->qg", qmap.reshape(qmap.shape[0], -1).float(), gmap.reshape(gmap.shape[0], -1).float())
+    best, where = sim.max(dim=1)  # [hw]: best gallery location of every query location
+    order = best.argsort(descending=True)[:top]
+    return [{"query": (int(i) // w, int(i) % w), "gallery": (int(where[i]) // w, int(where[i]) % w),
+             "similarity": float(best[i])} for i in order]
+
+
+def draw_correspondences(query: ImageLike, gallery: ImageLike, pairs: Sequence[dict[str, Any]],
+                         map_size: tuple[int, int], out_path: str | os.PathLike, *, height: int = 256,
+                         caption: Optional[str] = None) -> Path:
+    """Draw ``pairs`` (from :func:`correspondences`) as lines between the two images side by side, the centres
+    of the matched feature-map cells joined, colour from red (weakest kept) to green (strongest), as in the
+    QAConv paper's Fig. 2. Both images are resized to ``height`` px (aspect kept).
+
+    Args:
+        query, gallery: image paths or PIL images. map_size: ``(h, w)`` of the feature maps.
+        out_path: PNG to write. caption: text under the images (e.g. the QAConv score).
+
+    Returns:
+        The written path.
+
+    Raises:
+        VisualizeError: empty ``pairs`` or a bad ``map_size``.
+    """
+    if not pairs:
+        raise VisualizeError("pairs is empty: nothing to draw")
+    mh, mw = (int(v) for v in map_size)
+    if mh < 1 or mw < 1:
+        raise VisualizeError(f"map_size must be positive, got {map_size}")
+    imgs = []
+    for img, what in ((query, "query"), (gallery, "gallery")):
+        im = _open(img, what).convert("RGB")
+        imgs.append(im.resize((max(1, round(im.width * height / im.height)), height)))
+    gap, margin, cap_h = 40, 10, 24 if caption else 0
+    width = imgs[0].width + gap + imgs[1].width + 2 * margin
+    canvas = Image.new("RGB", (width, height + 2 * margin + cap_h), _BACKGROUND)
+    x0, x1 = margin, margin + imgs[0].width + gap
+    canvas.paste(imgs[0], (x0, margin))
+    canvas.paste(imgs[1], (x1, margin))
+    draw = ImageDraw.Draw(canvas)
+    sims = [p["similarity"] for p in pairs]
+    lo, hi = min(sims), max(sims)
+
+    def centre(rc, x_off, im):
+        r, c = rc
+        return x_off + (c + 0.5) * im.width / mw, margin + (r + 0.5) * im.height / mh
+
+    for p in sorted(pairs, key=lambda p: p["similarity"]):  # strongest drawn last, on top
+        t = 0.0 if hi == lo else (p["similarity"] - lo) / (hi - lo)
+        colour = (int(220 * (1 - t)), int(170 * t + 30 * (1 - t)), 0)
+        a, b = centre(p["query"], x0, imgs[0]), centre(p["gallery"], x1, imgs[1])
+        draw.line([a, b], fill=colour, width=2)
+        for x, y in (a, b):
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], outline=colour, width=2)
+    if caption:
+        draw.text((margin, height + 2 * margin), caption, fill=_TEXT, font=_font(12))
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+def match_pair(run_dir: str | os.PathLike, query: int, gallery: int, *, out: Optional[str | os.PathLike] = None,
+               top: int = 12, target=None, device: Optional[str] = None) -> dict[str, Any]:
+    """``nasreid match``: the QAConv score of query ``query`` against gallery image ``gallery`` (indices into
+    the run's test split, or ``target``'s) and a picture of their strongest local correspondences.
+
+    Needs a run trained with ``training.method: qaconv`` (its network carries the QAConv head).
+
+    Returns:
+        ``{"query": path, "gallery": path, "query_pid", "gallery_pid", "score": sigmoid QAConv similarity,
+        "correspondences": [...], "picture": PNG path}``; the PNG defaults to
+        ``RUN/match/q<query>_g<gallery>.png``.
+
+    Raises:
+        VisualizeError: an index out of range or a run whose network has no QAConv head.
+        RunFolderError: not a run folder.
+    """
+    import torch
+
+    from nasreid.config import resolve_data_root
+    from nasreid.data import build_dataset, build_transforms
+    from nasreid.engine.pipeline import load_run_model
+
+    model, recipe, _ = load_run_model(run_dir, device=device)
+    head = getattr(model, "qaconv", None)
+    if head is None:
+        raise VisualizeError(f"{run_dir}: the network has no QAConv head; train it with training.method: qaconv")
+    ref = _target_ref(target) if target is not None else recipe.data.dataset
+    kw = {"eval_only": True} if target is not None else {}
+    ds = build_dataset(ref.name, resolve_data_root(ref.root), **kw, **ref.kwargs)
+    for idx, split, name in ((query, ds.query, "query"), (gallery, ds.gallery, "gallery")):
+        if not 0 <= int(idx) < len(split):
+            raise VisualizeError(f"{name}: {idx} is not an index of the {len(split)} {name} images")
+    q, g = ds.query[int(query)], ds.gallery[int(gallery)]
+    tf = build_transforms(recipe.data.height, recipe.data.width, is_train=False)
+    dev = torch.device(device or ("cpu" if not recipe.device.startswith("cuda") or not torch.cuda.is_available()
+                                  else recipe.device))
+    model = model.to(dev).eval()
+    with torch.no_grad():
+        x = torch.stack([tf(ds.read_image(q)), tf(ds.read_image(g))]).to(dev)
+        maps = head.extract(model, x)
+        score = float(head.similarity(maps[:1], maps[1:2]).reshape(-1)[0])
+    pairs = correspondences(maps[0].cpu(), maps[1].cpu(), top=top)
+    out = Path(out) if out is not None else Path(run_dir) / "match" / f"q{int(query)}_g{int(gallery)}.png"
+    caption = (f"query {int(query)} (pid {q.pid}, cam {q.camid})  vs  gallery {int(gallery)} (pid {g.pid}, "
+               f"cam {g.camid}): QAConv score {score:.3f}")
+    draw_correspondences(ds.read_image(q), ds.read_image(g), pairs, tuple(maps.shape[2:]), out, caption=caption)
+    return {"query": q.path, "gallery": g.path, "query_pid": q.pid, "gallery_pid": g.pid, "score": score,
+            "correspondences": pairs, "picture": str(out)}

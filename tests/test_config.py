@@ -74,8 +74,8 @@ def test_space_and_dataset_kwargs_are_checked_against_signatures(tmp_path):
     p = write(tmp_path, BASE + "eval: {matcher: {name: distance, kwargs: {metrc: euclidean}}}\n")
     with pytest.raises(RecipeError, match=r"eval\.matcher\.kwargs\.metrc: unknown argument of matcher 'distance'"):
         check_recipe(load_recipe(p))
-    p = write(tmp_path, BASE + "eval: {postprocessors: [{name: rerank}]}\n")
-    with pytest.raises(RecipeError, match=r"eval\.postprocessors\[0\]\.name: unknown post-processor 'rerank'"):
+    p = write(tmp_path, BASE + "eval: {postprocessors: [{name: no_such_postprocessor}]}\n")
+    with pytest.raises(RecipeError, match=r"eval\.postprocessors\[0\]\.name: unknown post-processor 'no_such_postprocessor'"):
         check_recipe(load_recipe(p))
     p = write(tmp_path, BASE + "model: {pretrained: no/such/weights.pth}\n")
     with pytest.raises(RecipeError, match="model.pretrained: weights file not found"):

@@ -184,6 +184,7 @@ def build_transforms(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     rsa: Mapping[str, float] | None = None,
+    random_block: Mapping[str, float] | None = None,
 ) -> v2.Compose:
     """Build the train or test transform pipeline.
 
@@ -199,6 +200,10 @@ def build_transforms(
             ``None`` disables it, a mapping (keys ``p``, ``p_c``, ``r_c_min``, ``r_h_min``, ``r_w_min``, the
             recipe's ``data.augment.rsa``) adds ``RandomShift(**rsa)`` on the uint8 image right after resize
             and flip (before pad/crop, colour jitter and normalisation).
+        random_block: Random Block (QAConv, Liao & Shao ECCV 2020, Sec. 5.1: a white square of side up to
+            ``max_ratio`` x width; :class:`~nasreid.data.random_block.RandomBlock`), train only: ``None`` disables
+            it, a mapping (``p``, ``max_ratio``: the recipe's ``data.augment.random_block``) adds it on the uint8
+            image after the geometric augmentations, before normalisation (so "white" is 255).
 
     Returns:
         ``v2.Compose`` mapping an RGB ``PIL.Image`` to a ``torch.float32`` tensor ``[3, height, width]``.
@@ -225,6 +230,10 @@ def build_transforms(
             ops += [v2.Pad(pad), v2.RandomCrop((height, width))]
         if color_jitter:
             ops.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0))
+        if random_block is not None:
+            from .random_block import RandomBlock
+
+            ops.append(RandomBlock(**random_block))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
     if is_train and random_erasing:
         ops.append(v2.RandomErasing(p=0.5, value=0))

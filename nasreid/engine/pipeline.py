@@ -28,7 +28,7 @@ from torch import nn
 from nasreid.config import DatasetRef, Recipe, RecipeError, apply_overrides, load_recipe, resolve_data_root
 from nasreid.errors import RunFolderError
 from nasreid.genotype import Genotype, GenotypeError, preset_genotype
-from nasreid.registry import STRATEGIES
+from nasreid.registry import METHODS, STRATEGIES
 
 from .checkpoint import load_checkpoint, new_run_dir, read_json, save_checkpoint, seed_everything, write_json
 from .context import RunContext, SearchContext, progress_enabled
@@ -502,6 +502,9 @@ def load_run_model(run_dir: str | os.PathLike, device: Optional[str] = None) -> 
         w = [v for k, v in state.items() if "classifier" in k and k.endswith("weight") and v.dim() == 2]
         num_classes = int(w[0].shape[0]) if w else 0
     model = geno.build(num_classes=num_classes)
+    prepare = getattr(METHODS.get(recipe.training.method), "prepare_network", None)
+    if prepare is not None:  # method-owned modules saved with the network (QAConv's head)
+        model = prepare(model, recipe)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -511,8 +514,13 @@ def load_run_model(run_dir: str | os.PathLike, device: Optional[str] = None) -> 
 
 
 def run_evaluate(run_dir: str | os.PathLike, targets: Optional[list[DatasetRef]] = None,
-                 device: Optional[str] = None, same_domain: bool = True) -> dict[str, dict[str, Any]]:
+                 device: Optional[str] = None, same_domain: bool = True, matcher=None,
+                 postprocessors: Optional[list] = None) -> dict[str, dict[str, Any]]:
     """Evaluate the model of a retrain run folder (``model.pt``, or ``checkpoints/last.pt``).
+
+    ``matcher`` / ``postprocessors`` (``NamedConfig`` s, e.g. ``qaconv`` / ``tlift``) replace the recipe's
+    ``eval.matcher`` / ``eval.postprocessors`` for this evaluation; the result keys then carry them, e.g.
+    ``"cuhk03np (cross-domain) [qaconv+tlift]"``, so several evaluations of one run sit side by side.
 
     Args:
         targets: datasets to evaluate on instead of the recipe's ``eval.targets``.
@@ -527,6 +535,17 @@ def run_evaluate(run_dir: str | os.PathLike, targets: Optional[list[DatasetRef]]
     run = Path(run_dir)
     setup_logging(None)
     model, recipe, _ = load_run_model(run, device=device)
+    tag = ""
+    if matcher is not None or postprocessors is not None:
+        upd = {}
+        if matcher is not None:
+            upd["matcher"] = matcher
+        if postprocessors is not None:
+            upd["postprocessors"] = list(postprocessors)
+        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update=upd)})
+        check_recipe(recipe)
+        e = recipe.eval
+        tag = " [" + "+".join([e.matcher.name if e.matcher else "distance"] + [p.name for p in e.postprocessors]) + "]"
     ctx = device_context(recipe.device, recipe.amp, recipe.channels_last)
     model = ctx.model(model)
     if targets is None:
@@ -535,6 +554,7 @@ def run_evaluate(run_dir: str | os.PathLike, targets: Optional[list[DatasetRef]]
         check_recipe(recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"targets": list(targets)})}))
     results = evaluate_run_model(model, recipe, ctx, targets=targets, same_domain=same_domain,
                                  progress=progress_enabled())
+    results = {k + tag: v for k, v in results.items()}
     metrics = read_json(run / "metrics.json", {}) or {}
     metrics.setdefault("evaluation", {}).update(results)
     write_json(run / "metrics.json", metrics)

@@ -187,6 +187,9 @@ class PostProcessor:
     """
 
     higher_is_better: bool | None = None
+    #: set by :func:`evaluate_matcher` before :meth:`prepare`: the convention of this post-processor's input
+    #: (the matcher's, or that of the post-processor before it in the chain)
+    input_higher_is_better: bool | None = None
 
     def prepare(self, query: FeatureSet, gallery: FeatureSet, matcher: Matcher) -> None:
         """Called once, after ``matcher.prepare_gallery``: read stamps (``frames``, ``times``, ``camids``) or
@@ -240,10 +243,10 @@ def evaluate_matcher(matcher: Matcher, query: FeatureSet, gallery: FeatureSet, *
     acc = RankAccumulator(max_rank)
     post = list(postprocessors)
     matcher.prepare_gallery(gallery)
-    for p in post:
-        p.prepare(query, gallery, matcher)
     higher = matcher.higher_is_better
     for p in post:
+        p.input_higher_is_better = higher  # the convention of the scores p will be given (after the ones before it)
+        p.prepare(query, gallery, matcher)
         higher = higher if p.higher_is_better is None else p.higher_is_better
     gal = _GalleryIndex(gallery.pids, gallery.camids)
     ws = _Workspace()

@@ -18,6 +18,7 @@ from torch import nn
 
 from nasreid.registry import LOSSES
 
+from .class_memory import ClassMemoryLoss, build_class_memory_loss  # registers "class_memory"
 from .classification import CrossEntropyLabelSmooth, check_targets
 from .msinet import MSINetLoss, build_msinet_loss  # registers "msinet"
 from .rmgl import RMGLLoss, build_rmgl_loss  # registers "rmgl"

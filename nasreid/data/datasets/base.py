@@ -83,8 +83,10 @@ class ImageRecord:
         seq: video sequence index of the camera (Market-1501 ``sS``: frame numbers restart in each sequence), or
             ``None`` when the layout has none.
         frame: frame number in the camera's video (Market-1501, DukeMTMC-reID, MSMT17 names), ``None`` unknown.
-        time: capture time in **seconds** on a clock shared by the cameras, ``None`` unless known (no official
-            layout gives one; a custom parser may). ``seq``/``frame``/``time`` feed time-aware post-processors
+        time: capture time in **seconds** on a clock shared by the cameras, ``None`` unless known: DukeMTMC-reID
+            from its frame numbers and the devkit's camera offsets; Market-1501 with ``timestamps: true``
+            (frames made cumulative per camera over its sessions, 25 fps, QAConv/TLift Sec. 5.2); a custom
+            parser may set it. ``seq``/``frame``/``time`` feed time-aware post-processors
             such as TLift (see :mod:`nasreid.evaluation.matchers`).
 
     Positional construction ``ImageRecord(path, pid, camid[, dsetid])`` is unchanged.

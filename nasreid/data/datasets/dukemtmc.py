@@ -10,16 +10,32 @@ Layout (same folders as Market-1501)::
 ``C`` camera 1..8 → camid C-1; ``FFFFFFF`` frame (kept as ``ImageRecord.frame``); train pids relabelled
 0..N-1. Duke has no pid-0/-1 images, but a ``-1`` junk pid is tolerated (dropped from train) for derived layouts.
 Non-matching names raise :class:`DatasetLayoutError` naming the file (``strict=False``: warn and skip).
+
+Time stamps (default ``timestamps=True``): the frame numbers are per camera, and the eight DukeMTMC cameras are
+synchronised by per-camera start offsets. :data:`DUKEMTMC_START_FRAMES` are the offsets of the official
+DukeMTMC devkit (Ristani et al., ECCVW 2016; its local-to-global frame conversion
+``global = local + start(cam) - 1``, in frames at 59.94 fps), so :func:`dukemtmc_times` gives
+``time = (frame + start[cam] - 1) / 59.94`` seconds on a clock shared by the cameras (as Liao & Shao, ECCV 2020,
+Sec. 5.2 did for TLift). The offsets are the devkit's, copied here, not re-derived; a camera outside 1..8
+(derived layouts) gets no time.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+
+import numpy as np
 
 from .base import ReIDDataset, register_dataset, resolve_root
 from .market1501 import parse_bbox_layout
 
-__all__ = ["DukeMTMCreID", "parse_dukemtmc_name"]
+__all__ = ["DukeMTMCreID", "parse_dukemtmc_name", "dukemtmc_times", "DUKEMTMC_START_FRAMES", "DUKEMTMC_FPS"]
+
+#: start frame of cameras 1..8 on the global DukeMTMC clock (DukeMTMC devkit; at :data:`DUKEMTMC_FPS`)
+DUKEMTMC_START_FRAMES = (5543, 3607, 27244, 31182, 1, 22402, 18968, 46766)
+#: frame rate of the DukeMTMC videos
+DUKEMTMC_FPS = 59.94
 
 _DUKE_RE = re.compile(r"^(-?\d+)_c(\d+)_f(\d+)\.(?:jpe?g|png|bmp)$", re.IGNORECASE)
 
@@ -40,6 +56,47 @@ def parse_dukemtmc_name(filename: str | os.PathLike) -> tuple[int, int, int]:
     return pid, cam - 1, frame
 
 
+def dukemtmc_times(camids, frames, fps: float = DUKEMTMC_FPS) -> np.ndarray:
+    """Capture times in seconds of DukeMTMC-reID images on the cameras' shared clock.
+
+    ``time = (frame + DUKEMTMC_START_FRAMES[camid] - 1) / fps`` (devkit offsets, see the module docstring).
+
+    Args:
+        camids: ``[N]`` 0-based cameras (0..7 = cameras 1..8). frames: ``[N]`` per-camera frame numbers
+            (negative or ``None`` = unknown).
+        fps: frames per second (59.94).
+
+    Returns:
+        float64 ``[N]``; ``nan`` for an unknown frame or a camera outside 0..7.
+
+    Raises:
+        ValueError: arrays of different lengths, or ``fps <= 0``.
+
+    Example: frame 100 of camera 5 (camid 4, start 1) is at ``100 / 59.94 = 1.668`` s; frame 100 of camera 1
+    (start 5543) at ``5642 / 59.94 = 94.13`` s.
+    """
+    def ints(a):
+        return np.array([-1 if v is None else int(v) for v in np.asarray(a, dtype=object).ravel()], dtype=np.int64)
+
+    cam, frame = ints(camids), ints(frames)
+    if len(cam) != len(frame):
+        raise ValueError(f"camids and frames must have the same length, got {len(cam)} and {len(frame)}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    start = np.asarray(DUKEMTMC_START_FRAMES, dtype=np.float64)
+    ok = (cam >= 0) & (cam < len(start)) & (frame >= 0)
+    out = np.full(len(cam), np.nan, dtype=np.float64)
+    out[ok] = (frame[ok] + start[cam[ok]] - 1) / fps
+    return out
+
+
+def _with_duke_times(records):
+    if not records:
+        return records
+    times = dukemtmc_times([r.camid for r in records], [r.frame for r in records])
+    return [dataclasses.replace(r, time=None if np.isnan(t) else float(t)) for r, t in zip(records, times)]
+
+
 def _duke_fields(filename: str) -> dict:
     pid, camid, frame = parse_dukemtmc_name(filename)
     return dict(pid=pid, camid=camid, frame=frame)
@@ -54,6 +111,9 @@ class DukeMTMCreID(ReIDDataset):
             (``None`` → ``$NASREID_DATA/dukemtmc``).
         strict: raise on a non-matching image name (default) instead of warning and skipping.
         eval_only: evaluation-only target: ``bounding_box_train`` is not read (may be missing), train is empty.
+        timestamps: give every record a ``time`` in seconds on the cameras' shared clock
+            (:func:`dukemtmc_times`: devkit start offsets, 59.94 fps), e.g. for the ``tlift`` post-processor;
+            ``False`` leaves ``time`` ``None``. Each record also keeps its ``frame``.
 
     Raises:
         DatasetLayoutError: missing root/folder, non-matching name (strict), empty split.
@@ -61,9 +121,12 @@ class DukeMTMCreID(ReIDDataset):
 
     default_subdir = "dukemtmc"
 
-    def __init__(self, root: str | os.PathLike | None = None, *, strict: bool = True, eval_only: bool = False):
+    def __init__(self, root: str | os.PathLike | None = None, *, strict: bool = True, eval_only: bool = False,
+                 timestamps: bool = True):
         root = resolve_root(root, self.default_subdir, "dukemtmc")
         train, query, gallery = parse_bbox_layout(
             root, _duke_fields, "dukemtmc", strict=strict, drop_train_pids=(-1,), eval_only=eval_only
         )
+        if timestamps:
+            train, query, gallery = (_with_duke_times(x) for x in (train, query, gallery))
         super().__init__("dukemtmc", train, query, gallery, root=root, allow_empty=("train",) if eval_only else ())

@@ -12,13 +12,25 @@ are dropped from train and kept in the gallery (evaluation ignores pid -1 and sa
 train pids are relabelled 0..N-1; camid = C-1.
 Non-image files (e.g. ``Thumbs.db``) are ignored; an image whose name does not match raises
 :class:`DatasetLayoutError` naming it (``strict=False``: warn and skip it).
+
+Time stamps (``Market1501(timestamps=True)``, for time-aware post-processors such as TLift): Market-1501 has
+no shared clock, only frame numbers that restart in every sequence (session) ``sS`` of a camera. Following
+Liao & Shao (ECCV 2020, Sec. 5.2: "we simply made a cumulative frame record by assuming continuous video
+sessions", FPS 25), :func:`market1501_times` lays each camera's sessions end to end: the offset of session
+``s`` is the sum of the lengths of that camera's earlier sessions, a session's length being the largest frame
+number seen for it over **all** records of the dataset (train + query + gallery, so the clock does not depend
+on the split), and ``time = (offset + frame) / 25`` seconds. This is an assumption (sessions are contiguous,
+and the cameras' clocks start together), which is why it is opt-in.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from .base import (
     ImageRecord,
@@ -31,7 +43,11 @@ from .base import (
     warn_or_raise,
 )
 
-__all__ = ["Market1501", "parse_market1501_name", "market1501_fields", "parse_bbox_layout"]
+__all__ = ["Market1501", "parse_market1501_name", "market1501_fields", "parse_bbox_layout", "market1501_times",
+           "MARKET1501_FPS"]
+
+#: frame rate of the Market-1501 videos used to turn frame numbers into seconds (Liao & Shao, ECCV 2020, Sec. 5.2)
+MARKET1501_FPS = 25.0
 
 _MARKET_RE = re.compile(r"^(-?\d+)_c(\d+)s(\d+)_(\d+)_(\d+)\.(?:jpe?g|png|bmp)$", re.IGNORECASE)
 
@@ -68,6 +84,90 @@ def market1501_fields(filename: str | os.PathLike) -> dict:
     """
     pid, camid, seq, frame, _ = parse_market1501_name(filename)
     return dict(pid=pid, camid=camid, seq=seq, frame=frame)
+
+
+def market1501_times(camids, seqs, frames, fps: float = MARKET1501_FPS) -> np.ndarray:
+    """Capture times in seconds of Market-1501 images on a cumulative per-camera clock (see the module docstring).
+
+    Per camera, sessions are laid end to end in the order ``s1, s2, ...``: the offset of session ``s`` is the
+    sum of the lengths of the camera's earlier sessions, a session's length being the **largest frame number
+    given for that (camera, session)** in these arrays (a session that never occurs has length 0). So pass the
+    stamps of *every* image of the dataset at once (train + query + gallery) for a split-independent clock.
+
+    Args:
+        camids, seqs, frames: ``[N]`` integer camera / session / frame number of each image; a negative (or
+            ``None``) ``seq`` or ``frame`` means unknown.
+        fps: frames per second (25 for Market-1501).
+
+    Returns:
+        float64 ``[N]``: ``(offset(camera, seq) + frame) / fps``; ``nan`` where the seq or frame is unknown.
+
+    Raises:
+        ValueError: arrays of different lengths, or ``fps <= 0``.
+
+    Example: a camera with sessions ``s1`` (largest frame 1000) and ``s2``: frame 40 of ``s2`` is at
+    ``(1000 + 40) / 25 = 41.6`` s, later than every frame of ``s1``.
+    """
+    def ints(a):
+        return np.array([-1 if v is None else int(v) for v in np.asarray(a, dtype=object).ravel()], dtype=np.int64)
+
+    cam, seq, frame = ints(camids), ints(seqs), ints(frames)
+    if not (len(cam) == len(seq) == len(frame)):
+        raise ValueError(f"camids, seqs and frames must have the same length, got {len(cam)}, {len(seq)}, "
+                         f"{len(frame)}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    known = (seq >= 0) & (frame >= 0)
+    length: dict[tuple[int, int], int] = {}
+    for c, q, f in zip(cam[known].tolist(), seq[known].tolist(), frame[known].tolist()):
+        if f > length.get((c, q), -1):
+            length[(c, q)] = f
+    offset: dict[tuple[int, int], int] = {}
+    for c in sorted({c for c, _ in length}):
+        total = 0
+        for q in sorted(q for cc, q in length if cc == c):
+            offset[(c, q)] = total
+            total += length[(c, q)]
+    out = np.full(len(cam), np.nan, dtype=np.float64)
+    idx = np.flatnonzero(known)
+    out[idx] = [(offset[(c, q)] + f) / fps for c, q, f in zip(cam[idx].tolist(), seq[idx].tolist(),
+                                                                  frame[idx].tolist())]
+    return out
+
+
+def _with_market_times(splits: list[list[ImageRecord]], extra: list[tuple[int, int, int]] = ()
+                       ) -> list[list[ImageRecord]]:
+    """``splits`` with ``time`` from :func:`market1501_times` over all their records (plus ``extra``
+    ``(camid, seq, frame)`` stamps that only lengthen sessions, e.g. of a train folder that is not loaded)."""
+    recs = [r for split in splits for r in split]
+    stamps = [(r.camid, r.seq, r.frame) for r in recs] + list(extra)
+    if not stamps:
+        return splits
+    cam, seq, frame = zip(*stamps)
+    times = market1501_times(cam, seq, frame)
+    out, i = [], 0
+    for split in splits:
+        new = []
+        for r in split:
+            t = times[i]
+            new.append(dataclasses.replace(r, time=None if np.isnan(t) else float(t)))
+            i += 1
+        out.append(new)
+    return out
+
+
+def _folder_stamps(folder: Path) -> list[tuple[int, int, int]]:
+    """``(camid, seq, frame)`` of the Market-named images in ``folder`` (others ignored); ``[]`` if missing."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for path in list_images(folder):
+        try:
+            _, camid, seq, frame, _ = parse_market1501_name(path.name)
+        except ValueError:
+            continue
+        out.append((camid, seq, frame))
+    return out
 
 
 def _parse_split(folder: Path, parse: Callable[[str], dict | tuple], name: str, strict: bool) -> list[ImageRecord]:
@@ -123,6 +223,11 @@ class Market1501(ReIDDataset):
             (``None`` → ``$NASREID_DATA/market1501``).
         strict: raise on a non-matching image name (default) instead of warning and skipping it.
         eval_only: evaluation-only target: ``bounding_box_train`` is not read (may be missing), train is empty.
+        timestamps: give every record a ``time`` in seconds on the cumulative per-camera clock of
+            :func:`market1501_times` (25 fps, sessions assumed continuous; Liao & Shao, ECCV 2020, Sec. 5.2),
+            e.g. for the ``tlift`` post-processor. Session lengths come from all records (train + query +
+            gallery, from every Market-named file of ``bounding_box_train`` -- also with ``eval_only``, when
+            that folder exists: it is only listed, not loaded). Default ``False``: ``time`` stays ``None``.
 
     Records carry ``seq`` and ``frame`` from the name (``PPPP_cCsS_FFFFFF_BB``).
 
@@ -132,9 +237,15 @@ class Market1501(ReIDDataset):
 
     default_subdir = "market1501"
 
-    def __init__(self, root: str | os.PathLike | None = None, *, strict: bool = True, eval_only: bool = False):
+    def __init__(self, root: str | os.PathLike | None = None, *, strict: bool = True, eval_only: bool = False,
+                 timestamps: bool = False):
         root = resolve_root(root, self.default_subdir, "market1501")
         train, query, gallery = parse_bbox_layout(root, market1501_fields, "market1501", strict=strict,
                                                   eval_only=eval_only)
+        if timestamps:
+            # every Market name of the train folder counts (also its dropped junk / distractors, and with
+            # eval_only, where train is not loaded), so the clock is the same whichever records are kept
+            extra = _folder_stamps(root / "bounding_box_train")
+            train, query, gallery = _with_market_times([train, query, gallery], extra)
         super().__init__("market1501", train, query, gallery, root=root,
                          allow_empty=("train",) if eval_only else ())
