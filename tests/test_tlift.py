@@ -435,3 +435,36 @@ def test_dukemtmc_offsets_on_constructed_names(tmp_path, market_samples):
     for n, t in want.items():
         assert recs[n].time == pytest.approx(t, abs=1e-9) and recs[n].frame == int(n[-11:-4]), n
     assert all(r.time is None for r in build_dataset("dukemtmc", root, timestamps=False).query)
+
+
+def test_rerank_then_tlift_composes_through_evaluate_matcher():
+    """The chain tells TLift that re-ranking hands it distances; the result equals TLift applied by hand to the
+    re-ranked distances (told explicitly; pivots from the matcher's scores, as without ``upstream``), and does
+    not depend on the chunk size."""
+    from nasreid.evaluation.matchers import FeatureDistance, evaluate_matcher
+    from nasreid.evaluation.rerank import KReciprocalRerank
+
+    g = torch.Generator().manual_seed(0)
+    nq, ng = 12, 40
+    feats = torch.randn(nq + ng, 16, generator=g)
+    qt = np.sort(np.random.default_rng(0).uniform(0, 600, nq))
+    gt = np.sort(np.random.default_rng(1).uniform(0, 600, ng))
+    q = FeatureSet(feats[:nq], np.arange(nq) % 6 + 1, np.zeros(nq, dtype=int), times=qt)
+    gal = FeatureSet(feats[nq:], np.arange(ng) % 6 + 1, np.ones(ng, dtype=int), times=gt)
+    chain = [KReciprocalRerank(k1=6, k2=3), TLift(k=5, tau=120, sigma=120)]
+    res = evaluate_matcher(FeatureDistance("cosine"), q, gal, postprocessors=chain, chunk_size=5)
+    assert chain[1].input_higher_is_better is False  # told by the chain, not assumed from the matcher
+    res1 = evaluate_matcher(FeatureDistance("cosine"), q, gal,
+                            postprocessors=[KReciprocalRerank(k1=6, k2=3), TLift(k=5, tau=120, sigma=120)],
+                            chunk_size=nq)
+    assert res["mAP"] == pytest.approx(res1["mAP"]) and np.allclose(res["cmc"], res1["cmc"])
+    rr = KReciprocalRerank(k1=6, k2=3)
+    m = FeatureDistance("cosine")
+    m.prepare_gallery(gal)
+    rr.input_higher_is_better = False
+    rr.prepare(q, gal, m)
+    tl = TLift(k=5, tau=120, sigma=120, input_higher_is_better=False)  # pivots from the matcher's own scores
+    tl.prepare(q, gal, m)
+    by_hand = tl(rr(m.score(q, 0, nq).clone(), 0, nq), 0, nq)
+    chained = chain[1](chain[0](m.score(q, 0, nq).clone(), 0, nq), 0, nq)
+    assert torch.allclose(chained, by_hand)
