@@ -39,8 +39,9 @@ from .trainer import Hook, backward, optimizer_step
 __all__ = ["QAConvMethod", "DEFAULT_STAGES"]
 
 #: backbone module whose output QAConv matches, per space (the paper takes ResNet's layer3: its layer4 map is
-#: "too small"); OSNet's conv4 gives an 8 x 4 map at 128 x 64 input and 16 x 8 at 256 x 128
-DEFAULT_STAGES = {"osnet_ain": "conv4"}
+#: "too small"); both give maps at 1/16 of the input: 8 x 4 at 128 x 64, 16 x 8 at 256 x 128. RMGL has several
+#: branches (e.g. ``branches.0.stages.1`` is branch 0's original path): give its stage explicitly.
+DEFAULT_STAGES = {"osnet_ain": "conv4", "msinet": "stage3"}
 
 
 @METHODS.register("qaconv")
