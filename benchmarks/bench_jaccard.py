@@ -38,21 +38,11 @@ import numpy as np
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_eval import _vm_hwm_kib  # noqa: E402  (peak RSS of a fresh process, one helper for every benchmark)
 
 K1, K2, EPS, MIN_SAMPLES, DIM = 30, 6, 0.6, 4, 512
 SAMPLE_ROWS = 64
-
-
-def _vm_hwm_kib() -> int | None:
-    """Peak RSS of this process image (VmHWM; ru_maxrss may keep the forking parent's peak)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def make_features(n: int, data: str, seed: int = 0):

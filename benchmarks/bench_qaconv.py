@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_eval import _vm_hwm_kib  # noqa: E402  (peak RSS of a fresh process, one helper for every benchmark)
 from nasreid.evaluation.matchers import FeatureSet  # noqa: E402
 from nasreid.evaluation.qaconv import QAConvMatcher  # noqa: E402
 from nasreid.models.qaconv import QAConvHead, qaconv_reference  # noqa: E402
@@ -70,18 +72,6 @@ def make_maps(n: int, d: int, h: int, w: int, seed: int) -> torch.Tensor:
 def feature_set(maps: torch.Tensor) -> FeatureSet:
     n = maps.shape[0]
     return FeatureSet(maps, np.arange(n), np.zeros(n, dtype=np.int64))
-
-
-def _vm_hwm_kib() -> int | None:
-    """Peak RSS of this process image (VmHWM; reset at exec, unlike ru_maxrss after a fork)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def run_blocked(nq, ng, d, h, w, device, block_size, keep_rows, threads=None):
