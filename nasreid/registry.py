@@ -140,7 +140,8 @@ POSTPROCESSORS: Registry[Callable] = Registry("post-processor", ("nasreid.evalua
                                                                  "nasreid.evaluation.rerank",
                                                                  "nasreid.evaluation.tlift"))
 METHODS: Registry[Callable] = Registry("training method", ("nasreid.engine.methods",
-                                                            "nasreid.engine.qaconv_method"))
+                                                            "nasreid.engine.qaconv_method",
+                                                            "nasreid.engine.domainmix"))
 
 #: every registry by the plural name ``nasreid list`` prints
 ALL_REGISTRIES: dict[str, Registry] = {

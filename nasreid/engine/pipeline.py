@@ -391,7 +391,7 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
         D.barrier()
         return run
     save_checkpoint(run / "model.pt", {"model": model.state_dict(), "genotype": geno.to_dict(),
-                                       "num_classes": ctx.dataset.num_train_pids})
+                                       "num_classes": _num_classes(model, ctx.dataset.num_train_pids)})
     metrics = {"kind": "train", "space": geno.space, "genotype": geno.choices, "history": history,
                "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in history), "device": str(ctx.device.device),
                "world_size": D.world_size()}
@@ -405,6 +405,17 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
     ctx.writer.close()
     D.barrier()
     return run
+
+
+def _num_classes(model: nn.Module, default: int) -> int:
+    """Rows of the network's identity classifier (a training method may resize it: DomainMix's pseudo-label
+    classes), ``default`` when it has none."""
+    from nasreid.models.heads import ReIDHead
+
+    for m in model.modules():
+        if isinstance(m, ReIDHead) and m.classifier is not None:
+            return int(m.classifier.weight.shape[0])
+    return int(default)
 
 
 def evaluate_dataset(model: nn.Module, dataset, recipe: Recipe, ctx, progress: bool = False) -> dict[str, Any]:
@@ -455,7 +466,10 @@ def evaluate_run_model(model: nn.Module, recipe: Recipe, ctx, dataset=None,
     if same_domain:
         if dataset is None:
             dataset = build_dataset(src.name, resolve_data_root(src.root), **src.kwargs)
-        jobs.append((dataset, "same-domain", {}))
+        if dataset.query and dataset.gallery:
+            jobs.append((dataset, "same-domain", {}))
+        else:  # a train-only source (RandPerson): cross-domain targets only
+            log.info("%s has no query/gallery split: no same-domain evaluation", dataset.name)
     for t in (recipe.eval.targets if targets is None else targets):
         jobs.append((build_dataset(t.name, resolve_data_root(t.root), eval_only=True, **t.kwargs), "cross-domain",
                      t.kwargs))

@@ -19,11 +19,12 @@ from .cuhk03np import CUHK03NP, parse_cuhk03np_name
 from .cuhk01 import CUHK01, parse_cuhk01_name
 from .folder import FolderDataset
 from .synthetic import SyntheticReID, render_person
+from .randperson import RandPerson, parse_randperson_name
 
 __all__ = [
     "IMAGE_EXTENSIONS", "CorruptImageError", "DatasetLayoutError", "ImageRecord", "ReIDDataset",
     "available_datasets", "build_dataset", "read_image_file", "register_dataset", "relabel", "resolve_root",
     "Market1501", "parse_market1501_name", "DukeMTMCreID", "parse_dukemtmc_name", "MSMT17", "parse_msmt17_name",
     "CUHK03NP", "parse_cuhk03np_name", "CUHK01", "parse_cuhk01_name", "FolderDataset", "SyntheticReID",
-    "render_person",
+    "render_person", "RandPerson", "parse_randperson_name",
 ]
