@@ -38,7 +38,7 @@ def test_refinement_keeps_clusters_within_bounds_inclusive():
     lab = np.asarray(labels)
     kept = {3, 1, 9}  # 2 == b_l and 6 == b_h are kept (Eq. 1 is inclusive)
     assert ((out >= 0) == np.isin(lab, list(kept))).all()
-    assert st == {"clusters": 3, "clusters_before": 5, "kept": 12, "dropped": 8, "noise": 4,
+    assert st == {"clusters": 3, "clusters_before": 5, "largest": 7, "kept": 12, "dropped": 8, "noise": 4,
                   "too_small": 1, "too_large": 1}
     assert sorted(set(out[out >= 0].tolist())) == [0, 1, 2]
     for c in kept:  # one new label per kept cluster, images of a cluster stay together
@@ -227,7 +227,7 @@ def test_domainmix_run_logs_stage1_and_the_discriminator_and_loads(dm_run):
     assert "clusters" not in h[0] and all(r["clusters"] >= 1 for r in h[1:])
     assert all("l_dm" in r for r in h if r["stage"] == 3 and not r["disc_epoch"])
     assert all("disc_loss" in r and "ce" not in r for r in h if r["disc_epoch"])
-    assert {"purity", "ari", "b_kept", "b_dropped", "b_noise"} <= set(h[1])
+    assert {"purity", "ari", "b_kept", "b_dropped", "b_noise", "largest_cluster"} <= set(h[1])
     assert (run / "pseudo_labels.png").stat().st_size > 1000
     csv = (run / "pseudo_labels.csv").read_text().splitlines()
     # clustered before epochs 2, 3 and 5, not before the discriminator epochs 4 and 6 (the backbone is fixed there)

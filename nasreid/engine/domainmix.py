@@ -109,7 +109,8 @@ def refine_clusters(labels: Sequence[int], b_l: int, b_h: int) -> tuple[np.ndarr
 
     Returns:
         ``(refined [N] int64, stats)``: kept clusters relabelled ``0..M-1`` in order of first appearance, every
-        other image ``-1``; ``stats`` = ``clusters`` (M), ``clusters_before``, ``kept`` (images), ``dropped``
+        other image ``-1``; ``stats`` = ``clusters`` (M), ``clusters_before``, ``largest`` (images in the largest
+        cluster before refinement), ``kept`` (images), ``dropped``
         (images of clusters out of bounds), ``noise`` (outliers), ``too_small``, ``too_large`` (clusters).
 
     Raises:
@@ -130,7 +131,8 @@ def refine_clusters(labels: Sequence[int], b_l: int, b_h: int) -> tuple[np.ndarr
             if c not in mapping:
                 mapping[c] = len(mapping)
             out[i] = mapping[c]
-    stats = {"clusters": len(keep), "clusters_before": len(sizes), "kept": int((out >= 0).sum()),
+    stats = {"clusters": len(keep), "clusters_before": len(sizes), "largest": max(sizes.values(), default=0),
+             "kept": int((out >= 0).sum()),
              "dropped": int(sum(s for c, s in sizes.items() if c not in keep)), "noise": int((lab < 0).sum()),
              "too_small": sum(1 for s in sizes.values() if s < b_l),
              "too_large": sum(1 for s in sizes.values() if s > b_h)}
@@ -483,15 +485,17 @@ class DomainMixMethod:
                         self.cluster.min_samples, self.cluster.b_l, self.cluster.b_h)
         self.b_pseudo, self.labels_epoch = labels, epoch
         self._rebuild_classifier(labels, feats)
-        row = {"epoch": epoch, "clusters": int(stats["clusters"]), "b_kept": int(stats["kept"]),
+        row = {"epoch": epoch, "clusters": int(stats["clusters"]), "largest_cluster": int(stats.get("largest", 0)),
+               "b_kept": int(stats["kept"]),
                "b_dropped": int(stats["dropped"]), "b_noise": int(stats["noise"]),
                "cluster_seconds": time.time() - t0}
         if self.purity and self.b_true is not None:  # the report's view; training never reads it
             q = cluster_purity(labels, self.b_true)
             row.update(purity=q["purity"], ari=q["ari"], coverage=q["coverage"])
         self.cluster_log.append(row)
-        log.info("stage 1 (epoch %d): %d clusters, %d images kept, %d dropped by Eq. 1, %d outliers%s", epoch + 1,
-                 row["clusters"], row["b_kept"], row["b_dropped"], row["b_noise"],
+        log.info("stage 1 (epoch %d): %d clusters, %d images kept, %d dropped by Eq. 1 (largest cluster %d), %d "
+                 "outliers%s", epoch + 1, row["clusters"], row["b_kept"], row["b_dropped"], row["largest_cluster"],
+                 row["b_noise"],
                  f", purity {row['purity']:.3f}" if "purity" in row and row["purity"] == row["purity"] else "")
         return row
 
@@ -685,26 +689,38 @@ class DomainMixMethod:
         df["epoch"] = df["epoch"] + 1
         df.to_csv(self.run_dir / "pseudo_labels.csv", index=False)
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(6, 3.5))
-            ax.plot(df["epoch"], df["clusters"], "o-", color="tab:blue", label="clusters kept (Eq. 1)")
-            ax.set_xlabel("epoch")
-            ax.set_ylabel("clusters", color="tab:blue")
-            if "purity" in df:
-                ax2 = ax.twinx()
-                ax2.plot(df["epoch"], df["purity"], "s--", color="tab:red", label="purity (report only)")
-                if "ari" in df:
-                    ax2.plot(df["epoch"], df["ari"], "^:", color="tab:green", label="ARI (report only)")
-                ax2.set_ylim(0, 1)
-                ax2.set_ylabel("purity / ARI vs true ids", color="tab:red")
-                ax2.legend(loc="lower right", fontsize=8)
-            ax.set_title("DomainMix stage 1: pseudo labels of B")
-            fig.tight_layout()
-            fig.savefig(self.run_dir / "pseudo_labels.png", dpi=120)
-            plt.close(fig)
+            plot_pseudo_labels(df, self.run_dir / "pseudo_labels.png")
         except Exception as e:  # the CSV is the record; a plot failure must not fail a finished run
             log.warning("pseudo_labels.png not written: %s", e)
+
+
+def plot_pseudo_labels(csv_or_frame, out) -> Path:
+    """Plot a DomainMix run's ``pseudo_labels.csv`` (or its DataFrame): clusters kept per epoch, the share of B
+    kept and, where logged, purity and ARI against B's true labels (report only). Returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = csv_or_frame if isinstance(csv_or_frame, pd.DataFrame) else pd.read_csv(csv_or_frame)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(df["epoch"], df["clusters"], "o-", color="tab:blue", label="clusters kept (Eq. 1)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("clusters kept (Eq. 1)", color="tab:blue")
+    ax2 = ax.twinx()
+    share = df["b_kept"] / (df["b_kept"] + df["b_dropped"] + df["b_noise"]).clip(lower=1)
+    ax2.plot(df["epoch"], share, "d-.", color="tab:gray", label="share of B kept")
+    if "purity" in df:
+        ax2.plot(df["epoch"], df["purity"], "s--", color="tab:red", label="purity (report only)")
+    if "ari" in df:
+        ax2.plot(df["epoch"], df["ari"], "^:", color="tab:green", label="ARI (report only)")
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("share kept; purity / ARI vs true ids")
+    ax2.legend(loc="upper right", fontsize=7)
+    ax.set_title("DomainMix stage 1: pseudo labels of B")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
