@@ -198,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--channels-last", action="store_true", help="channels_last on CUDA")
     pr.add_argument("--json", help="also write the report to this JSON file")
 
+    st = sub.add_parser("study", help="does the search beat random and hand design? searches, retrains and a "
+                        "paired report over seeds and splits (resumable)")
+    st.add_argument("recipe", help="study recipe YAML (see recipes/study_osnet_ain_cpu.yaml), or a study folder")
+    st.add_argument("--workers", type=int, help="local worker processes (default: the recipe's workers)")
+    st.add_argument("--print-commands", action="store_true",
+                    help="print one command per pending job, phase by phase (for SLURM or any job queue)")
+    st.add_argument("--all", action="store_true", help="with --print-commands: also the finished jobs")
+    st.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
+    st.add_argument("--report-only", action="store_true", help="only (re)build study_report.md from finished jobs")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a study-recipe key")
+
     ls = sub.add_parser("list", parents=[plugin], help="print what is registered (spaces, strategies, ...)")
     ls.add_argument("kind", nargs="?", help="one registry: spaces, strategies, datasets, losses, matchers, "
                     "postprocessors, methods (default: all)")
@@ -282,6 +293,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         load_plugins(getattr(args, "plugin", []) or [])
         if args.command == "list":
             return _list(args.kind, args.pattern)
+        if args.command == "study":
+            from nasreid import study as S
+
+            srec = S.load_study(args.recipe, _overrides(args.set))
+            if args.print_commands:
+                S.print_commands(srec, pending_only=not args.all)
+            elif args.report_only:
+                print(S.build_report(srec))
+            else:
+                res = S.run_study(srec, workers=args.workers, dry_run=args.dry_run, echo=print)
+                print(json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in res.items()}, indent=2,
+                                 default=str))
+                if res.get("failed"):
+                    return 1
+            return 0
         if args.command == "search":
             recipe, run_dir = _recipe_and_run(args)
             if args.no_retrain:

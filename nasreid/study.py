@@ -133,7 +133,10 @@ class StudySearch(_Strict):
     arms: list[StudyArm] = Field(min_length=1)
     set: dict[str, Any] = Field(default_factory=dict)
 
-    _seeds = field_validator("seeds", mode="before")(classmethod(lambda cls, v: _seed_list(v)))
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, v: Any) -> Any:
+        return _seed_list(v)
 
     @model_validator(mode="after")
     def _unique(self):
@@ -150,7 +153,10 @@ class StudyRetrain(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0])
     set: dict[str, Any] = Field(default_factory=dict)
 
-    _seeds = field_validator("seeds", mode="before")(classmethod(lambda cls, v: _seed_list(v)))
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, v: Any) -> Any:
+        return _seed_list(v)
 
     @model_validator(mode="after")
     def _unique(self):
@@ -185,7 +191,8 @@ class StudyBootstrap(_Strict):
 
 class StudyRecipe(_Strict):
     """A whole study (see the module docstring). Paths of recipes are resolved relative to the study recipe
-    file and stored absolute; ``output_root`` is relative to the current folder (as in a run recipe)."""
+    file, ``output_root`` relative to the current folder (as in a run recipe); :func:`load_study` stores
+    both absolute."""
 
     name: str
     output_root: str = "runs"
@@ -255,7 +262,7 @@ def load_study(path: Union[str, os.PathLike], overrides: Optional[Mapping[str, A
     and the selection's validation domain must be neither the training dataset nor a final test target.
 
     Args:
-        path: the study YAML file.
+        path: the study YAML file, or a study folder (its ``study.yaml``, written by :func:`run_study`).
         overrides: dotted-key overrides applied before validation, e.g. ``{"output_root": "/tmp/x"}``.
 
     Returns:
@@ -268,6 +275,8 @@ def load_study(path: Union[str, os.PathLike], overrides: Optional[Mapping[str, A
     from nasreid.config import _set_dotted
 
     p = Path(path)
+    if p.is_dir() and (p / "study.yaml").is_file():
+        p = p / "study.yaml"
     if not p.is_file():
         raise RecipeError(f"study recipe file not found: {p}")
     try:
@@ -283,6 +292,7 @@ def load_study(path: Union[str, os.PathLike], overrides: Optional[Mapping[str, A
     except ValidationError as e:
         raise RecipeError(_format_errors(str(p), e)) from None
     base = p.parent
+    study.output_root = str(Path(os.path.expanduser(study.output_root)).resolve())  # a copy works from anywhere
     study.retrain.recipe = _resolve_path(base, study.retrain.recipe, f"{p}: retrain.recipe")
     if study.search is not None:
         study.search.recipe = _resolve_path(base, study.search.recipe, f"{p}: search.recipe")
@@ -305,9 +315,7 @@ def _check_study(study: StudyRecipe) -> None:
     src = study.source or "<study>"
     retrain = _load_with(study.retrain.recipe, _retrain_sets(study, study.splits[0], study.retrain.seeds[0]),
                          f"{src}: retrain")
-    check_recipe(retrain)
-    if retrain.model is None and not (study.search or study.hand_designed):
-        pass
+    _checked(check_recipe, retrain, where=f"{src}: retrain")
     for i, name in enumerate(study.hand_designed):
         try:
             preset_genotype(retrain.space.name, name)
@@ -320,7 +328,11 @@ def _check_study(study: StudyRecipe) -> None:
             if _same_ref(val, t):
                 raise RecipeError(f"{src}: selection.validation: the validation domain is the final test target "
                                   f"evaluation.targets.{i} ({t.name}); choose a domain that is not tested on")
-        if val.name == train_ref.name and (val.root or None) == (train_ref.root or None):
+        # the training dataset itself (any split): same name, root and options, the split's own kwarg aside
+        split_kw = study.split_key.split(".")[-1] if study.split_key.startswith("data.dataset.kwargs.") else None
+        strip = lambda kw: {k: v for k, v in kw.items() if k != split_kw}
+        if (val.name == train_ref.name and (val.root or None) == (train_ref.root or None)
+                and strip(val.kwargs) == strip(train_ref.kwargs)):
             raise RecipeError(f"{src}: selection.validation: {val.name!r} is the training dataset; the rule needs "
                               "a cross-domain validation set that is not the final test domain")
     if study.search is None:
@@ -334,10 +346,18 @@ def _check_study(study: StudyRecipe) -> None:
         rec = _load_with(arm.recipe or study.search.recipe,
                          _search_sets(study, arm, study.search.seeds[0], study.splits[0]), where)
         rec = rec.model_copy(update={"then_retrain": None})
-        check_recipe(rec, search=True)
+        _checked(check_recipe, rec, search=True, where=where)
         if rec.space.name != retrain.space.name:
             raise RecipeError(f"{where}: the search recipe searches space {rec.space.name!r} but the retrain recipe "
                               f"trains {retrain.space.name!r}")
+
+
+def _checked(fn, *args, where: str, **kwargs):
+    """``fn(*args, **kwargs)`` with a RecipeError's message prefixed by the study location ``where``."""
+    try:
+        return fn(*args, **kwargs)
+    except RecipeError as e:
+        raise RecipeError(f"{where}: {e}") from None
 
 
 def _load_with(path: str, sets: Sequence[tuple[str, Any]], where: str):
@@ -532,10 +552,8 @@ def _as_study(recipe: Union[StudyRecipe, str, os.PathLike]) -> StudyRecipe:
     if isinstance(recipe, StudyRecipe):
         return recipe
     p = Path(recipe)
-    if p.is_dir():
-        if not (p / "study.yaml").is_file():
-            raise RunFolderError(f"{p} is not a study folder: study.yaml is missing (run_study writes it)")
-        p = p / "study.yaml"
+    if p.is_dir() and not (p / "study.yaml").is_file():
+        raise RunFolderError(f"{p} is not a study folder: study.yaml is missing (run_study writes it)")
     return load_study(p)
 
 
@@ -628,7 +646,7 @@ def _run_job(job: StudyJob, env: Mapping[str, str]) -> dict:
     with open(job.run_dir / "job.log", "a") as fh:
         fh.write(f"# {_dt.datetime.now().isoformat(timespec='seconds')} ({state}) $ {shlex.join(cmd)}\n")
         fh.flush()
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(env)).returncode
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(env), check=False).returncode
         fh.write(f"# exit {rc} after {time.time() - t0:.1f} s\n")
     return {"id": job.id, "state_before": state, "rc": rc, "seconds": time.time() - t0,
             "state": job.state(), "log": str(job.run_dir / "job.log")}
@@ -944,14 +962,14 @@ def _plot(rows: list[dict], sources: list[str], col: str, title: str, path: Path
         return None
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(data), 3.6))
     rng = np.random.default_rng(0)
-    for i, (s, v) in enumerate(data):
+    for i, (_, v) in enumerate(data):
         ax.scatter(i + rng.uniform(-0.12, 0.12, len(v)), v, s=16, alpha=0.6, color="tab:blue", zorder=2)
         sd = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
         ax.errorbar(i + 0.25, float(np.mean(v)), yerr=sd, fmt="o", color="black", capsize=4, zorder=3)
     ax.set_xticks(range(len(data)))
     ax.set_xticklabels([s for s, _ in data], rotation=30, ha="right")
     ax.set_ylabel("mAP (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title + "\n(points: runs; black: mean ± std)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -964,6 +982,230 @@ def _fmt_ci(b: BootstrapResult) -> str:
     return f"{b.mean_diff:+.2f} [{b.low:+.2f}, {b.high:+.2f}]"
 
 
+def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Markdown table lines (a blank line after)."""
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+@dataclass
+class _Report:
+    """What the report's sections share: the study, its rows (:func:`collect_results`) and jobs."""
+
+    study: StudyRecipe
+    rows: list[dict]
+    jobs: list[StudyJob]
+    out_dir: Path
+
+    def __post_init__(self):
+        st = self.study
+        self.cols = _eval_columns(st)
+        self.test_cols = [c for c in self.cols if not c[0].startswith("val_")]
+        self.arms = [a.name for a in st.search.arms] if st.search else []
+        self.sources = self.arms + list(st.hand_designed)
+        self.kinds = {**{a: st.arm(a).arm_kind for a in self.arms}, **{h: "hand" for h in st.hand_designed}}
+        self.sel_col = f"{self.cols[-1][0]}_{st.selection.metric}" if st.selection is not None else None
+        self.done = [r for r in self.rows if r["status"] == DONE]
+        self.searches = [j for j in self.jobs if j.phase == "search" and j.state() == DONE]
+
+    def _boot(self, a: Sequence[float], b: Sequence[float]) -> str:
+        bs = self.study.bootstrap
+        return _fmt_ci(paired_bootstrap(a, b, n_boot=bs.n_boot, seed=bs.seed, level=bs.level))
+
+    def header(self) -> list[str]:
+        st, jobs = self.study, self.jobs
+        tgt = ", ".join(f"`{t.name}`" + (f" ({t.root})" if t.root else "") for t in st.evaluation.targets) or "none"
+        val = (f" Validation domain of the selection rule: `{st.selection.validation.name}` ({st.selection.metric})."
+               if st.selection else "")
+        return [f"# Study `{st.name}`\n",
+                f"Jobs finished: {sum(j.state() == DONE for j in jobs)} of {len(jobs)} "
+                f"({sum(j.phase == 'search' for j in jobs)} searches, {sum(j.phase == 'train' for j in jobs)} "
+                f"retrains). Splits ({st.split_key}): {st.splits}; search seeds: "
+                f"{st.search.seeds if st.search else []}; retrain seeds: {st.retrain.seeds}.",
+                f"Search recipe: `{st.search.recipe if st.search else '-'}`; retrain recipe: `{st.retrain.recipe}`.",
+                f"Evaluation: the training dataset's own test split of each split (same-domain) and {tgt} "
+                f"(cross-domain).{val}",
+                "All metrics in %; mean ± sample std over every finished retrain of the source (splits x search "
+                "seeds x retrain seeds).\n"]
+
+    def per_source(self) -> list[str]:
+        L = ["## Results per genotype source\n"]
+        body = []
+        for s in self.sources:
+            rs = [r for r in self.done if r["source"] == s]
+            body.append([s, self.kinds[s], len(rs),
+                         *(" / ".join(_ms(r[f"{pre}_{m}"] for r in rs) for m in METRICS) for pre, _, _ in self.cols),
+                         _ms([r["params"] / 1e6 for r in rs], "{:.3f}"), _ms([r["macs"] / 1e6 for r in rs], "{:.1f}"),
+                         _ms([r["search_seconds"] for r in rs], "{:.0f}")])
+        L += _table(["source", "kind", "n", *(f"{t} R1 / mAP / mINP" for _, t, _ in self.cols), "params (M)",
+                     "MACs (M)", "search s"], body)
+        for pre, title, _ in self.cols:
+            p = _plot(self.rows, self.sources, f"{pre}_mAP", f"{self.study.name}: mAP, {title}",
+                      self.out_dir / "plots" / f"mAP_{pre}.png")
+            if p is not None:
+                L.append(f"![mAP {title}](plots/{p.name})")
+        return L + [""]
+
+    def selection(self) -> list[str]:
+        st = self.study
+        if not self.arms:
+            return []
+        L = ["## Selection rules: each seed as it comes vs best of k\n"]
+        if self.sel_col is None:
+            return L + ["No `selection` section: only \"each seed as it comes\" is reported.\n"]
+        L.append(f"\"Each seed\": every search seed's retrain counts (mean ± std over all). \"Best of k\": per "
+                 f"(split, retrain seed) the search seed whose retrain has the highest {st.selection.metric} on the "
+                 f"validation domain `{st.selection.validation.name}` (not a test domain) is kept (OSNet-AIN, TPAMI "
+                 f"2021, Sec. 4), then mean ± std over units. k = {len(st.search.seeds)}.\n")
+        body = []
+        for a in self.arms:
+            rs = [r for r in self.done if r["source"] == a]
+            body.append([a, "each seed", len(rs), *(_ms(r[f"{pre}_mAP"] for r in rs) for pre, _, _ in self.test_cols),
+                         "all"])
+            vals = [_unit_values(self.rows, a, f"{pre}_mAP", "best", self.sel_col) for pre, _, _ in self.test_cols]
+            ch = _selected_seeds(self.rows, a, self.sel_col)
+            body.append([a, "best of k", len(vals[0]), *(_ms(v.values()) for v in vals),
+                         ", ".join(f"split {u[0]}/r{u[1]}: s{s}" for u, s in sorted(ch.items())) or "–"])
+        L += _table(["arm", "rule", "n", *(f"{t} mAP" for _, t, _ in self.test_cols), "seeds chosen"], body)
+        L.append(f"What the selection buys: best of k − each seed, paired over (split, retrain seed) units, mAP, "
+                 f"{st.bootstrap.level:.0%} percentile bootstrap interval.\n")
+        body = []
+        for a in self.arms:
+            cells = []
+            for pre, _, _ in self.test_cols:
+                vb = _unit_values(self.rows, a, f"{pre}_mAP", "best", self.sel_col)
+                ve = _unit_values(self.rows, a, f"{pre}_mAP", "each", self.sel_col)
+                units = sorted(set(vb) & set(ve))
+                cells.append(self._boot([ve[u] for u in units], [vb[u] for u in units]) if units else "–")
+            body.append([a, *cells])
+        return L + _table(["arm", *(t for _, t, _ in self.test_cols)], body)
+
+    def paired(self) -> list[str]:
+        st, bs = self.study, self.study.bootstrap
+        searched = [a for a in self.arms if self.kinds[a] == "searched"]
+        randoms = [a for a in self.arms if self.kinds[a] == "random"]
+        pairs = [(x, y) for x in searched for y in randoms + list(st.hand_designed)]
+        pairs += [(x, h) for x in randoms for h in st.hand_designed]
+        if not pairs:
+            return []
+        L = ["## Paired comparisons\n",
+             f"Difference X − Y over the units (split, retrain seed) both have; a searched / random source enters per "
+             f"unit as the mean over its search seeds (\"each seed\") or as the seed selected on the validation "
+             f"domain (\"best of k\"). Interval: {bs.level:.0%} percentile bootstrap over units ({bs.n_boot} "
+             f"resamples, Efron & Tibshirani 1993, Ch. 13); with a handful of units it is optimistic (narrow): an "
+             f"interval that includes 0 means no evidence of a difference.\n"]
+        rules = ["each"] + (["best"] if self.sel_col else [])
+        for pre, title, _ in self.test_cols:
+            L.append(f"### {title}\n")
+            body = []
+            for x, y in pairs:
+                for rule in rules:
+                    cells, n = [], 0
+                    for met in METRICS:
+                        vx = _unit_values(self.rows, x, f"{pre}_{met}", rule, self.sel_col)
+                        vy = _unit_values(self.rows, y, f"{pre}_{met}", rule, self.sel_col)
+                        units = sorted(set(vx) & set(vy))
+                        n = max(n, len(units))
+                        cells.append(self._boot([vy[u] for u in units], [vx[u] for u in units]) if units else "–")
+                    body.append([f"{x} − {y}", "each seed" if rule == "each" else "best of k", n, *cells])
+            L += _table(["X − Y", "rule", "n", "Δ rank-1 [CI]", "Δ mAP [CI]", "Δ mINP [CI]"], body)
+        return L
+
+    def decided(self) -> list[str]:
+        if self.study.search is None:
+            return []
+        L = ["## How decided were the searches?\n",
+             "Entropy of each decision's final architecture distribution (softmax of the architecture weights), in "
+             "nats: 0 = one-hot, log k = uniform (undecided); mean ± std over the arm's searches (last column: each "
+             "search's mean over its decisions, then mean ± std over searches). \"max p\": the probability of "
+             "the chosen (argmax) candidate. The random baseline "
+             "reports a one-hot distribution on its uniform draw by construction (entropy 0 says nothing).\n"]
+        for a in self.arms:
+            per: dict[str, list[float]] = {}
+            logk: dict[str, float] = {}
+            maxp: dict[str, list[float]] = {}
+            run_means = []
+            runs = [j for j in self.searches if j.arm == a]
+            for j in runs:
+                probs = (j.metrics().get("final_probabilities")
+                         or _read_json(j.run_dir / "genotype.json").get("probabilities") or {})
+                ent = decision_entropy(probs)
+                for lab, (h, lk) in ent.items():
+                    per.setdefault(lab, []).append(h)
+                    logk[lab] = lk
+                    maxp.setdefault(lab, []).append(max(float(v) for v in probs[lab].values()))
+                if ent:
+                    run_means.append(float(np.mean([h for h, _ in ent.values()])))
+            if not per:
+                continue
+            labels = list(per)
+            secs = _ms([j.metrics().get("search_seconds", float("nan")) for j in runs], "{:.0f}")
+            L.append(f"**{a}** ({len(runs)} searches; search seconds {secs})\n")
+            L += _table(["", *labels, "mean"], [
+                ["entropy (nats)", *(_ms(per[lab], "{:.3f}") for lab in labels), _ms(run_means, "{:.3f}")],
+                ["log k (uniform)", *(f"{logk[lab]:.3f}" for lab in labels), f"{np.mean(list(logk.values())):.3f}"],
+                ["max p", *(_ms(maxp[lab], "{:.3f}") for lab in labels), ""]])
+        return L
+
+    def agreement(self) -> list[str]:
+        if self.study.search is None:
+            return []
+        L = ["## Do the derived genotypes of different seeds agree?\n",
+             "Fraction of decisions on which two derived genotypes agree, over pairs of search seeds of the same split "
+             "(mean ± std over pairs), and over all pairs of runs of the arm (any split). Chance level for "
+             "independent uniform choices is 1/k.\n"]
+        genos = []
+        for j in self.searches:
+            g = _read_json(j.run_dir / "genotype.json").get("choices")
+            if isinstance(g, dict):
+                genos.append((j, g))
+        body = []
+        for a in self.arms:
+            gs = [(j, g) for j, g in genos if j.arm == a]
+            same, anyp = [], []
+            for i in range(len(gs)):
+                for k in range(i + 1, len(gs)):
+                    v = genotype_agreement(gs[i][1], gs[k][1])
+                    anyp.append(v)
+                    if gs[i][0].split == gs[k][0].split:
+                        same.append(v)
+            modal = []
+            for lab in (gs[0][1] if gs else []):
+                vals = [str(g.get(lab)) for _, g in gs]
+                top = max(sorted(set(vals)), key=vals.count)
+                modal.append(f"{lab}: {top} ({vals.count(top)}/{len(vals)})")
+            body.append([a, _ms(same, "{:.2f}"), _ms(anyp, "{:.2f}"), "; ".join(modal) or "–"])
+        L += _table(["arm", "same split", "any split", "per decision: most frequent choice (share)"], body)
+        L.append("Derived genotypes:\n")
+        for j, g in sorted(genos, key=lambda t: (t[0].arm, t[0].split, t[0].search_seed)):
+            L.append(f"- `{j.id}`: {_genotype_str(g)}")
+        return L + [""]
+
+    def cost(self) -> list[str]:
+        body = []
+        for s in self.sources:
+            ss = [j.metrics().get("search_seconds", float("nan")) for j in self.searches if j.arm == s]
+            ts = [r["train_seconds"] for r in self.done if r["source"] == s]
+            body.append([s, len(ss), len(ts), _ms(ss, "{:.1f}"), _ms(ts, "{:.1f}")])
+        tot_s = sum(_finite(j.metrics().get("search_seconds", float("nan")) for j in self.searches))
+        body.append(["all", len(self.searches), len(self.done), f"{tot_s:.1f} in all",
+                     f"{sum(_finite(r['train_seconds'] for r in self.done)):.1f} in all"])
+        return ["## Cost\n", "Seconds of training (summed epoch times, evaluation excluded), mean ± std per run.\n",
+                *_table(["source", "searches", "retrains", "search s", "retrain s"], body)]
+
+    def points(self) -> list[str]:
+        def cell(r, pre):
+            return " / ".join("–" if not math.isfinite(r[f"{pre}_{m}"]) else f"{r[f'{pre}_{m}']:.2f}" for m in METRICS)
+
+        body = [[r["source"], r["split"], r["search_seed"], r["retrain_seed"], *(cell(r, pre) for pre, _, _ in self.cols),
+                 r["genotype"]] for r in self.done]
+        return ["## All points\n",
+                *_table(["source", "split", "search seed", "retrain seed",
+                         *(f"{t} R1 / mAP / mINP" for _, t, _ in self.cols), "genotype"], body),
+                "Per-job rows with parameters, MACs, search seconds and entropies: `study_results.csv`.\n"]
+
+
 def build_report(recipe_or_dir: Union[StudyRecipe, str, os.PathLike], out: Optional[Union[str, os.PathLike]] = None
                  ) -> Path:
     """Write ``study_report.md``, ``study_results.csv`` (:func:`collect_results`) and ``plots/*.png`` of a
@@ -971,12 +1213,12 @@ def build_report(recipe_or_dir: Union[StudyRecipe, str, os.PathLike], out: Optio
 
     Report sections: jobs finished; per source mean ± std (sample std) of rank-1 / mAP / mINP on every
     evaluation, params and multiply-adds; both selection rules (each seed as it comes vs best of k by
-    validation-domain metric, OSNet-AIN TPAMI 2021 Sec. 4) with the seeds chosen; paired comparisons (searched
-    vs random vs each hand design; units = (split, retrain seed), differences "X − Y" with a percentile bootstrap
-    interval, :func:`paired_bootstrap`); how decided each search was (mean entropy of the final probabilities
-    per decision in nats, against its maximum ``log k``); agreement of the derived genotypes between search
-    seeds; search cost in seconds; and all points. Plots: per source, every point and mean ± std of mAP for
-    each evaluation (``plots/mAP_<prefix>.png``).
+    validation-domain metric, OSNet-AIN TPAMI 2021 Sec. 4) with the seeds chosen and what the selection buys;
+    paired comparisons (searched vs random vs each hand design; units = (split, retrain seed), differences
+    "X − Y" with a percentile bootstrap interval, :func:`paired_bootstrap`); how decided each search was
+    (entropy of the final probabilities per decision in nats, against its maximum ``log k``); agreement of the
+    derived genotypes between search seeds; search and retrain cost in seconds; and all points. Plots: per
+    source, every point and mean ± std of mAP for each evaluation (``plots/mAP_<prefix>.png``).
 
     Args:
         recipe_or_dir: a :class:`StudyRecipe`, a study YAML file or a study folder.
@@ -992,218 +1234,13 @@ def build_report(recipe_or_dir: Union[StudyRecipe, str, os.PathLike], out: Optio
     out_dir = Path(out) if out is not None else study.study_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = collect_results(study)
-    cols = _eval_columns(study)
-    jobs = enumerate_jobs(study)
-
-    # ---- CSV
-    fields = list(rows[0]) if rows else []
     with open(out_dir / "study_results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["source"])
         w.writeheader()
-        for r in rows:
-            w.writerow(r)
-
-    arms = [a.name for a in study.search.arms] if study.search else []
-    sources = arms + list(study.hand_designed)
-    kinds = {r["source"]: r["kind"] for r in rows}
-    for a in arms:
-        kinds.setdefault(a, study.arm(a).arm_kind)
-    for h in study.hand_designed:
-        kinds.setdefault(h, "hand")
-    sel_col = f"{cols[-1][0]}_{study.selection.metric}" if study.selection is not None else None
-    test_cols = [c for c in cols if not c[0].startswith("val_")]
-    done_rows = [r for r in rows if r["status"] == DONE]
-    L: list[str] = []
-    L.append(f"# Study `{study.name}`\n")
-    n_done = sum(j.state() == DONE for j in jobs)
-    L.append(f"Jobs finished: {n_done} of {len(jobs)} ({sum(j.phase == 'search' for j in jobs)} searches, "
-             f"{sum(j.phase == 'train' for j in jobs)} retrains). Splits ({study.split_key}): {study.splits}; "
-             f"search seeds: {study.search.seeds if study.search else []}; retrain seeds: {study.retrain.seeds}.")
-    L.append(f"Search recipe: `{study.search.recipe if study.search else '-'}`; retrain recipe: "
-             f"`{study.retrain.recipe}`.")
-    tgt = ", ".join(f"`{t.name}`" + (f" ({t.root})" if t.root else "") for t in study.evaluation.targets) or "none"
-    L.append(f"Evaluation: the training dataset's own test split of each split (same-domain) and {tgt} "
-             "(cross-domain)." + (f" Validation domain of the selection rule: `{study.selection.validation.name}` "
-                                  f"({study.selection.metric})." if study.selection else ""))
-    L.append("All metrics in %; mean ± sample std over every finished retrain of the source (splits x search seeds "
-             "x retrain seeds).\n")
-
-    # ---- per source
-    L.append("## Results per genotype source\n")
-    head = "| source | kind | n | " + " | ".join(f"{t} R1 / mAP / mINP" for _, t, _ in cols) + \
-        " | params (M) | MACs (M) | search s |"
-    L.append(head)
-    L.append("|" + "---|" * (head.count("|") - 1))
-    for s in sources:
-        rs = [r for r in done_rows if r["source"] == s]
-        cells = [" / ".join(_ms(r[f"{pre}_{m}"] for r in rs) for m in METRICS) for pre, _, _ in cols]
-        L.append(f"| {s} | {kinds.get(s, '')} | {len(rs)} | " + " | ".join(cells) +
-                 f" | {_ms([r['params'] / 1e6 for r in rs], '{:.3f}')} | {_ms([r['macs'] / 1e6 for r in rs], '{:.1f}')}"
-                 f" | {_ms([r['search_seconds'] for r in rs], '{:.0f}')} |")
-    L.append("")
-    for pre, title, _ in cols:
-        p = _plot(rows, sources, f"{pre}_mAP", f"{study.name}: mAP, {title}", out_dir / "plots" / f"mAP_{pre}.png")
-        if p is not None:
-            L.append(f"![mAP {title}](plots/{p.name})")
-    L.append("")
-
-    # ---- selection rules
-    search_arms = [a for a in arms]
-    if search_arms:
-        L.append("## Selection rules: each seed as it comes vs best of k\n")
-        if sel_col is None:
-            L.append("No `selection` section: only \"each seed as it comes\" is reported.\n")
-        else:
-            L.append(f"\"Each seed\": every search seed's retrain counts (mean ± std over all). \"Best of k\": per "
-                     f"(split, retrain seed) the search seed whose retrain has the highest {study.selection.metric} on "
-                     f"the validation domain `{study.selection.validation.name}` (not a test domain) is kept "
-                     "(OSNet-AIN, TPAMI 2021, Sec. 4), then mean ± std over units. k = "
-                     f"{len(study.search.seeds)}.\n")
-            head = "| arm | rule | n | " + " | ".join(f"{t} mAP" for _, t, _ in test_cols) + " | seeds chosen |"
-            L.append(head)
-            L.append("|" + "---|" * (head.count("|") - 1))
-            for a in search_arms:
-                for rule in ("each", "best"):
-                    vals = [_unit_values(rows, a, f"{pre}_mAP", rule, sel_col) for pre, _, _ in test_cols]
-                    if rule == "each":
-                        cells = [_ms(r[f"{pre}_mAP"] for r in done_rows if r["source"] == a) for pre, _, _ in test_cols]
-                        n = sum(r["source"] == a for r in done_rows)
-                        chosen = "all"
-                    else:
-                        cells = [_ms(v.values()) for v in vals]
-                        n = len(vals[0])
-                        ch = _selected_seeds(rows, a, sel_col)
-                        chosen = ", ".join(f"split {u[0]}/r{u[1]}: s{s}" for u, s in sorted(ch.items())) or "–"
-                    L.append(f"| {a} | {'each seed' if rule == 'each' else 'best of k'} | {n} | "
-                             + " | ".join(cells) + f" | {chosen} |")
-            L.append("")
-
-    # ---- paired comparisons
-    bs = study.bootstrap
-    pairs: list[tuple[str, str]] = []
-    searched = [a for a in arms if kinds.get(a) == "searched"]
-    randoms = [a for a in arms if kinds.get(a) == "random"]
-    for x in searched:
-        pairs += [(x, y) for y in randoms] + [(x, h) for h in study.hand_designed]
-    for x in randoms:
-        pairs += [(x, h) for h in study.hand_designed]
-    if pairs:
-        L.append("## Paired comparisons\n")
-        L.append(f"Difference X − Y over the units (split, retrain seed) both have; a searched / random source "
-                 f"enters per unit as the mean over its search seeds (\"each seed\") or as the seed selected on the "
-                 f"validation domain (\"best of k\"). Interval: {bs.level:.0%} percentile bootstrap over units "
-                 f"({bs.n_boot} resamples, Efron & Tibshirani 1993, Ch. 13); with a handful of units it is "
-                 "optimistic (narrow): an interval that includes 0 means no evidence of a difference.\n")
-        rules = ["each"] + (["best"] if sel_col else [])
-        for pre, title, _ in test_cols:
-            L.append(f"### {title}\n")
-            L.append("| X − Y | rule | n | Δ rank-1 [CI] | Δ mAP [CI] | Δ mINP [CI] |")
-            L.append("|---|---|---|---|---|---|")
-            for x, y in pairs:
-                for rule in rules:
-                    cells, n = [], 0
-                    for met in METRICS:
-                        vx = _unit_values(rows, x, f"{pre}_{met}", rule, sel_col)
-                        vy = _unit_values(rows, y, f"{pre}_{met}", rule, sel_col)
-                        units = sorted(set(vx) & set(vy))
-                        n = max(n, len(units))
-                        if not units:
-                            cells.append("–")
-                            continue
-                        b = paired_bootstrap([vy[u] for u in units], [vx[u] for u in units], n_boot=bs.n_boot,
-                                             seed=bs.seed, level=bs.level)
-                        cells.append(_fmt_ci(b))
-                    L.append(f"| {x} − {y} | {'each seed' if rule == 'each' else 'best of k'} | {n} | "
-                             + " | ".join(cells) + " |")
-            L.append("")
-
-    # ---- decisiveness and agreement
-    sjobs = [j for j in jobs if j.phase == "search" and j.state() == DONE]
-    if study.search is not None:
-        L.append("## How decided were the searches?\n")
-        L.append("Entropy of each decision's final architecture distribution (softmax of the architecture "
-                 "weights), in nats: 0 = one-hot, log k = uniform (undecided). Mean over runs of the per-decision "
-                 "entropy; \"max p\" is the mean probability of the chosen candidate. The random baseline reports a "
-                 "one-hot distribution on its uniform draw by construction (entropy 0 says nothing).\n")
-        for a in arms:
-            runs = [j for j in sjobs if j.arm == a]
-            if not runs:
-                continue
-            per: dict[str, list[float]] = {}
-            kmax: dict[str, float] = {}
-            maxp: dict[str, list[float]] = {}
-            for j in runs:
-                probs = j.metrics().get("final_probabilities") or _read_json(j.run_dir / "genotype.json").get(
-                    "probabilities") or {}
-                for lab, (h, lk) in decision_entropy(probs).items():
-                    per.setdefault(lab, []).append(h)
-                    kmax[lab] = lk
-                    maxp.setdefault(lab, []).append(max(float(v) for v in probs[lab].values()))
-            if not per:
-                continue
-            labels = list(per)
-            L.append(f"**{a}** ({len(runs)} searches; search seconds {_ms([j.metrics().get('search_seconds', float('nan')) for j in runs], '{:.0f}')})\n")
-            L.append("| | " + " | ".join(labels) + " | mean |")
-            L.append("|---|" + "---|" * (len(labels) + 1))
-            L.append("| entropy (nats) | " + " | ".join(_ms(per[lab], "{:.3f}") for lab in labels) +
-                     f" | {_ms([np.mean([per[lab][i] for lab in labels]) for i in range(len(runs)) if all(len(per[lab]) > i for lab in labels)], '{:.3f}')} |")
-            L.append("| max log k | " + " | ".join(f"{kmax[lab]:.3f}" for lab in labels) +
-                     f" | {np.mean([kmax[lab] for lab in labels]):.3f} |")
-            L.append("| max p | " + " | ".join(_ms(maxp[lab], "{:.3f}") for lab in labels) + " | |")
-            L.append("")
-        L.append("## Do the derived genotypes of different seeds agree?\n")
-        L.append("Fraction of decisions on which two derived genotypes agree, over pairs of search seeds of the same "
-                 "split (mean ± std over pairs), and over all pairs of runs of the arm (any split). Chance level for "
-                 "independent uniform choices is 1/k.\n")
-        L.append("| arm | same split | any split | per decision: most frequent choice (share) |")
-        L.append("|---|---|---|---|")
-        genos = {}
-        for j in sjobs:
-            g = _read_json(j.run_dir / "genotype.json").get("choices")
-            if isinstance(g, dict):
-                genos[j.id] = (j, g)
-        for a in arms:
-            gs = [(j, g) for j, g in genos.values() if j.arm == a]
-            same, anyp = [], []
-            for i in range(len(gs)):
-                for k in range(i + 1, len(gs)):
-                    v = genotype_agreement(gs[i][1], gs[k][1])
-                    anyp.append(v)
-                    if gs[i][0].split == gs[k][0].split:
-                        same.append(v)
-            modal = []
-            if gs:
-                for lab in gs[0][1]:
-                    vals = [str(g.get(lab)) for _, g in gs]
-                    top = max(sorted(set(vals)), key=vals.count)
-                    modal.append(f"{lab}: {top} ({vals.count(top)}/{len(vals)})")
-            L.append(f"| {a} | {_ms(same, '{:.2f}')} | {_ms(anyp, '{:.2f}')} | {'; '.join(modal) or '–'} |")
-        L.append("")
-        L.append("Derived genotypes:\n")
-        for j, g in sorted(genos.values(), key=lambda t: (t[0].arm, t[0].split, t[0].search_seed)):
-            L.append(f"- `{j.id}`: {_genotype_str(g)}")
-        L.append("")
-
-    # ---- cost
-    L.append("## Cost\n")
-    L.append(f"Search: {_ms([j.metrics().get('search_seconds', float('nan')) for j in sjobs], '{:.0f}')} s per search "
-             f"(summed epoch time), {sum(_finite(j.metrics().get('search_seconds', float('nan')) for j in sjobs)):.0f} s "
-             f"in all; retrain: {_ms([r['train_seconds'] for r in done_rows], '{:.0f}')} s per retrain, "
-             f"{sum(_finite(r['train_seconds'] for r in done_rows)):.0f} s in all.\n")
-
-    # ---- all points
-    L.append("## All points\n")
-    head = "| source | split | search seed | retrain seed | " + " | ".join(
-        f"{t} R1 / mAP / mINP" for _, t, _ in cols) + " | genotype |"
-    L.append(head)
-    L.append("|" + "---|" * (head.count("|") - 1))
-    for r in done_rows:
-        cells = [" / ".join("–" if not math.isfinite(r[f"{pre}_{m}"]) else f"{r[f'{pre}_{m}']:.2f}" for m in METRICS)
-                 for pre, _, _ in cols]
-        L.append(f"| {r['source']} | {r['split']} | {r['search_seed']} | {r['retrain_seed']} | " + " | ".join(cells)
-                 + f" | {r['genotype']} |")
-    L.append("")
-    L.append("Per-job rows with parameters, MACs, search seconds and entropies: `study_results.csv`.\n")
+        w.writerows(rows)
+    rep = _Report(study, rows, enumerate_jobs(study), out_dir)
+    lines = [*rep.header(), *rep.per_source(), *rep.selection(), *rep.paired(), *rep.decided(), *rep.agreement(),
+             *rep.cost(), *rep.points()]
     path = out_dir / "study_report.md"
-    path.write_text("\n".join(L))
+    path.write_text("\n".join(lines))
     return path

@@ -5,7 +5,17 @@ import pytest
 
 from nasreid.config import RecipeError, load_recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+ALL = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = [p for p in ALL if not p.name.startswith("study_")]  # run recipes
+STUDIES = [p for p in ALL if p.name.startswith("study_")]  # ``nasreid study`` recipes (nasreid.study schema)
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
+def test_shipped_study_recipes_validate(path):
+    from nasreid.study import enumerate_jobs, load_study
+
+    s = load_study(path)
+    assert s.name and enumerate_jobs(s)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
