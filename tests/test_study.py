@@ -368,3 +368,22 @@ def test_tiny_study_end_to_end(tmp_path):
             assert 0 <= float(r[c]) <= 100
     assert float(rows[0]["search_seconds"]) > 0 and not rows[1]["search_run"]
     assert (st.study_dir / "plots" / "mAP_same.png").is_file()
+
+
+def test_recipe_seed_reaches_the_strategy_unless_the_recipe_sets_its_own():
+    """``--set seed=S`` alone must give another search: the random baseline's draw and the Gumbel noise come from
+    the strategy's own seed, which defaults to the recipe's."""
+    from nasreid.engine.pipeline import strategy_kwargs
+    from nasreid.registry import SPACES, STRATEGIES
+
+    def draw(**over):
+        r = load_recipe(ROOT / "recipes" / "osnet_ain_cpu.yaml",
+                        {"strategy.name": "random", "strategy.kwargs": {}, **over})
+        space = SPACES.get("osnet_ain")(num_classes=4, width_mult=0.125, feature_dim=16)
+        return STRATEGIES.get("random")(space, **strategy_kwargs(r)).export()
+
+    assert draw(seed=1) == draw(seed=1)
+    assert draw(seed=1) != draw(seed=2)
+    assert draw(seed=1, **{"strategy.kwargs.seed": 5}) == draw(seed=2, **{"strategy.kwargs.seed": 5})
+    g = load_recipe(ROOT / "recipes" / "osnet_ain_cpu.yaml", {"seed": 4})
+    assert strategy_kwargs(g)["seed"] == 4 and "seed" not in g.strategy.kwargs

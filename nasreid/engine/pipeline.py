@@ -154,6 +154,18 @@ def _context(cls, recipe: Recipe, run: Path, progress: Optional[bool]):
 
 
 # ---------------------------------------------------------------------------------------------------
+def strategy_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """``strategy.kwargs`` of a search recipe, with the strategy's own ``seed`` (Gumbel noise, the random
+    baseline's draw, DARTS' alpha init, Optuna's sampler) defaulting to the recipe's ``seed`` when the recipe
+    does not set it, so that ``--set seed=S`` gives another search and not only other network weights."""
+    kw = dict(recipe.strategy.kwargs)
+    cfg = getattr(STRATEGIES.get(recipe.strategy.name), "Config", None)
+    fields = getattr(cfg, "model_fields", {}) or {}
+    if "seed" in fields and "seed" not in kw:
+        kw["seed"] = recipe.seed
+    return kw
+
+
 def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resume: bool = False,
                progress: Optional[bool] = None) -> Path:
     """Search ``recipe.space`` with ``recipe.strategy``; returns the run folder.
@@ -177,7 +189,7 @@ def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resu
     sampling = hasattr(STRATEGIES.get(recipe.strategy.name), "work")  # a study can be extended: never "done"
     if sampling or not (metrics.get("search_done") and (run / "genotype.json").is_file()):
         ctx = _context(SearchContext, recipe, run, progress)
-        strategy = STRATEGIES.get(recipe.strategy.name)(ctx.build_space(), **recipe.strategy.kwargs)
+        strategy = STRATEGIES.get(recipe.strategy.name)(ctx.build_space(), **strategy_kwargs(recipe))
         t_search = time.time()
         geno = strategy.search(ctx)
         t_search = time.time() - t_search
@@ -296,7 +308,7 @@ def run_hpo_worker(run_dir: str | os.PathLike, worker: int = 0, threads: Optiona
         recipe = recipe.model_copy(update={"device": f"cuda:{worker % torch.cuda.device_count()}"})
     setup_logging(None)
     ctx = _context(SearchContext, recipe, run, progress=False)
-    strategy = STRATEGIES.get(recipe.strategy.name)(ctx.build_space(), **recipe.strategy.kwargs)
+    strategy = STRATEGIES.get(recipe.strategy.name)(ctx.build_space(), **strategy_kwargs(recipe))
     try:
         return strategy.work(ctx, worker=worker)
     finally:
