@@ -567,7 +567,9 @@ def enumerate_jobs(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[StudyJo
 
     Returns:
         ``len(arms) * len(search seeds) * len(splits)`` search jobs followed by
-        ``(len(arms) * len(search seeds) + len(hand_designed)) * len(retrain seeds) * len(splits)`` train jobs.
+        ``(len(arms) * len(search seeds) + len(hand_designed)) * len(retrain seeds) * len(splits)`` train jobs,
+        ordered so that paired units complete first (split, retrain seed, then each arm's first search seed
+        with the hand designs before the later search seeds).
 
     Raises:
         RecipeError: an invalid study recipe; RunFolderError: a folder without ``study.yaml``.
@@ -600,7 +602,19 @@ def enumerate_jobs(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[StudyJo
                     phase="train", arm=name, kind="hand", split=split, search_seed=None, retrain_seed=r,
                     run_dir=root / "train" / name / f"split{split}_seed{r}", recipe=Path(study.retrain.recipe),
                     sets=_retrain_sets(study, split, r), genotype=f"preset:{name}", targets=targets))
-    return jobs
+    # retrains in the order that completes paired units first: split by split, retrain seed by retrain seed, and
+    # within them every source's first search seed (with the hand designs) before the next search seeds
+    n_search = len(searches)
+    order = {a.name: i for i, a in enumerate(study.search.arms)} if study.search is not None else {}
+    seeds = list(study.search.seeds) if study.search is not None else []
+    hands = {name: i for i, name in enumerate(study.hand_designed)}
+
+    def key(j: StudyJob):
+        k = seeds.index(j.search_seed) if j.search_seed is not None else 0
+        src = order[j.arm] if j.kind != "hand" else len(order) + hands[j.arm]
+        return (study.splits.index(j.split), j.retrain_seed, k, src)
+
+    return jobs[:n_search] + sorted(jobs[n_search:], key=key)
 
 
 def print_commands(recipe: Union[StudyRecipe, str, os.PathLike], pending_only: bool = True,
