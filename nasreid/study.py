@@ -812,6 +812,16 @@ def genotype_agreement(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
 
 # ---------------------------------------------------------------------------------------------------
 # results and report
+def _shown(path: Union[str, os.PathLike]) -> str:
+    """A recipe path as the report shows it: relative to the current folder when below it, else its name (a
+    committed report carries no machine's absolute paths)."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return p.name
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", s).strip("_")
 
@@ -1037,7 +1047,8 @@ class _Report:
                 f"({sum(j.phase == 'search' for j in jobs)} searches, {sum(j.phase == 'train' for j in jobs)} "
                 f"retrains). Splits ({st.split_key}): {st.splits}; search seeds: "
                 f"{st.search.seeds if st.search else []}; retrain seeds: {st.retrain.seeds}.",
-                f"Search recipe: `{st.search.recipe if st.search else '-'}`; retrain recipe: `{st.retrain.recipe}`.",
+                f"Search recipe: `{_shown(st.search.recipe) if st.search else '-'}`; retrain recipe: "
+                f"`{_shown(st.retrain.recipe)}`.",
                 f"Evaluation: the training dataset's own test split of each split (same-domain) and {tgt} "
                 f"(cross-domain).{val}",
                 "All metrics in %; mean ± sample std over every finished retrain of the source (splits x search "
