@@ -67,6 +67,14 @@ PRESET_GENOTYPES: dict[str, dict[str, Any]] = {
     # ``os_in_in`` keeps conv3's BN before the IN (BN then IN on the same channels is redundant up to the
     # sign of BN's scale; it adds 2 * C parameters and running statistics per block).
     "osnet_ain_released": {"choices": dict(_AIN_CHOICES), "space_kwargs": {"conv1_in": True}},
+    # Ablations for the IN regression at CPU scale (issue: every IN variant halves same-domain mAP at 128x64,
+    # width x0.25, from scratch). Not published designs. ``osnet_ain_shallow``: the paper's OSNet-AIN with IN
+    # kept only where the maps are large (conv2, 32x16 at a 128x64 input), conv3/conv4 plain (their IN layers
+    # normalise over 16x8 and 8x4 positions there); ``osnet_ain_plain_in``: the paper's choices with non-affine
+    # IN layers (tests the affine IN of the implementation).
+    "osnet_ain_shallow": {"choices": {**{k: "os" for k in BLOCK_LABELS}, "conv2_1": "os_in_in",
+                                      "conv2_2": "os_in_in"}, "space_kwargs": {}},
+    "osnet_ain_plain_in": {"choices": dict(_AIN_CHOICES), "space_kwargs": {"in_affine": False}},
 }
 
 
@@ -105,6 +113,7 @@ class OSNetAINSpace(ModelSpace):
         share_weights: ``True`` (default): the four candidates of a layer share one residual branch
             and own only their IN layers (a deviation from Fig. 5, see above). ``False``: four
             independent blocks per layer, as in Fig. 5.
+        in_affine: affine IN layers in the OS blocks (default, as released); ``False``: plain IN.
 
     Forward: ``[B, 3, H, W]`` (H, W multiples of 16) -> training ``dict(feat=[B, D], logits=[B, C])``,
     eval ``[B, D]``.
@@ -113,7 +122,8 @@ class OSNetAINSpace(ModelSpace):
     space_name = "osnet_ain"
 
     def __init__(self, num_classes: int = 0, width_mult: float = 1.0, feature_dim: int = 512,
-                 conv1_in: bool = False, head: str = "fc", streams: int = 4, share_weights: bool = True):
+                 conv1_in: bool = False, head: str = "fc", streams: int = 4, share_weights: bool = True,
+                 in_affine: bool = True):
         super().__init__()
         c0, c1, c2, c3 = (_scale(c, width_mult) for c in BASE_CHANNELS)
         self.conv1 = ConvBNReLU(3, c0, 7, stride=2, padding=3, instance_norm=conv1_in)
@@ -125,10 +135,11 @@ class OSNetAINSpace(ModelSpace):
                 # building a fixed network (freeze / Genotype.build): only the chosen block, with its own
                 # non-memoising residual branch, whatever share_weights says -- so both settings give the
                 # same modules and draw the same random numbers (same initial weights from one seed)
-                return LayerChoice({frozen: OSBlock(cin, cout, frozen, streams=streams)}, label=label)
+                return LayerChoice({frozen: OSBlock(cin, cout, frozen, streams=streams, in_affine=in_affine)},
+                                   label=label)
             shared = OSResidual(cin, cout, streams, memoize=True) if share_weights else None
-            return LayerChoice({v: OSBlock(cin, cout, v, streams=streams, residual=shared) for v in IN_VARIANTS},
-                               label=label)
+            return LayerChoice({v: OSBlock(cin, cout, v, streams=streams, residual=shared, in_affine=in_affine)
+                                for v in IN_VARIANTS}, label=label)
 
         self.conv2 = nn.Sequential(choice("conv2_1", c0, c1), choice("conv2_2", c1, c1))
         self.trans2 = Transition(c1, c1)

@@ -234,3 +234,19 @@ def test_space_graph_of_supernet_lists_candidates():
     choice_nodes = [n for n, d in g.nodes(data=True) if d["kind"] == "layer_choice"]
     assert len(choice_nodes) == 6
     assert g.nodes[choice_nodes[0]]["candidates"] == ",".join(VALUES)
+
+
+def test_in_ablation_presets_change_only_what_they_name():
+    """``osnet_ain_shallow`` keeps the paper's IN only in conv2; ``osnet_ain_plain_in`` has the paper's placement
+    with non-affine IN; both otherwise equal the paper's OSNet-AIN network."""
+    import torch
+
+    from nasreid.genotype import preset_genotype
+
+    def ins(name):
+        net = preset_genotype("osnet_ain", name, width_mult=0.125, feature_dim=16).build(num_classes=3)
+        return {n: m.affine for n, m in net.named_modules() if isinstance(m, torch.nn.InstanceNorm2d)}
+
+    paper, shallow, plain = ins("osnet_ain"), ins("osnet_ain_shallow"), ins("osnet_ain_plain_in")
+    assert set(plain) == set(paper) and all(paper.values()) and not any(plain.values())
+    assert set(shallow) == {n for n in paper if n.startswith("conv2")} and len(shallow) == 2

@@ -158,6 +158,8 @@ class OSBlock(nn.Module):
         streams: T, the number of scales (4 in the paper: receptive fields 3, 5, 7, 9).
         residual: an existing :class:`OSResidual` to share (weight-sharing supernet: the four IN
             variants of one layer then differ only in their IN layers); a new one by default.
+        in_affine: the IN layers learn a per-channel scale and shift (default, as the released OSNet-AIN);
+            ``False``: plain IN (an ablation of the IN implementation).
 
     Shapes: ``[B, in_ch, H, W] -> [B, out_ch, H, W]``.
 
@@ -166,7 +168,8 @@ class OSBlock(nn.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, variant: str = "os", streams: int = 4,
-                 bottleneck_reduction: int = 4, gate_reduction: int = 16, residual: OSResidual | None = None):
+                 bottleneck_reduction: int = 4, gate_reduction: int = 16, residual: OSResidual | None = None,
+                 in_affine: bool = True):
         super().__init__()
         if variant not in IN_VARIANTS:
             raise ValueError(f"unknown OS block variant {variant!r}; expected one of {list(IN_VARIANTS)}")
@@ -174,8 +177,8 @@ class OSBlock(nn.Module):
         self.residual = residual if residual is not None else OSResidual(
             in_ch, out_ch, streams, bottleneck_reduction, gate_reduction)
         in_in, in_out = IN_VARIANTS[variant]
-        self.in_in = nn.InstanceNorm2d(out_ch, affine=True) if in_in else None
-        self.in_out = nn.InstanceNorm2d(out_ch, affine=True) if in_out else None
+        self.in_in = nn.InstanceNorm2d(out_ch, affine=in_affine) if in_in else None
+        self.in_out = nn.InstanceNorm2d(out_ch, affine=in_affine) if in_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         res, identity = self.residual(x)
