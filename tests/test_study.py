@@ -87,9 +87,10 @@ def test_real_cpu_study_recipe_is_valid():
     jobs = S.enumerate_jobs(st)
     search = [j for j in jobs if j.phase == "search"]
     train = [j for j in jobs if j.phase == "train"]
-    # gumbel + random x 3 seeds x 3 CUHK01 splits; (6 searched + osnet, osnet_ibn, osnet_ain) x 3 splits
-    assert (len(search), len(train), len(jobs)) == (18, 27, 45)
-    assert {j.arm for j in train if j.kind == "hand"} == {"osnet", "osnet_ibn", "osnet_ain"}
+    # gumbel + random x 3 seeds x 3 CUHK01 splits; (6 searched + 3 hand designs + 2 IN ablations) x 3 splits
+    assert (len(search), len(train), len(jobs)) == (18, 33, 51)
+    assert {j.arm for j in train if j.kind == "hand"} == {"osnet", "osnet_ibn", "osnet_ain", "osnet_ain_shallow",
+                                                          "osnet_ain_plain_in"}
     assert sorted({j.split for j in jobs}) == [0, 1, 2]
     t = train[0]
     assert [x.name for x in t.targets] == ["cuhk03np", "synthetic"]  # the test target, then the validation domain
