@@ -95,7 +95,8 @@ class StudyArm(_Strict):
     it names the same strategy, else ``{}``). ``set`` holds extra dotted overrides of this arm's search jobs
     (e.g. ``{optim.epochs: 1}`` for the random baseline, whose exported genotype does not depend on its
     supernet training). ``kind``: ``random`` for the baseline, ``searched`` otherwise (default: ``random``
-    for strategy ``random``). The search seed goes to the recipe's ``seed`` and, when the strategy's own
+    for strategy ``random``). ``retrain: false``: a search-only arm (its genotypes are not retrained; the
+    report's "how decided" and agreement sections still cover it). The search seed goes to the recipe's ``seed`` and, when the strategy's own
     config has a ``seed`` field (``random``), to ``strategy.kwargs.seed`` too."""
 
     name: str
@@ -105,6 +106,8 @@ class StudyArm(_Strict):
     kwargs: Optional[dict[str, Any]] = None
     set: dict[str, Any] = Field(default_factory=dict)
     kind: Optional[Literal["searched", "random"]] = None
+    retrain: bool = Field(True, description="retrain this arm's genotypes; False: search only (the report's "
+                          "'how decided' and agreement sections, e.g. to compare search settings cheaply)")
 
     @field_validator("name")
     @classmethod
@@ -589,6 +592,8 @@ def enumerate_jobs(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[StudyJo
                         recipe=Path(arm.recipe or study.search.recipe), sets=_search_sets(study, arm, s, split)))
     jobs += searches
     for sj in searches:
+        if not study.arm(sj.arm).retrain:
+            continue
         for r in study.retrain.seeds:
             jobs.append(StudyJob(
                 phase="train", arm=sj.arm, kind=sj.kind, split=sj.split, search_seed=sj.search_seed,

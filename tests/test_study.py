@@ -388,3 +388,15 @@ def test_recipe_seed_reaches_the_strategy_unless_the_recipe_sets_its_own():
     assert draw(seed=1, **{"strategy.kwargs.seed": 5}) == draw(seed=2, **{"strategy.kwargs.seed": 5})
     g = load_recipe(ROOT / "recipes" / "osnet_ain_cpu.yaml", {"seed": 4})
     assert strategy_kwargs(g)["seed"] == 4 and "seed" not in g.strategy.kwargs
+
+
+def test_search_only_arms_have_no_retrains(tmp_path):
+    st = tiny(tmp_path, **{"search.arms": [{"name": "gumbel"}, {"name": "g_soft", "strategy": "gumbel",
+                                                                 "retrain": False,
+                                                                 "set": {"strategy.kwargs.mode": "soft"}}]})
+    jobs = S.enumerate_jobs(st)
+    assert {j.arm for j in jobs if j.phase == "search"} == {"gumbel", "g_soft"}
+    assert "g_soft" not in {j.arm for j in jobs if j.phase == "train"}
+    real = S.load_study(ROOT / "recipes" / "study_gumbel_decisiveness_cpu.yaml")
+    jobs = S.enumerate_jobs(real)
+    assert len(jobs) == 15 and all(j.phase == "search" for j in jobs)
