@@ -323,3 +323,19 @@ def test_randperson_parser_reads_pid_camera_and_frame(tmp_path):
         build_dataset("randperson", bad)
     with pytest.warns(UserWarning, match="thumbnail.jpg"):
         assert len(build_dataset("randperson", bad, strict=False).train) == 4
+
+
+def test_domainmix_trains_an_msinet_genotype_and_the_run_loads(tmp_path, shared_data):
+    """Any network with a ReIDHead: the paper's MSINet genotype, 3 epochs (A alone, stage 2, stage 3)."""
+    from nasreid.genotype import preset_genotype
+
+    r = _recipe(tmp_path, shared_data, epochs=3, stage2_epochs=1)
+    r = r.model_copy(update={"space": r.space.model_copy(update={"name": "msinet", "kwargs": {}}),
+                             "model": r.model.model_copy(update={"preset": "msinet_paper"})})
+    run = pipeline.run_train(r, genotype=preset_genotype("msinet", "msinet_paper"), run_dir=tmp_path / "msinet",
+                             progress=False)
+    h = json.loads((run / "metrics.json").read_text())["history"]
+    assert [x["stage"] for x in h] == [0, 2, 3] and "l_dm" in h[2]
+    labels = load_checkpoint(run / "checkpoints" / "last.pt")["hooks"]["domainmix"]["labels"]
+    model, _, _ = pipeline.load_run_model(run)
+    assert model.head.classifier.weight.shape[0] == 24 + max(labels) + 1
