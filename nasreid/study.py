@@ -48,11 +48,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Annotated, Any, Callable, Literal, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from nasreid.config import DatasetRef, RecipeError, _format_errors, _Strict, load_recipe
 from nasreid.errors import NasreidError, RunFolderError
@@ -85,6 +85,10 @@ def _check_unique(values: Sequence[Any], what: str) -> None:
     dup = sorted({str(x) for x in values if list(values).count(x) > 1})
     if dup:
         raise ValueError(f"{what} must be unique, repeated: {', '.join(dup)}")
+
+
+#: a list of seeds, or a count n meaning seeds 0..n-1 (search and retrain seeds)
+Seeds = Annotated[list[int], BeforeValidator(_seed_list)]
 
 
 class StudyArm(_Strict):
@@ -132,14 +136,9 @@ class StudySearch(_Strict):
     list), ``arms`` and ``set`` (dotted overrides of every search job)."""
 
     recipe: str
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeds: Seeds = Field(default_factory=lambda: [0, 1, 2])
     arms: list[StudyArm] = Field(min_length=1)
     set: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("seeds", mode="before")
-    @classmethod
-    def _seeds(cls, v: Any) -> Any:
-        return _seed_list(v)
 
     @model_validator(mode="after")
     def _unique(self):
@@ -153,13 +152,8 @@ class StudyRetrain(_Strict):
     list; the recipe's ``seed``) and ``set`` (dotted overrides of every retrain job)."""
 
     recipe: str
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds: Seeds = Field(default_factory=lambda: [0])
     set: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("seeds", mode="before")
-    @classmethod
-    def _seeds(cls, v: Any) -> Any:
-        return _seed_list(v)
 
     @model_validator(mode="after")
     def _unique(self):
