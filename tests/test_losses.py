@@ -122,3 +122,42 @@ def test_reid_loss_combined():
     ce_only = build_reid_loss(2)
     total, parts = ce_only({"logits": logits.detach()}, pids)
     assert parts["triplet"] == 0.0
+
+
+def test_euclidean_triplet_rewards_shrinking_features_cosine_does_not():
+    """The collapse behind the CPU retrain's lottery (results/README.md, study section): while the hardest
+    positive is farther than the hardest negative, the euclidean hinge falls towards the margin as every
+    feature shrinks, so its gradient points at zero scale; the cosine form is unchanged by the scale."""
+    feats, pids = _square_example()
+    feats = feats.detach() + torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.9, 0.0], [0.0, 0.0]])  # a hard positive
+    euc = build_reid_loss(2, triplet_weight=1.0, triplet_margin=0.3)
+    cos = build_reid_loss(2, triplet_weight=1.0, triplet_margin=0.3, triplet_metric="cosine")
+    logits = torch.zeros(4, 2)
+
+    def tri(loss_fn, scale):
+        return loss_fn({"logits": logits, "feat": feats * scale}, pids)[1]["triplet"]
+
+    e = [tri(euc, s) for s in (1.0, 0.5, 0.1, 0.01)]
+    assert e[0] > 0.3 and all(a > b for a, b in zip(e, e[1:])) and e[-1] == pytest.approx(0.3, abs=0.02)
+    c = [tri(cos, s) for s in (1.0, 0.5, 0.1, 0.01)]
+    assert c[0] > 0 and all(x == pytest.approx(c[0], rel=1e-4) for x in c)
+    scale = torch.tensor(1.0, requires_grad=True)
+    euc({"logits": logits, "feat": feats * scale}, pids)[0].backward()
+    assert scale.grad > 0  # gradient descent shrinks the features
+
+
+def test_reid_loss_reports_feature_norm_and_recipe_kwargs_reach_the_triplet():
+    from nasreid.config import Recipe, RecipeError
+    from nasreid.engine.validate import check_recipe
+
+    feats, pids = _square_example()
+    parts = build_reid_loss(2, triplet_weight=1.0)({"logits": torch.zeros(4, 2), "feat": feats}, pids)[1]
+    assert parts["feat_norm"] == pytest.approx(float(feats.detach().norm(dim=1).mean()), rel=1e-6)
+    loss = build_reid_loss(2, triplet_weight=1.0, triplet_metric="cosine", triplet_soft_margin=True)
+    assert loss.triplet.metric == "cosine" and loss.triplet.soft_margin
+    with pytest.raises(ValueError, match="manhattan"):
+        build_reid_loss(2, triplet_weight=1.0, triplet_metric="manhattan")
+    base = {"name": "t", "data": {"dataset": {"name": "synthetic"}}, "space": {"name": "osnet_ain"},
+            "model": {"genotype": "preset:osnet"}, "loss": {"triplet_weight": 1.0, "kwargs": {"triplet_metrc": "cosine"}}}
+    with pytest.raises(RecipeError, match="triplet_metrc"):
+        check_recipe(Recipe.model_validate(base))

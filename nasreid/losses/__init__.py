@@ -56,7 +56,9 @@ class ReIDLoss(nn.Module):
             ``pid`` tensor itself.
         returns: ``(total, parts)``; ``total`` a scalar tensor with graph; ``parts`` a dict of
             plain floats ``{"loss", "ce", "triplet", "acc"}`` (``loss`` = the total) (``acc`` = top-1 accuracy in ``[0, 1]``;
-            ``triplet`` is 0.0 when disabled).
+            ``triplet`` is 0.0 when disabled), plus ``feat_norm`` (mean L2 norm of ``feat``) when the outputs
+            hold a ``[B, D]`` ``feat``: a triplet term stuck at its margin while ``feat_norm`` shrinks is the
+            collapse described in :func:`build_reid_loss`.
 
     Raises:
         KeyError: ``logits`` missing, or ``feat`` missing while the triplet term is enabled.
@@ -88,23 +90,37 @@ class ReIDLoss(nn.Module):
             tri_val = float(tri.detach())
         with torch.no_grad():
             acc = float((logits.argmax(dim=1) == pids).float().mean()) if pids.numel() else 0.0
-        return total, {"loss": float(total.detach()), "ce": float(ce.detach()), "triplet": tri_val, "acc": acc}
+            stats = {"loss": float(total.detach()), "ce": float(ce.detach()), "triplet": tri_val, "acc": acc}
+            if "feat" in outputs and outputs["feat"].dim() == 2:  # a collapse of the metric term shows here
+                stats["feat_norm"] = float(outputs["feat"].detach().float().norm(dim=1).mean())
+        return total, stats
 
 
 @LOSSES.register("reid")
 def build_reid_loss(num_classes: int, *, label_smooth: float = 0.1, triplet_weight: float = 0.0,
-                    triplet_margin: float = 0.3) -> ReIDLoss:
+                    triplet_margin: float = 0.3, triplet_metric: str = "euclidean",
+                    triplet_soft_margin: bool = False) -> ReIDLoss:
     """Build the standard Re-ID loss.
 
     Args:
         num_classes: training identities ``C``.
         label_smooth: label-smoothing ``eps`` (Szegedy et al. 2016, Sec. 7).
         triplet_weight: weight of the batch-hard triplet term (Hermans et al. 2017, Eq. 5); 0 disables.
-        triplet_margin: triplet margin (euclidean distance units).
+        triplet_margin: triplet margin, in the units of ``triplet_metric``.
+        triplet_metric: ``"euclidean"`` (on the raw pre-BN feature, the BNNeck default of Luo et al. 2019) or
+            ``"cosine"`` (``1 - cos`` of the L2-normalised feature, in ``[0, 2]``). Set it in a recipe as
+            ``loss.kwargs: {triplet_metric: cosine}``. Neither is a cure for a metric term stuck at the margin
+            in small from-scratch retrains: the euclidean hinge is not scale-invariant (while the hardest
+            positive is farther than the hardest negative, shrinking every feature lowers the loss towards
+            ``margin``), and on the CPU CUHK01 retrain the cosine form sat at exactly ``margin`` from epoch 18
+            on (the pre-BN feature's shared offset, which the BNNeck removes for the classifier, makes every
+            cosine near 1) and did not raise mAP (results/README.md, study section).
+        triplet_soft_margin: ``softplus(d_ap - d_an)`` instead of the hinge (Hermans et al. 2017, Sec. 2).
 
     Raises:
-        ValueError: invalid arguments.
+        ValueError: invalid arguments (unknown metric, negative margin or weight).
     """
     ce = CrossEntropyLabelSmooth(num_classes, epsilon=label_smooth)
-    triplet = TripletLoss(margin=triplet_margin) if triplet_weight > 0 else None
+    triplet = (TripletLoss(margin=triplet_margin, metric=triplet_metric, soft_margin=triplet_soft_margin)
+               if triplet_weight > 0 else None)
     return ReIDLoss(ce, triplet, triplet_weight)
