@@ -61,7 +61,7 @@ __all__ = [
     "StudyRecipe", "StudyArm", "StudySearch", "StudyRetrain", "StudyEvaluation", "StudySelection",
     "StudyBootstrap", "StudyJob", "BootstrapResult", "load_study", "enumerate_jobs", "run_study",
     "print_commands", "collect_results", "build_report", "paired_bootstrap", "decision_entropy",
-    "genotype_agreement", "find_evaluation",
+    "genotype_agreement", "find_evaluation", "entropy_per_epoch",
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -1001,6 +1001,76 @@ def _plot(rows: list[dict], sources: list[str], col: str, title: str, path: Path
     return path
 
 
+def entropy_per_epoch(alphas_csv: Union[str, os.PathLike]):
+    """Mean decision entropy of a search after each epoch, from its ``alphas.csv``.
+
+    Args:
+        alphas_csv: a search run's ``alphas.csv`` (columns ``epoch``, ``label``, ``value``, ``probability``: one
+            row per candidate per decision per logged epoch, as :mod:`nasreid.visualize` writes it).
+
+    Returns:
+        ``(series, log_k)``: a ``pandas.Series`` indexed by epoch (0-based) of the entropy
+        ``-sum_c p_c log p_c`` (nats) averaged over the decisions, and the mean ``log k`` (the uniform level).
+
+    Raises:
+        KeyError: a column is missing; ValueError / pandas ParserError: an unreadable file.
+    """
+    import pandas as pd
+
+    df = pd.read_csv(alphas_csv)
+    p = df["probability"].astype(float).clip(lower=1e-12)
+    df = df.assign(h=-(p * np.log(p)))
+    per = df.groupby(["epoch", "label"]).agg(h=("h", "sum"), k=("value", "nunique")).reset_index()
+    return per.groupby("epoch")["h"].mean(), (float(np.log(per["k"]).mean()) if len(per) else float("nan"))
+
+
+def _plot_entropy(runs: Mapping[str, Sequence[Path]], path: Path) -> Optional[Path]:
+    """Mean decision entropy (nats) after each search epoch, one line per search, one colour per arm, read from
+    each search's ``alphas.csv`` (``epoch, label, value, probability`` rows; see :mod:`nasreid.visualize`);
+    the dashed line is the uniform (undecided) level. ``None`` when no search has the file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    curves: list[tuple[str, np.ndarray, np.ndarray]] = []
+    logk: list[float] = []
+    for arm, dirs in runs.items():
+        for d in dirs:
+            f = Path(d) / "alphas.csv"
+            if not f.is_file():
+                continue
+            try:
+                ep, lk = entropy_per_epoch(f)
+            except (KeyError, ValueError, pd.errors.ParserError):
+                continue  # an unreadable log: the table above still reports the final entropies
+            if ep.empty:
+                continue
+            curves.append((arm, ep.index.to_numpy() + 1, ep.to_numpy()))
+            logk.append(lk)
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    colours = {a: f"C{i}" for i, a in enumerate(dict.fromkeys(a for a, _, _ in curves))}
+    seen = set()
+    for arm, x, y in curves:
+        ax.plot(x, y, color=colours[arm], alpha=0.75, lw=1.4, label=None if arm in seen else arm)
+        seen.add(arm)
+    ax.axhline(float(np.mean(logk)), ls="--", color="grey", lw=1, label="uniform (log k)")
+    ax.set_xlabel("search epoch")
+    ax.set_ylabel("mean decision entropy (nats)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("How fast each search decides (one line per search)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _fmt_ci(b: BootstrapResult) -> str:
     return f"{b.mean_diff:+.2f} [{b.low:+.2f}, {b.high:+.2f}]"
 
@@ -1170,6 +1240,11 @@ class _Report:
                 ["entropy (nats)", *(_ms(per[lab], "{:.3f}") for lab in labels), _ms(run_means, "{:.3f}")],
                 ["log k (uniform)", *(f"{logk[lab]:.3f}" for lab in labels), f"{np.mean(list(logk.values())):.3f}"],
                 ["max p", *(_ms(maxp[lab], "{:.3f}") for lab in labels), ""]])
+        p = _plot_entropy({a: [j.run_dir for j in self.searches if j.arm == a] for a in self.arms
+                           if self.kinds[a] != "random"},
+                          self.out_dir / "plots" / "decision_entropy.png")
+        if p is not None:
+            L.append(f"![decision entropy per epoch](plots/{p.name})\n")
         return L
 
     def agreement(self) -> list[str]:

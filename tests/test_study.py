@@ -87,8 +87,9 @@ def test_real_cpu_study_recipe_is_valid():
     jobs = S.enumerate_jobs(st)
     search = [j for j in jobs if j.phase == "search"]
     train = [j for j in jobs if j.phase == "train"]
-    # gumbel + random x 3 seeds x 3 CUHK01 splits; (6 searched + 3 hand designs + 2 IN ablations) x 3 splits
-    assert (len(search), len(train), len(jobs)) == (18, 33, 51)
+    # gumbel + random + gumbel_decisive x 3 seeds x 3 CUHK01 splits; (9 searched + 3 hand designs + 2 IN
+    # ablations) x 3 splits
+    assert (len(search), len(train), len(jobs)) == (27, 42, 69)
     assert {j.arm for j in train if j.kind == "hand"} == {"osnet", "osnet_ibn", "osnet_ain", "osnet_ain_shallow",
                                                           "osnet_ain_plain_in"}
     assert sorted({j.split for j in jobs}) == [0, 1, 2]
@@ -369,6 +370,8 @@ def test_tiny_study_end_to_end(tmp_path):
             assert 0 <= float(r[c]) <= 100
     assert float(rows[0]["search_seconds"]) > 0 and not rows[1]["search_run"]
     assert (st.study_dir / "plots" / "mAP_same.png").is_file()
+    assert (st.study_dir / "plots" / "decision_entropy.png").is_file()  # from the search's alphas.csv
+    assert "](plots/decision_entropy.png)" in report
 
 
 def test_recipe_seed_reaches_the_strategy_unless_the_recipe_sets_its_own():
@@ -399,4 +402,20 @@ def test_search_only_arms_have_no_retrains(tmp_path):
     assert "g_soft" not in {j.arm for j in jobs if j.phase == "train"}
     real = S.load_study(ROOT / "recipes" / "study_gumbel_decisiveness_cpu.yaml")
     jobs = S.enumerate_jobs(real)
-    assert len(jobs) == 15 and all(j.phase == "search" for j in jobs)
+    assert len(jobs) == 18 and all(j.phase == "search" for j in jobs)  # 6 arms x 3 seeds
+
+
+def test_entropy_per_epoch_from_a_constructed_alphas_log(tmp_path):
+    rows = ["epoch,step,label,value,probability,lambda"]
+    for lab in ("b1", "b2"):  # epoch 0 uniform over 4, epoch 1 one-hot, epoch 2: b1 uniform, b2 one-hot
+        rows += [f"0,10,{lab},c{i},0.25,10" for i in range(4)]
+        rows += [f"1,20,{lab},c{i},{1.0 if i == 0 else 0.0},9" for i in range(4)]
+    rows += [f"2,30,b1,c{i},0.25,8" for i in range(4)] + [f"2,30,b2,c{i},{float(i == 3)},8" for i in range(4)]
+    f = tmp_path / "alphas.csv"
+    f.write_text("\n".join(rows) + "\n")
+    ep, logk = S.entropy_per_epoch(f)
+    assert list(ep.index) == [0, 1, 2] and logk == pytest.approx(math.log(4))
+    assert ep.tolist() == pytest.approx([math.log(4), 0.0, math.log(4) / 2], abs=1e-9)
+    f.write_text("epoch,label\n0,b1\n")
+    with pytest.raises(KeyError):
+        S.entropy_per_epoch(f)
