@@ -1282,16 +1282,24 @@ class _Report:
         return L + [""]
 
     def cost(self) -> list[str]:
+        def devices(ms) -> str:
+            return ", ".join(sorted({str(m["device"]) for m in ms if m.get("device")})) or "–"
+
         body = []
         for s in self.sources:
-            ss = [j.metrics().get("search_seconds", float("nan")) for j in self.searches if j.arm == s]
+            sm = [j.metrics() for j in self.searches if j.arm == s]
+            ss = [m.get("search_seconds", float("nan")) for m in sm]
             ts = [r["train_seconds"] for r in self.done if r["source"] == s]
-            body.append([s, len(ss), len(ts), _ms(ss, "{:.1f}"), _ms(ts, "{:.1f}")])
+            tm = [_read_json(Path(r["run_dir"]) / "metrics.json") for r in self.done if r["source"] == s]
+            body.append([s, len(ss), len(ts), _ms(ss, "{:.1f}"), _ms(ts, "{:.1f}"),
+                         f"{devices(sm) if sm else '–'} / {devices(tm)}"])
         tot_s = sum(_finite(j.metrics().get("search_seconds", float("nan")) for j in self.searches))
         body.append(["all", len(self.searches), len(self.done), f"{tot_s:.1f} in all",
-                     f"{sum(_finite(r['train_seconds'] for r in self.done)):.1f} in all"])
-        return ["## Cost\n", "Seconds of training (summed epoch times, evaluation excluded), mean ± std per run.\n",
-                *_table(["source", "searches", "retrains", "search s", "retrain s"], body)]
+                     f"{sum(_finite(r['train_seconds'] for r in self.done)):.1f} in all", ""])
+        return ["## Cost\n", "Seconds of training (summed epoch times, evaluation excluded), mean ± std per run; "
+                "seconds compare only between runs on the same device (last column).\n",
+                *_table(["source", "searches", "retrains", "search s", "retrain s", "device (search / retrain)"],
+                        body)]
 
     def points(self) -> list[str]:
         def cell(r, pre):

@@ -372,6 +372,7 @@ def test_tiny_study_end_to_end(tmp_path):
     assert (st.study_dir / "plots" / "mAP_same.png").is_file()
     assert (st.study_dir / "plots" / "decision_entropy.png").is_file()  # from the search's alphas.csv
     assert "](plots/decision_entropy.png)" in report
+    assert "| device (search / retrain) |" in report and "| cpu / cpu |" in report and "| – / cpu |" in report
 
 
 def test_recipe_seed_reaches_the_strategy_unless_the_recipe_sets_its_own():
