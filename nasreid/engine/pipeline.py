@@ -72,7 +72,7 @@ def load_run_recipe(run_dir: str | os.PathLike) -> Recipe:
     """The resolved recipe of a run folder (``recipe.yaml``).
 
     Raises:
-        RecipeError: not a run folder (no ``recipe.yaml``) or an invalid recipe.
+        RunFolderError: not a run folder (no ``recipe.yaml``); RecipeError: an invalid recipe.
     """
     p = Path(run_dir) / "recipe.yaml"
     if not p.is_file():
