@@ -872,7 +872,9 @@ def collect_results(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[dict[s
     (without the identity classifier) and ``macs`` (multiply-adds of one image at the retrain input size,
     :mod:`nasreid.models.complexity`); ``search_seconds`` (the search's summed epoch time), ``entropy_mean``
     (mean over decisions of the entropy of the search's final probabilities, nats), ``entropy_max`` (mean
-    ``log k``), ``train_seconds``, ``genotype`` (the choices in label order), ``run_dir``, ``search_run``.
+    ``log k``), ``train_seconds``, ``train_triplet`` / ``train_acc`` (the retrain's last-epoch training triplet
+    loss and accuracy: a triplet term that ends at about its margin marks a retrain whose metric term never
+    left its collapsed start), ``genotype`` (the choices in label order), ``run_dir``, ``search_run``.
 
     Raises:
         RecipeError / RunFolderError: see :func:`enumerate_jobs`.
@@ -922,6 +924,9 @@ def collect_results(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[dict[s
         row["entropy_mean"] = float(np.mean([h for h, _ in ent.values()])) if ent else float("nan")
         row["entropy_max"] = float(np.mean([k for _, k in ent.values()])) if ent else float("nan")
         row["train_seconds"] = float(m.get("train_seconds", float("nan")))
+        last = (m.get("history") or [{}])[-1]
+        row["train_triplet"] = float(last.get("triplet", float("nan")))  # a term stuck at its margin: see README
+        row["train_acc"] = float(last.get("acc", float("nan")))
         row["run_dir"] = str(job.run_dir)
         row["search_run"] = str(job.search_run) if job.search_run is not None else ""
         rows.append(row)
@@ -1305,11 +1310,17 @@ class _Report:
         def cell(r, pre):
             return " / ".join("–" if not math.isfinite(r[f"{pre}_{m}"]) else f"{r[f'{pre}_{m}']:.2f}" for m in METRICS)
 
+        def num(x, fmt="{:.3f}"):
+            return "–" if not math.isfinite(x) else fmt.format(x)
+
         body = [[r["source"], r["split"], r["search_seed"], r["retrain_seed"], *(cell(r, pre) for pre, _, _ in self.cols),
-                 r["genotype"]] for r in self.done]
+                 f"{num(r['train_triplet'])} / {num(r['train_acc'], '{:.2f}')}", r["genotype"]] for r in self.done]
         return ["## All points\n",
+                "\"train triplet / acc\": the retrain's training loss terms at its last epoch (the triplet margin is "
+                "the recipe's `loss.triplet_margin`; a value at about the margin means the metric term never "
+                "separated the training ids).\n",
                 *_table(["source", "split", "search seed", "retrain seed",
-                         *(f"{t} R1 / mAP / mINP" for _, t, _ in self.cols), "genotype"], body),
+                         *(f"{t} R1 / mAP / mINP" for _, t, _ in self.cols), "train triplet / acc", "genotype"], body),
                 "Per-job rows with parameters, MACs, search seconds and entropies: `study_results.csv`.\n"]
 
 

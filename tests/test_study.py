@@ -371,6 +371,8 @@ def test_tiny_study_end_to_end(tmp_path):
     assert float(rows[0]["search_seconds"]) > 0 and not rows[1]["search_run"]
     assert (st.study_dir / "plots" / "mAP_same.png").is_file()
     assert (st.study_dir / "plots" / "decision_entropy.png").is_file()  # from the search's alphas.csv
+    assert all(0.0 <= float(r["train_acc"]) <= 1.0 and float(r["train_triplet"]) >= 0.0 for r in rows)
+    assert "| train triplet / acc |" in report
     assert "](plots/decision_entropy.png)" in report
     assert "| device (search / retrain) |" in report and "| cpu / cpu |" in report and "| – / cpu |" in report
 
