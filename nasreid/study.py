@@ -873,8 +873,8 @@ def collect_results(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[dict[s
     :mod:`nasreid.models.complexity`); ``search_seconds`` (the search's summed epoch time), ``entropy_mean``
     (mean over decisions of the entropy of the search's final probabilities, nats), ``entropy_max`` (mean
     ``log k``), ``train_seconds``, ``train_triplet`` / ``train_acc`` (the retrain's last-epoch training triplet
-    loss and accuracy: a triplet term that ends at about its margin marks a retrain whose metric term never
-    left its collapsed start), ``genotype`` (the choices in label order), ``run_dir``, ``search_run``.
+    loss and accuracy: a triplet term that ends at about its margin marks a retrain whose training features do
+    not separate the identities by the margin; in the CPU study those runs had the lowest test mAP), ``genotype`` (the choices in label order), ``run_dir``, ``search_run``.
 
     Raises:
         RecipeError / RunFolderError: see :func:`enumerate_jobs`.
@@ -1317,8 +1317,8 @@ class _Report:
                  f"{num(r['train_triplet'])} / {num(r['train_acc'], '{:.2f}')}", r["genotype"]] for r in self.done]
         return ["## All points\n",
                 "\"train triplet / acc\": the retrain's training loss terms at its last epoch (the triplet margin is "
-                "the recipe's `loss.triplet_margin`; a value at about the margin means the metric term never "
-                "separated the training ids).\n",
+                "the recipe's `loss.triplet_margin`; a value at about the margin means the training features do not "
+                "separate the identities by the margin).\n",
                 *_table(["source", "split", "search seed", "retrain seed",
                          *(f"{t} R1 / mAP / mINP" for _, t, _ in self.cols), "train triplet / acc", "genotype"], body),
                 "Per-job rows with parameters, MACs, search seconds and entropies: `study_results.csv`.\n"]

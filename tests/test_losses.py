@@ -125,7 +125,7 @@ def test_reid_loss_combined():
 
 
 def test_euclidean_triplet_rewards_shrinking_features_cosine_does_not():
-    """The collapse behind the CPU retrain's lottery (results/README.md, study section): while the hardest
+    """A triplet term at its margin (the low CPU retrains of results/README.md, study section): while the hardest
     positive is farther than the hardest negative, the euclidean hinge falls towards the margin as every
     feature shrinks, so its gradient points at zero scale; the cosine form is unchanged by the scale."""
     feats, pids = _square_example()
