@@ -1186,6 +1186,8 @@ class _Report:
         randoms = [a for a in self.arms if self.kinds[a] == "random"]
         pairs = [(x, y) for x in searched for y in randoms + list(st.hand_designed)]
         pairs += [(x, h) for x in randoms for h in st.hand_designed]
+        hands = list(st.hand_designed)
+        pairs += [(h, hands[0]) for h in hands[1:]]  # every hand design against the first listed (the reference)
         if not pairs:
             return []
         L = ["## Paired comparisons\n",
@@ -1193,13 +1195,14 @@ class _Report:
              f"unit as the mean over its search seeds (\"each seed\") or as the seed selected on the validation "
              f"domain (\"best of k\"). Interval: {bs.level:.0%} percentile bootstrap over units ({bs.n_boot} "
              f"resamples, Efron & Tibshirani 1993, Ch. 13); with a handful of units it is optimistic (narrow): an "
-             f"interval that includes 0 means no evidence of a difference.\n"]
+             f"interval that includes 0 means no evidence of a difference. Hand designs are also compared with the "
+             f"first one listed (the reference), under one rule (they have no search seeds).\n"]
         rules = ["each"] + (["best"] if self.sel_col else [])
         for pre, title, _ in self.test_cols:
             L.append(f"### {title}\n")
             body = []
             for x, y in pairs:
-                for rule in rules:
+                for rule in (rules if self.kinds[x] != "hand" else ["each"]):
                     cells, n = [], 0
                     for met in METRICS:
                         vx = _unit_values(self.rows, x, f"{pre}_{met}", rule, self.sel_col)
@@ -1207,7 +1210,8 @@ class _Report:
                         units = sorted(set(vx) & set(vy))
                         n = max(n, len(units))
                         cells.append(self._boot([vy[u] for u in units], [vx[u] for u in units]) if units else "–")
-                    body.append([f"{x} − {y}", "each seed" if rule == "each" else "best of k", n, *cells])
+                    label = "–" if self.kinds[x] == "hand" else "each seed" if rule == "each" else "best of k"
+                    body.append([f"{x} − {y}", label, n, *cells])
             L += _table(["X − Y", "rule", "n", "Δ rank-1 [CI]", "Δ mAP [CI]", "Δ mINP [CI]"], body)
         return L
 

@@ -337,6 +337,9 @@ def test_report_on_constructed_study(tmp_path):
     # best of k by validation mAP picks seed 1 (32) for gumbel and seed 0 (25) for random
     line = next(x for x in text.splitlines() if x.startswith("| gumbel − random | best of k | 4 |"))
     assert "+7.00 [+7.00, +7.00]" in line
+    # hand designs against the first listed one, one rule: osnet_ibn (22) − osnet (20) = +2 on every unit
+    line = next(x for x in text.splitlines() if x.startswith("| osnet_ibn − osnet | – | 4 |"))
+    assert "+2.00 [+2.00, +2.00]" in line and "osnet − osnet_ibn" not in text
     sel = next(x for x in text.splitlines() if x.startswith("| gumbel | best of k |"))
     assert "split 0/r0: s1" in sel and "split 1/r1: s1" in sel
     assert "| gumbel | 0.83 ± 0.00 |" in text  # agreement: 5 of 6 decisions within a split
