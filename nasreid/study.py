@@ -274,6 +274,10 @@ def load_study(path: Union[str, os.PathLike], overrides: Optional[Mapping[str, A
     p = Path(path)
     if p.is_dir() and (p / "study.yaml").is_file():
         p = p / "study.yaml"
+    if p.is_dir():
+        raise RecipeError(f"{p} is a folder without study.yaml (the resolved recipe a study run writes there; it is "
+                          f"not committed with results): pass the study recipe instead, with --set output_root=<the "
+                          f"folder's parent>")
     if not p.is_file():
         raise RecipeError(f"study recipe file not found: {p}")
     try:

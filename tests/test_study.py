@@ -64,6 +64,8 @@ def test_study_recipe_errors_name_file_and_key(tmp_path):
         S.load_study(write(**{"search.arms": [{"name": "g", "strateg": "gumbel"}]}))
     with pytest.raises(RecipeError, match=r"s\.yaml: retrain\.recipe: file not found"):
         S.load_study(write(**{"retrain.recipe": "nope.yaml"}))
+    with pytest.raises(RecipeError, match=r"folder without study\.yaml.*--set output_root"):
+        S.load_study(tmp_path)  # a committed results folder: its resolved study.yaml is not committed
     with pytest.raises(RecipeError, match=r"hand_designed\.0: .*no preset 'osnet_xx'"):
         S.load_study(write(hand_designed=["osnet_xx"]))
     with pytest.raises(RecipeError, match=r"search\.arms\.0\.strategy: .*nope"):
