@@ -878,7 +878,8 @@ def collect_results(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[dict[s
     (mean over decisions of the entropy of the search's final probabilities, nats), ``entropy_max`` (mean
     ``log k``), ``train_seconds``, ``train_triplet`` / ``train_acc`` (the retrain's last-epoch training triplet
     loss and accuracy: a triplet term that ends at about its margin marks a retrain whose training features do
-    not separate the identities by the margin; in the CPU study those runs had the lowest test mAP), ``genotype`` (the choices in label order), ``run_dir``, ``search_run``.
+    not separate the identities by the margin; in the CPU study those runs had the lowest test mAP),
+    ``genotype`` (the choices in label order), ``run_dir``, ``search_run``.
 
     Raises:
         RecipeError / RunFolderError: see :func:`enumerate_jobs`.
