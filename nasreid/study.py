@@ -876,7 +876,7 @@ def collect_results(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[dict[s
     (without the identity classifier) and ``macs`` (multiply-adds of one image at the retrain input size,
     :mod:`nasreid.models.complexity`); ``search_seconds`` (the search's summed epoch time), ``entropy_mean``
     (mean over decisions of the entropy of the search's final probabilities, nats), ``entropy_max`` (mean
-    ``log k``), ``train_seconds``, ``train_triplet`` / ``train_acc`` (the retrain's last-epoch training triplet
+    ``log k``), ``train_seconds``, ``device`` (the retrain's), ``train_triplet`` / ``train_acc`` (the retrain's last-epoch training triplet
     loss and accuracy: a triplet term that ends at about its margin marks a retrain whose training features do
     not separate the identities by the margin; in the CPU study those runs had the lowest test mAP),
     ``genotype`` (the choices in label order), ``run_dir``, ``search_run``.
@@ -932,6 +932,7 @@ def collect_results(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[dict[s
         last = (m.get("history") or [{}])[-1]
         row["train_triplet"] = float(last.get("triplet", float("nan")))  # a term stuck at its margin: see README
         row["train_acc"] = float(last.get("acc", float("nan")))
+        row["device"] = str(m.get("device", ""))
         row["run_dir"] = str(job.run_dir)
         row["search_run"] = str(job.search_run) if job.search_run is not None else ""
         rows.append(row)
@@ -1304,7 +1305,7 @@ class _Report:
             sm = [j.metrics() for j in self.searches if j.arm == s]
             ss = [m.get("search_seconds", float("nan")) for m in sm]
             ts = [r["train_seconds"] for r in self.done if r["source"] == s]
-            tm = [_read_json(Path(r["run_dir"]) / "metrics.json") for r in self.done if r["source"] == s]
+            tm = [r for r in self.done if r["source"] == s]  # collect_results already read their metrics.json
             body.append([s, len(ss), len(ts), _ms(ss, "{:.1f}"), _ms(ts, "{:.1f}"),
                          f"{devices(sm) if sm else '–'} / {devices(tm)}"])
         tot_s = sum(_finite(j.metrics().get("search_seconds", float("nan")) for j in self.searches))
