@@ -118,6 +118,9 @@ def test_interrupted_search_resumes_exactly(tiny_recipe, tmp_path, monkeypatch, 
     assert cli.main(["search", "--resume", str(tmp_path / "cut")]) == 0
     cut_state = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert cut_state["epoch"] == 1
+    # the log names the checkpoint relative to the run folder, so it reads the same wherever the run moves
+    log_text = (tmp_path / "cut" / "train.log").read_text()
+    assert "resumed from checkpoints/last.pt (epoch 1 done)" in log_text and str(tmp_path) not in log_text
     for k, v in ref_state["model"].items():
         assert torch.equal(v, cut_state["model"][k]), k
     assert json.loads((tmp_path / "cut" / "genotype.json").read_text())["choices"] == \

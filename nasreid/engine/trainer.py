@@ -396,7 +396,8 @@ class Trainer:
             return 0
         st = load_checkpoint(self.ckpt_path, map_location=self.ctx.device)
         self.load_state_dict(st)
-        log.info("resumed from %s (epoch %d done)", self.ckpt_path, st["epoch"] + 1)
+        # relative to the run folder: the log travels with the run (results/, another machine)
+        log.info("resumed from %s (epoch %d done)", self.ckpt_path.relative_to(self.run_dir), st["epoch"] + 1)
         return int(st["epoch"]) + 1
 
     # ---- the loop ---------------------------------------------------------------------------------

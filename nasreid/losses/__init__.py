@@ -121,6 +121,7 @@ def build_reid_loss(num_classes: int, *, label_smooth: float = 0.1, triplet_weig
         ValueError: invalid arguments (unknown metric, negative margin or weight).
     """
     ce = CrossEntropyLabelSmooth(num_classes, epsilon=label_smooth)
-    triplet = (TripletLoss(margin=triplet_margin, metric=triplet_metric, soft_margin=triplet_soft_margin)
-               if triplet_weight > 0 else None)
-    return ReIDLoss(ce, triplet, triplet_weight)
+    # built (and so validated) even when the term is off: a typo in ``triplet_metric`` must not pass silently
+    # in a CE-only recipe and fail only when someone turns the triplet on
+    triplet = TripletLoss(margin=triplet_margin, metric=triplet_metric, soft_margin=triplet_soft_margin)
+    return ReIDLoss(ce, triplet if triplet_weight > 0 else None, triplet_weight)
