@@ -1190,7 +1190,9 @@ class _Report:
         st, bs = self.study, self.study.bootstrap
         searched = [a for a in self.arms if self.kinds[a] == "searched"]
         randoms = [a for a in self.arms if self.kinds[a] == "random"]
-        pairs = [(x, y) for x in searched for y in randoms + list(st.hand_designed)]
+        # a later searched arm against each earlier one (e.g. a changed search setting against the committed one)
+        pairs = [(x, y) for i, x in enumerate(searched) for y in searched[:i]]
+        pairs += [(x, y) for x in searched for y in randoms + list(st.hand_designed)]
         pairs += [(x, h) for x in randoms for h in st.hand_designed]
         hands = list(st.hand_designed)
         pairs += [(h, hands[0]) for h in hands[1:]]  # every hand design against the first listed (the reference)

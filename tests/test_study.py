@@ -427,3 +427,24 @@ def test_entropy_per_epoch_from_a_constructed_alphas_log(tmp_path):
     f.write_text("epoch,label\n0,b1\n")
     with pytest.raises(KeyError):
         S.entropy_per_epoch(f)
+
+
+def test_a_later_searched_arm_is_paired_with_each_earlier_one(tmp_path):
+    """Two searched arms (the committed setting and a changed one, like study_osnet_ain_cpu's gumbel and
+    gumbel_decisive): the report pairs the later against the earlier, with the known difference, once."""
+    st = tiny(tmp_path, **{"search.arms": [{"name": "gumbel"}, {"name": "decisive", "strategy": "gumbel",
+                                                                "set": {"strategy.kwargs.arch_lr": 10.0}},
+                                           {"name": "random", "set": {"optim.epochs": 1}}],
+                           "search.seeds": 1, "hand_designed": ["osnet"], "splits": [0, 1]})
+    jobs = S.enumerate_jobs(st)
+    for j in jobs:
+        if j.phase == "search":
+            _finish_search(j)
+    for j in jobs:
+        if j.phase == "train":
+            _finish_train(j, {"gumbel": 20.0, "decisive": 23.5, "random": 19.0, "osnet": 25.0}[j.arm] + j.split,
+                          2.0, 10.0)
+    text = S.build_report(st).read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| decisive − gumbel | each seed | 2 |"))
+    assert "+3.50 [+3.50, +3.50]" in line
+    assert "| gumbel − decisive |" not in text and "| decisive − random | each seed | 2 |" in text
