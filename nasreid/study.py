@@ -1012,6 +1012,49 @@ def _plot(rows: list[dict], sources: list[str], col: str, title: str, path: Path
     return path
 
 
+def _plot_triplet(rows: list[dict], sources: list[str], margin: Optional[float], path: Path) -> Optional[Path]:
+    """Same-domain mAP (%) against the retrain's last-epoch training triplet loss, one colour per source, the
+    recipe's triplet margin as a dashed line: where people would rather look than read the "All points" table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = {s: [(r["train_triplet"], r["same_mAP"]) for r in rows if r["source"] == s and r["status"] == DONE
+               and math.isfinite(r["train_triplet"]) and math.isfinite(r["same_mAP"])] for s in sources}
+    pts = {s: v for s, v in pts.items() if v}
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    markers = "osD^vP*Xh"
+    for i, (s, v) in enumerate(pts.items()):
+        x, y = zip(*v)
+        ax.scatter(x, y, s=22, alpha=0.75, marker=markers[i % len(markers)], label=s)
+    if margin is not None:
+        ax.axvline(margin, ls="--", color="gray", lw=1)
+        ax.text(margin, ax.get_ylim()[1], " margin", va="top", ha="left", fontsize=8, color="gray")
+    ax.set_xlabel("training triplet loss, last epoch")
+    ax.set_ylabel("same-domain mAP (%)")
+    ax.set_title("retrain outcome vs the triplet term at the end of training", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _triplet_margin(study: StudyRecipe) -> Optional[float]:
+    """The retrain recipe's triplet margin (``loss.triplet_margin``), or None where it has no triplet term or
+    cannot be loaded (a report rebuilt away from its recipes)."""
+    try:
+        rec = _load_with(study.retrain.recipe, [], where="retrain.recipe")
+    except Exception:  # noqa: BLE001 - the plot's margin line is optional
+        return None
+    return float(rec.loss.triplet_margin) if rec.loss.triplet_weight > 0 else None
+
+
 def entropy_per_epoch(alphas_csv: Union[str, os.PathLike]):
     """Mean decision entropy of a search after each epoch, from its ``alphas.csv``.
 
@@ -1327,10 +1370,23 @@ class _Report:
 
         body = [[r["source"], r["split"], r["search_seed"], r["retrain_seed"], *(cell(r, pre) for pre, _, _ in self.cols),
                  f"{num(r['train_triplet'])} / {num(r['train_acc'], '{:.2f}')}", r["genotype"]] for r in self.done]
-        return ["## All points\n",
-                "\"train triplet / acc\": the retrain's training loss terms at its last epoch (the triplet margin is "
-                "the recipe's `loss.triplet_margin`; a value at about the margin means the training features do not "
-                "separate the identities by the margin).\n",
+        L = ["## All points\n",
+             "\"train triplet / acc\": the retrain's training loss terms at its last epoch (the triplet margin is "
+             "the recipe's `loss.triplet_margin`; a value at about the margin means the training features do not "
+             "separate the identities by the margin).\n"]
+        tm = [(r["train_triplet"], r["same_mAP"]) for r in self.done
+              if math.isfinite(r["train_triplet"]) and math.isfinite(r["same_mAP"])]
+        if len(tm) >= 3 and len({x for x, _ in tm}) > 1 and len({y for _, y in tm}) > 1:
+            from scipy.stats import spearmanr
+
+            rho, pv = spearmanr([x for x, _ in tm], [y for _, y in tm])
+            L.append(f"Spearman rank correlation between the last-epoch training triplet and same-domain mAP over "
+                     f"{len(tm)} retrains: ρ = {rho:+.2f} (p = {pv:.1g}).\n")
+        p = _plot_triplet(self.rows, self.sources, _triplet_margin(self.study),
+                          self.out_dir / "plots" / "mAP_vs_train_triplet.png")
+        if p is not None:
+            L.append(f"![mAP vs training triplet](plots/{p.name})\n")
+        return L + [
                 *_table(["source", "split", "search seed", "retrain seed",
                          *(f"{t} R1 / mAP / mINP" for _, t, _ in self.cols), "train triplet / acc", "genotype"], body),
                 "Per-job rows with parameters, MACs, search seconds and entropies: `study_results.csv`.\n"]
@@ -1344,11 +1400,15 @@ def build_report(recipe_or_dir: Union[StudyRecipe, str, os.PathLike], out: Optio
     Report sections: jobs finished; per source mean ± std (sample std) of rank-1 / mAP / mINP on every
     evaluation, params and multiply-adds; both selection rules (each seed as it comes vs best of k by
     validation-domain metric, OSNet-AIN TPAMI 2021 Sec. 4) with the seeds chosen and what the selection buys;
-    paired comparisons (searched vs random vs each hand design; units = (split, retrain seed), differences
+    paired comparisons (a later searched arm vs each earlier one, searched vs random vs each hand design, every
+    hand design vs the first listed; units = (split, retrain seed), differences
     "X − Y" with a percentile bootstrap interval, :func:`paired_bootstrap`); how decided each search was
     (entropy of the final probabilities per decision in nats, against its maximum ``log k``); agreement of the
-    derived genotypes between search seeds; search and retrain cost in seconds; and all points. Plots: per
-    source, every point and mean ± std of mAP for each evaluation (``plots/mAP_<prefix>.png``).
+    derived genotypes between search seeds; search and retrain cost in seconds; and all points, with the
+    Spearman correlation of the retrain's last-epoch training triplet and same-domain mAP. Plots: per source,
+    every point and mean ± std of mAP for each evaluation (``plots/mAP_<prefix>.png``), the decision entropy
+    per search epoch (``plots/decision_entropy.png``) and same-domain mAP against the training triplet
+    (``plots/mAP_vs_train_triplet.png``).
 
     Args:
         recipe_or_dir: a :class:`StudyRecipe`, a study YAML file or a study folder.

@@ -172,8 +172,9 @@ def _key(ref, kind="cross-domain"):
     return f"{ref.name}{tag} ({kind})"
 
 
-def _finish_train(job, same, cross, val, skip_val=False, seconds=30.0):
-    """The metrics.json of a finished ``nasreid train`` run (keys as evaluate_run_model writes them)."""
+def _finish_train(job, same, cross, val, skip_val=False, seconds=30.0, triplet=None):
+    """The metrics.json of a finished ``nasreid train`` run (keys as evaluate_run_model writes them); with
+    ``triplet``, a one-epoch history whose training triplet loss is that value."""
     job.run_dir.mkdir(parents=True, exist_ok=True)
     (job.run_dir / "recipe.yaml").write_text("name: x\n")
     (job.run_dir / "model.pt").write_bytes(b"")
@@ -183,8 +184,9 @@ def _finish_train(job, same, cross, val, skip_val=False, seconds=30.0):
     if not skip_val:
         ev[_key(job.targets[1])] = {"rank1": val, "mAP": val, "mINP": val, "protocol": "cross-domain",
                                     "dataset_kwargs": job.targets[1].kwargs}
+    hist = [] if triplet is None else [{"epoch": 0, "loss": 1.0, "triplet": triplet, "acc": 1.0}]
     (job.run_dir / "metrics.json").write_text(json.dumps({"kind": "train", "train_seconds": seconds,
-                                                          "evaluation": ev}))
+                                                          "evaluation": ev, "history": hist}))
 
 
 def test_resume_skips_finished_jobs_and_resumes_started_ones(tmp_path, monkeypatch):
@@ -442,9 +444,13 @@ def test_a_later_searched_arm_is_paired_with_each_earlier_one(tmp_path):
             _finish_search(j)
     for j in jobs:
         if j.phase == "train":
-            _finish_train(j, {"gumbel": 20.0, "decisive": 23.5, "random": 19.0, "osnet": 25.0}[j.arm] + j.split,
-                          2.0, 10.0)
+            same = {"gumbel": 20.0, "decisive": 23.5, "random": 19.0, "osnet": 25.0}[j.arm] + j.split
+            _finish_train(j, same, 2.0, 10.0, triplet=0.5 - same / 100)  # the better the run, the lower
     text = S.build_report(st).read_text()
+    # the triplet/mAP relation the CPU study found, stated and plotted: here exactly monotone, rho = -1
+    assert "over 8 retrains: ρ = -1.00" in text
+    assert (st.study_dir / "plots" / "mAP_vs_train_triplet.png").stat().st_size > 0
+    assert "![mAP vs training triplet](plots/mAP_vs_train_triplet.png)" in text
     line = next(x for x in text.splitlines() if x.startswith("| decisive − gumbel | each seed | 2 |"))
     assert "+3.50 [+3.50, +3.50]" in line
     assert "| gumbel − decisive |" not in text and "| decisive − random | each seed | 2 |" in text
