@@ -984,12 +984,30 @@ def _selected_seeds(rows: list[dict], source: str, sel_col: str) -> dict:
     return {u: sorted(rs, key=lambda r: (-r[sel_col], r["search_seed"]))[0]["search_seed"] for u, rs in units.items()}
 
 
-def _plot(rows: list[dict], sources: list[str], col: str, title: str, path: Path) -> Optional[Path]:
+def _pyplot():
+    """matplotlib's pyplot on the headless Agg backend (reports are written on servers and in CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, ax, path: Path, legend_loc: Optional[str] = None) -> Path:
+    """Grid, optional legend, tight layout, write ``path`` (parents created) at 120 dpi, close the figure."""
+    ax.grid(axis="y" if legend_loc is None else "both", alpha=0.3)
+    if legend_loc is not None:
+        ax.legend(fontsize=7, loc=legend_loc)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def _plot(rows: list[dict], sources: list[str], col: str, title: str, path: Path) -> Optional[Path]:
+    plt = _pyplot()
     data = [(s, _finite(r[col] for r in rows if r["source"] == s and r["status"] == DONE)) for s in sources]
     data = [(s, v) for s, v in data if v]
     if not data:
@@ -1004,22 +1022,13 @@ def _plot(rows: list[dict], sources: list[str], col: str, title: str, path: Path
     ax.set_xticklabels([s for s, _ in data], rotation=30, ha="right")
     ax.set_ylabel("mAP (%)")
     ax.set_title(title + "\n(points: runs; black: mean ± std)", fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def _plot_triplet(rows: list[dict], sources: list[str], margin: Optional[float], path: Path) -> Optional[Path]:
     """Same-domain mAP (%) against the retrain's last-epoch training triplet loss, one colour per source, the
     recipe's triplet margin as a dashed line: where people would rather look than read the "All points" table."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     pts = {s: [(r["train_triplet"], r["same_mAP"]) for r in rows if r["source"] == s and r["status"] == DONE
                and math.isfinite(r["train_triplet"]) and math.isfinite(r["same_mAP"])] for s in sources}
     pts = {s: v for s, v in pts.items() if v}
@@ -1036,13 +1045,7 @@ def _plot_triplet(rows: list[dict], sources: list[str], margin: Optional[float],
     ax.set_xlabel("training triplet loss, last epoch")
     ax.set_ylabel("same-domain mAP (%)")
     ax.set_title("retrain outcome vs the triplet term at the end of training", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend_loc="best")
 
 
 def _triplet_margin(study: StudyRecipe) -> Optional[float]:
@@ -1082,11 +1085,9 @@ def _plot_entropy(runs: Mapping[str, Sequence[Path]], path: Path) -> Optional[Pa
     """Mean decision entropy (nats) after each search epoch, one line per search, one colour per arm, read from
     each search's ``alphas.csv`` (``epoch, label, value, probability`` rows; see :mod:`nasreid.visualize`);
     the dashed line is the uniform (undecided) level. ``None`` when no search has the file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
+
+    plt = _pyplot()
 
     curves: list[tuple[str, np.ndarray, np.ndarray]] = []
     logk: list[float] = []
@@ -1116,13 +1117,7 @@ def _plot_entropy(runs: Mapping[str, Sequence[Path]], path: Path) -> Optional[Pa
     ax.set_ylabel("mean decision entropy (nats)")
     ax.set_ylim(bottom=0)
     ax.set_title("How fast each search decides (one line per search)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend_loc="lower left")
 
 
 def _fmt_ci(b: BootstrapResult) -> str:
