@@ -994,9 +994,10 @@ def _pyplot():
     return plt
 
 
-def _save(fig, ax, path: Path, legend_loc: Optional[str] = None) -> Path:
-    """Grid, optional legend, tight layout, write ``path`` (parents created) at 120 dpi, close the figure."""
-    ax.grid(axis="y" if legend_loc is None else "both", alpha=0.3)
+def _save(fig, ax, path: Path, grid: str = "both", legend_loc: Optional[str] = None) -> Path:
+    """Grid (``grid``: matplotlib's axis name), optional legend, tight layout, write ``path`` (parents created)
+    at 120 dpi, close the figure."""
+    ax.grid(axis=grid, alpha=0.3)
     if legend_loc is not None:
         ax.legend(fontsize=7, loc=legend_loc)
     fig.tight_layout()
@@ -1022,7 +1023,7 @@ def _plot(rows: list[dict], sources: list[str], col: str, title: str, path: Path
     ax.set_xticklabels([s for s, _ in data], rotation=30, ha="right")
     ax.set_ylabel("mAP (%)")
     ax.set_title(title + "\n(points: runs; black: mean ± std)", fontsize=9)
-    return _save(fig, ax, path)
+    return _save(fig, ax, path, grid="y")
 
 
 def _plot_triplet(rows: list[dict], sources: list[str], margin: Optional[float], path: Path) -> Optional[Path]:
@@ -1053,7 +1054,7 @@ def _triplet_margin(study: StudyRecipe) -> Optional[float]:
     cannot be loaded (a report rebuilt away from its recipes)."""
     try:
         rec = _load_with(study.retrain.recipe, [], where="retrain.recipe")
-    except Exception:  # noqa: BLE001 - the plot's margin line is optional
+    except (RecipeError, OSError):  # the plot's margin line is optional
         return None
     return float(rec.loss.triplet_margin) if rec.loss.triplet_weight > 0 else None
 
