@@ -1026,15 +1026,15 @@ def _plot(rows: list[dict], sources: list[str], col: str, title: str, path: Path
     return _save(fig, ax, path, grid="y")
 
 
-def _plot_triplet(rows: list[dict], sources: list[str], margin: Optional[float], path: Path) -> Optional[Path]:
-    """Same-domain mAP (%) against the retrain's last-epoch training triplet loss, one colour per source, the
-    recipe's triplet margin as a dashed line: where people would rather look than read the "All points" table."""
-    plt = _pyplot()
-    pts = {s: [(r["train_triplet"], r["same_mAP"]) for r in rows if r["source"] == s and r["status"] == DONE
-               and math.isfinite(r["train_triplet"]) and math.isfinite(r["same_mAP"])] for s in sources}
+def _plot_triplet(pts: Mapping[str, Sequence[tuple[float, float]]], margin: Optional[float], path: Path
+                  ) -> Optional[Path]:
+    """Same-domain mAP (%) against the retrain's last-epoch training triplet loss (``pts``: source -> finite
+    ``(triplet, mAP)`` points), one colour per source, the recipe's triplet margin as a dashed line: where people
+    would rather look than read the "All points" table."""
     pts = {s: v for s, v in pts.items() if v}
     if not pts:
         return None
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
     markers = "osD^vP*Xh"
     for i, (s, v) in enumerate(pts.items()):
@@ -1050,10 +1050,10 @@ def _plot_triplet(rows: list[dict], sources: list[str], margin: Optional[float],
 
 
 def _triplet_margin(study: StudyRecipe) -> Optional[float]:
-    """The retrain recipe's triplet margin (``loss.triplet_margin``), or None where it has no triplet term or
-    cannot be loaded (a report rebuilt away from its recipes)."""
+    """The retrain recipe's triplet margin (``loss.triplet_margin``, after the study's ``retrain.set``), or None
+    where it has no triplet term or cannot be loaded (a report rebuilt away from its recipes)."""
     try:
-        rec = _load_with(study.retrain.recipe, [], where="retrain.recipe")
+        rec = _load_with(study.retrain.recipe, list(study.retrain.set.items()), where="retrain.recipe")
     except (RecipeError, OSError):  # the plot's margin line is optional
         return None
     return float(rec.loss.triplet_margin) if rec.loss.triplet_weight > 0 else None
@@ -1370,16 +1370,16 @@ class _Report:
              "\"train triplet / acc\": the retrain's training loss terms at its last epoch (the triplet margin is "
              "the recipe's `loss.triplet_margin`; a value at about the margin means the training features do not "
              "separate the identities by the margin).\n"]
-        tm = [(r["train_triplet"], r["same_mAP"]) for r in self.done
-              if math.isfinite(r["train_triplet"]) and math.isfinite(r["same_mAP"])]
+        pts = {s: [(r["train_triplet"], r["same_mAP"]) for r in self.done if r["source"] == s
+                   and math.isfinite(r["train_triplet"]) and math.isfinite(r["same_mAP"])] for s in self.sources}
+        tm = [xy for v in pts.values() for xy in v]
         if len(tm) >= 3 and len({x for x, _ in tm}) > 1 and len({y for _, y in tm}) > 1:
             from scipy.stats import spearmanr
 
             rho, pv = spearmanr([x for x, _ in tm], [y for _, y in tm])
             L.append(f"Spearman rank correlation between the last-epoch training triplet and same-domain mAP over "
                      f"{len(tm)} retrains: ρ = {rho:+.2f} (p = {pv:.1g}).\n")
-        p = _plot_triplet(self.rows, self.sources, _triplet_margin(self.study),
-                          self.out_dir / "plots" / "mAP_vs_train_triplet.png")
+        p = _plot_triplet(pts, _triplet_margin(self.study), self.out_dir / "plots" / "mAP_vs_train_triplet.png")
         if p is not None:
             L.append(f"![mAP vs training triplet](plots/{p.name})\n")
         return L + [

@@ -454,3 +454,11 @@ def test_a_later_searched_arm_is_paired_with_each_earlier_one(tmp_path):
     line = next(x for x in text.splitlines() if x.startswith("| decisive − gumbel | each seed | 2 |"))
     assert "+3.50 [+3.50, +3.50]" in line
     assert "| gumbel − decisive |" not in text and "| decisive − random | each seed | 2 |" in text
+
+
+def test_triplet_margin_of_the_plot_follows_the_study_retrain_set(tmp_path):
+    """The margin line of plots/mAP_vs_train_triplet.png is the margin the retrains ran with, i.e. after the
+    study's ``retrain.set``; without a triplet term there is no line."""
+    st = tiny(tmp_path, **{"retrain.set": {"loss.triplet_weight": 1.0, "loss.triplet_margin": 0.5}})
+    assert S._triplet_margin(st) == 0.5
+    assert S._triplet_margin(tiny(tmp_path, **{"retrain.set": {"loss.triplet_weight": 0.0}})) is None
