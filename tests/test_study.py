@@ -1,9 +1,11 @@
-"""``nasreid.study``: study recipes, job enumeration and resume, the paired bootstrap, and the report end to end
-on a tiny synthetic study (no real data needed)."""
+"""``nasreid.study``: study recipes, job enumeration and resume, the paired bootstrap, the report end to end
+on a tiny synthetic study, and the committed CPU study's report rebuilt from its committed runs (no real data
+needed)."""
 import csv
 import io
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -39,8 +41,8 @@ def sets_of(cmd):
 # ---------------------------------------------------------------------------------------------------
 def test_yaml_value_round_trips_through_cli_set():
     for v in [1e-5, 0.5, 3, "cuhk01", None, True, {"a": [1, 2], "b": "x y"}, [{"name": "cuhk03np", "root": "cuhk03"}]]:
-        assert yaml.safe_load(S._yaml_value(v)) == v
-        assert "\n" not in S._yaml_value(v)
+        assert yaml.safe_load(S.jobs._yaml_value(v)) == v
+        assert "\n" not in S.jobs._yaml_value(v)
 
 
 def test_study_recipe_errors_name_file_and_key(tmp_path):
@@ -235,7 +237,7 @@ def test_resume_skips_finished_jobs_and_resumes_started_ones(tmp_path, monkeypat
             _finish_search(s1)
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(S.subprocess, "run", fake_run)
+    monkeypatch.setattr(S.runner.subprocess, "run", fake_run)
     res = S.run_study(st, workers=2, report=False, echo=lambda s: None)
     assert calls[0] == ["search", "--resume", str(s1.run_dir), "--no-retrain"]
     assert sorted(c[0] for c in calls[1:]) == ["train", "train"]
@@ -251,7 +253,7 @@ def test_resume_skips_finished_jobs_and_resumes_started_ones(tmp_path, monkeypat
     calls.clear()
     (s1.run_dir / "metrics.json").unlink()
     (s1.run_dir / "genotype.json").unlink()
-    monkeypatch.setattr(S.subprocess, "run", lambda cmd, **kw: (calls.append(cmd[3:]), subprocess.CompletedProcess(cmd, 1))[1])
+    monkeypatch.setattr(S.runner.subprocess, "run", lambda cmd, **kw: (calls.append(cmd[3:]), subprocess.CompletedProcess(cmd, 1))[1])
     res = S.run_study(st, report=False, echo=lambda s: None)
     assert res["blocked"] == [t1.id] and [c[0] for c in calls] == ["search", "train"]
 
@@ -460,5 +462,55 @@ def test_triplet_margin_of_the_plot_follows_the_study_retrain_set(tmp_path):
     """The margin line of plots/mAP_vs_train_triplet.png is the margin the retrains ran with, i.e. after the
     study's ``retrain.set``; without a triplet term there is no line."""
     st = tiny(tmp_path, **{"retrain.set": {"loss.triplet_weight": 1.0, "loss.triplet_margin": 0.5}})
-    assert S._triplet_margin(st) == 0.5
-    assert S._triplet_margin(tiny(tmp_path, **{"retrain.set": {"loss.triplet_weight": 0.0}})) is None
+    assert S.plots._triplet_margin(st) == 0.5
+    assert S.plots._triplet_margin(tiny(tmp_path, **{"retrain.set": {"loss.triplet_weight": 0.0}})) is None
+
+
+COMMITTED = ROOT / "results" / "study_osnet_ain_cpu"
+
+
+def test_committed_study_report_is_rebuilt_byte_for_byte(tmp_path, monkeypatch):
+    """``nasreid study recipes/study_osnet_ain_cpu.yaml --report-only`` on a copy of the committed runs gives the
+    committed ``study_report.md`` byte for byte: every mean, std, Spearman rho and paired-bootstrap interval
+    (scipy.stats.bootstrap, paired percentile, seed 0) as committed; and the same ``study_results.csv`` but for
+    the machine's run folders."""
+    monkeypatch.chdir(ROOT)  # the report shows the recipes relative to the current folder
+    shutil.copytree(COMMITTED, tmp_path / COMMITTED.name)
+    st = S.load_study(ROOT / "recipes" / "study_osnet_ain_cpu.yaml", {"output_root": str(tmp_path)})
+    report = S.build_report(st)
+    assert report == tmp_path / COMMITTED.name / "study_report.md"
+    assert report.read_bytes() == (COMMITTED / "study_report.md").read_bytes()
+
+    def table(path):
+        return [{k: v for k, v in r.items() if k not in ("run_dir", "search_run")}
+                for r in csv.DictReader(io.StringIO(path.read_text()))]
+
+    assert table(report.parent / "study_results.csv") == table(COMMITTED / "study_results.csv")
+
+
+def test_package_exports_and_one_pair_bootstrap():
+    """The package keeps every name the former ``nasreid/study.py`` module exported; one pair (scipy's bootstrap
+    needs two) gives the point as its interval."""
+    import nasreid.study
+
+    for name in nasreid.study.__all__ + ["NEW", "PARTIAL", "EVALUATE", "DONE", "METRICS", "Seeds"]:
+        assert hasattr(nasreid.study, name), name
+    r = S.paired_bootstrap([3.0], [5.5], n_boot=100)
+    assert (r.mean_diff, r.low, r.high, r.n) == (2.5, 2.5, 2.5, 1)
+
+
+def test_paired_bootstrap_draws_match_a_plain_resampling_loop():
+    """scipy's paired percentile bootstrap with ``default_rng(seed)`` draws the pair indices exactly as
+    ``rng.integers(0, n, (n_boot, n))`` does (the former home-made bootstrap), so the intervals agree to rounding.
+    With the committed study's 3 units per comparison the 95 % interval is [min, max] of the 3 differences for any
+    seed (all three draws on one unit has chance 1/27 > 2.5 %), so the committed report alone could not tell."""
+    rng = np.random.default_rng(7)
+    for n, level, seed in [(12, 0.95, 0), (5, 0.9, 3), (2, 0.5, 11)]:
+        a = rng.normal(40, 8, size=n)
+        b = a + rng.normal(1, 2, size=n)
+        d = b - a
+        idx = np.random.default_rng(seed).integers(0, n, size=(3000, n))
+        lo, hi = np.quantile(d[idx].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+        r = S.paired_bootstrap(a, b, n_boot=3000, seed=seed, level=level)
+        assert (r.low, r.high) == pytest.approx((lo, hi), abs=1e-12)
+        assert r.mean_diff == pytest.approx(d.mean(), abs=1e-12)

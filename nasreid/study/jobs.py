@@ -1,0 +1,270 @@
+"""The study's job graph: :class:`StudyJob` (one ``nasreid search`` / ``train`` / ``evaluate`` command in its
+own run folder, with its state and its fresh or resumed command line), :func:`enumerate_jobs` (every job, phase by
+phase), :func:`print_commands` (for an external scheduler) and :func:`find_evaluation` (one dataset's result in a
+run's ``metrics.json``)."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+import yaml
+
+from nasreid.config import DatasetRef
+from nasreid.errors import RunFolderError
+
+from .schema import StudyRecipe, _eval_targets, _retrain_sets, _search_sets, load_study
+
+NEW, PARTIAL, EVALUATE, DONE = "new", "partial", "evaluate", "done"
+
+
+def _yaml_value(v: Any) -> str:
+    """A value as the CLI's ``--set key=value`` reads it back (``yaml.safe_load``), on one line."""
+    s = yaml.safe_dump(v, default_flow_style=True, width=1 << 30, sort_keys=False).strip()
+    if s.endswith("\n..."):
+        s = s[: -len("\n...")].strip()
+    elif s.endswith("..."):
+        s = s[:-3].strip()
+    return s
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def find_evaluation(evaluation: Mapping[str, Mapping[str, Any]], ref: Optional[DatasetRef]) -> Optional[dict]:
+    """The result of one dataset in a run's ``metrics.json`` ``evaluation`` (``None`` if absent).
+
+    ``ref=None`` is the same-domain test split (key ``"<dataset> (same-domain)"``); a :class:`DatasetRef` is a
+    cross-domain target, found by the key :func:`~nasreid.engine.pipeline.evaluate_run_model` writes
+    (``"<name>[k=v,...] (cross-domain)"``) or else by its ``protocol`` / ``dataset_kwargs`` fields. Results
+    of another matcher (keys with a ``[matcher]`` suffix) are not taken.
+    """
+    if ref is None:
+        for k, r in evaluation.items():
+            if k.endswith(" (same-domain)") and isinstance(r, Mapping):
+                return dict(r)
+        return None
+    tag = "[" + ",".join(f"{k}={v}" for k, v in sorted(ref.kwargs.items())) + "]" if ref.kwargs else ""
+    key = f"{ref.name}{tag} (cross-domain)"
+    if key in evaluation:
+        return dict(evaluation[key])
+    for k, r in evaluation.items():
+        if (isinstance(r, Mapping) and k.endswith(" (cross-domain)") and r.get("protocol") == "cross-domain"
+                and k.split("[")[0].split(" ")[0] == ref.name and dict(r.get("dataset_kwargs") or {}) == dict(ref.kwargs)):
+            return dict(r)
+    return None
+
+
+def _target_spec(ref: DatasetRef) -> str:
+    """``name[=root][:k=v,...]`` as ``nasreid evaluate --target`` reads it."""
+    s = ref.name + (f"={ref.root}" if ref.root else "")
+    if ref.kwargs:
+        s += ":" + ",".join(f"{k}={_yaml_value(v)}" for k, v in ref.kwargs.items())
+    return s
+
+
+@dataclass
+class StudyJob:
+    """One job of a study: a ``nasreid search`` (phase ``search``) or ``nasreid train`` (phase ``train``) run
+    in its own folder ``run_dir``.
+
+    Attributes:
+        phase: ``"search"`` or ``"train"`` (all searches run before any retrain).
+        arm: the genotype source: a search arm's name or a preset name.
+        kind: ``"searched"``, ``"random"`` or ``"hand"``.
+        split: the value of the study's ``split_key`` (CUHK01's ``split_seed``).
+        search_seed: the search seed (``None`` for a hand design).
+        retrain_seed: the retrain seed (``None`` for a search job).
+        run_dir: the run folder (absolute).
+        recipe: the search or retrain recipe file (absolute).
+        sets: ``(dotted key, value)`` overrides of a fresh run (``--set key=value``, in order).
+        genotype: a train job's ``--genotype``: ``<search run>/genotype.json`` or ``preset:NAME``.
+        search_run: the search run folder a train job depends on (``None`` for a hand design).
+        targets: the cross-domain evaluations a finished train job must hold (same-domain is always expected).
+    """
+
+    phase: Literal["search", "train"]
+    arm: str
+    kind: Literal["searched", "random", "hand"]
+    split: int
+    search_seed: Optional[int]
+    retrain_seed: Optional[int]
+    run_dir: Path
+    recipe: Path
+    sets: list[tuple[str, Any]] = field(default_factory=list)
+    genotype: Optional[str] = None
+    search_run: Optional[Path] = None
+    targets: list[DatasetRef] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        """The run folder relative to the study folder, e.g. ``search/gumbel/split0_seed1``."""
+        return "/".join(self.run_dir.parts[-3:])
+
+    def metrics(self) -> dict:
+        """The run's ``metrics.json`` (``{}`` when absent or unreadable)."""
+        return _read_json(self.run_dir / "metrics.json")
+
+    def missing_targets(self) -> list[Optional[DatasetRef]]:
+        """Evaluations a train job's ``metrics.json`` lacks (``None`` stands for the same-domain split)."""
+        ev = self.metrics().get("evaluation") or {}
+        return [t for t in [None, *self.targets] if find_evaluation(ev, t) is None]
+
+    def state(self) -> str:
+        """``"done"``; ``"partial"`` (started: the run folder holds ``recipe.yaml``, resumed with ``--resume``);
+        ``"evaluate"`` (a train job trained and evaluated, but some expected evaluation is missing: a
+        ``nasreid evaluate`` adds it); ``"new"``. A search is done when its ``metrics.json`` says
+        ``search_done`` and ``genotype.json`` exists; a retrain when its ``metrics.json`` holds ``evaluation``
+        with every expected dataset."""
+        m = self.metrics()
+        if self.phase == "search":
+            if m.get("search_done") and (self.run_dir / "genotype.json").is_file():
+                return DONE
+        elif m.get("evaluation"):
+            return DONE if not self.missing_targets() else EVALUATE
+        return PARTIAL if (self.run_dir / "recipe.yaml").is_file() else NEW
+
+    def ready(self) -> bool:
+        """Whether the job can start: a retrain of a searched genotype needs its search's ``genotype.json``."""
+        return self.search_run is None or (self.search_run / "genotype.json").is_file()
+
+    def command(self, state: Optional[str] = None) -> list[str]:
+        """The command line of this job in ``state`` (default: its current :meth:`state`): a fresh run
+        (``--out``), a resumed one (``--resume RUN``), or ``nasreid evaluate`` for missing evaluations. A
+        done job gets its fresh command (what it ran)."""
+        state = state or self.state()
+        py = [sys.executable, "-m", "nasreid"]
+        if self.phase == "search":
+            if state == PARTIAL:
+                return [*py, "search", "--resume", str(self.run_dir), "--no-retrain"]
+            cmd = [*py, "search", str(self.recipe), "--out", str(self.run_dir), "--no-retrain"]
+        else:
+            if state == EVALUATE:
+                missing = self.missing_targets()
+                cmd = [*py, "evaluate", str(self.run_dir)]
+                for t in missing:
+                    if t is not None:
+                        cmd += ["--target", _target_spec(t)]
+                if None not in missing:
+                    cmd.append("--no-same-domain")
+                return cmd
+            if state == PARTIAL:
+                return [*py, "train", "--resume", str(self.run_dir), "--genotype", str(self.genotype)]
+            cmd = [*py, "train", str(self.recipe), "--genotype", str(self.genotype), "--out", str(self.run_dir)]
+        for k, v in self.sets:
+            cmd += ["--set", f"{k}={_yaml_value(v)}"]
+        return cmd
+
+
+def _as_study(recipe: Union[StudyRecipe, str, os.PathLike]) -> StudyRecipe:
+    if isinstance(recipe, StudyRecipe):
+        return recipe
+    p = Path(recipe)
+    if p.is_dir() and not (p / "study.yaml").is_file():
+        raise RunFolderError(f"{p} is not a study folder: study.yaml is missing (run_study writes it)")
+    return load_study(p)
+
+
+def enumerate_jobs(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[StudyJob]:
+    """Every job of a study, phase by phase: searches (arm, search seed, split), then retrains of each
+    search's genotype (arm, search seed, retrain seed, split) and of each hand design (preset, retrain seed,
+    split). Nothing is run or written.
+
+    Args:
+        recipe: a :class:`StudyRecipe`, a study YAML file or a study folder (its ``study.yaml``).
+
+    Returns:
+        ``len(arms) * len(search seeds) * len(splits)`` search jobs followed by
+        ``(len(arms) * len(search seeds) + len(hand_designed)) * len(retrain seeds) * len(splits)`` train jobs,
+        ordered so that paired units complete first (split, retrain seed, then each arm's first search seed
+        with the hand designs before the later search seeds).
+
+    Raises:
+        RecipeError: an invalid study recipe; RunFolderError: a folder without ``study.yaml``.
+    """
+    study = _as_study(recipe)
+    root = study.study_dir
+    targets = _eval_targets(study)
+    jobs: list[StudyJob] = []
+    searches: list[StudyJob] = []
+    if study.search is not None:
+        for arm in study.search.arms:
+            for split in study.splits:
+                for s in study.search.seeds:
+                    searches.append(StudyJob(
+                        phase="search", arm=arm.name, kind=arm.arm_kind, split=split, search_seed=s,
+                        retrain_seed=None, run_dir=root / "search" / arm.name / f"split{split}_seed{s}",
+                        recipe=Path(arm.recipe or study.search.recipe), sets=_search_sets(study, arm, s, split)))
+    jobs += searches
+    for sj in searches:
+        if not study.arm(sj.arm).retrain:
+            continue
+        for r in study.retrain.seeds:
+            jobs.append(StudyJob(
+                phase="train", arm=sj.arm, kind=sj.kind, split=sj.split, search_seed=sj.search_seed,
+                retrain_seed=r, run_dir=root / "train" / sj.arm / f"split{sj.split}_search{sj.search_seed}_seed{r}",
+                recipe=Path(study.retrain.recipe), sets=_retrain_sets(study, sj.split, r),
+                genotype=str(sj.run_dir / "genotype.json"), search_run=sj.run_dir, targets=targets))
+    for name in study.hand_designed:
+        for split in study.splits:
+            for r in study.retrain.seeds:
+                jobs.append(StudyJob(
+                    phase="train", arm=name, kind="hand", split=split, search_seed=None, retrain_seed=r,
+                    run_dir=root / "train" / name / f"split{split}_seed{r}", recipe=Path(study.retrain.recipe),
+                    sets=_retrain_sets(study, split, r), genotype=f"preset:{name}", targets=targets))
+    # retrains in the order that completes paired units first: split by split, retrain seed by retrain seed, and
+    # within them every source's first search seed (with the hand designs) before the next search seeds
+    n_search = len(searches)
+    order = {a.name: i for i, a in enumerate(study.search.arms)} if study.search is not None else {}
+    seeds = list(study.search.seeds) if study.search is not None else []
+    hands = {name: i for i, name in enumerate(study.hand_designed)}
+
+    def key(j: StudyJob):
+        k = seeds.index(j.search_seed) if j.search_seed is not None else 0
+        src = order[j.arm] if j.kind != "hand" else len(order) + hands[j.arm]
+        return (study.splits.index(j.split), j.retrain_seed, k, src)
+
+    return jobs[:n_search] + sorted(jobs[n_search:], key=key)
+
+
+def print_commands(recipe: Union[StudyRecipe, str, os.PathLike], pending_only: bool = True,
+                   file=None) -> list[str]:
+    """Print one shell command per job, phase by phase (``# phase 1: search`` / ``# phase 2: train`` comment
+    lines between them), for an external scheduler: every command of a phase may run in parallel, and a
+    phase starts when the previous one is finished. Each command is resumable: a job interrupted after
+    this was printed is best re-listed (its command then carries ``--resume``).
+
+    Args:
+        recipe: a :class:`StudyRecipe`, a study YAML file or a study folder.
+        pending_only: skip finished jobs (default); ``False`` lists every job.
+        file: where to print (default ``sys.stdout``).
+
+    Returns:
+        The printed commands (without the comment lines).
+    """
+    file = file or sys.stdout
+    jobs = enumerate_jobs(recipe)
+    out = []
+    for i, phase in enumerate(("search", "train"), 1):
+        sel = [j for j in jobs if j.phase == phase]
+        cmds = []
+        for j in sel:
+            st = j.state()
+            if pending_only and st == DONE:
+                continue
+            cmds.append(shlex.join(j.command(st)))
+        print(f"# phase {i}: {phase} ({len(cmds)} of {len(sel)} jobs" + (" pending)" if pending_only else ")"),
+              file=file)
+        for c in cmds:
+            print(c, file=file)
+        out += cmds
+    return out

@@ -1,0 +1,99 @@
+"""The local runner of a study: :func:`run_study` runs every unfinished job's plain CLI command, phase by phase,
+from a pool of worker processes, each job's output appended to its ``job.log``, and builds the report at the end."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping, Optional, Union
+
+from nasreid.config import RecipeError
+
+from .jobs import DONE, StudyJob, _as_study, enumerate_jobs, print_commands
+from .report import build_report
+from .schema import StudyRecipe
+
+
+def _run_job(job: StudyJob, env: Mapping[str, str]) -> dict:
+    """Run one job's command with its output appended to ``<run>/job.log``; the job's record."""
+    state = job.state()
+    cmd = job.command(state)
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(job.run_dir / "job.log", "a") as fh:
+        fh.write(f"# {_dt.datetime.now().isoformat(timespec='seconds')} ({state}) $ {shlex.join(cmd)}\n")
+        fh.flush()
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(env), check=False).returncode
+        fh.write(f"# exit {rc} after {time.time() - t0:.1f} s\n")
+    return {"id": job.id, "state_before": state, "rc": rc, "seconds": time.time() - t0,
+            "state": job.state(), "log": str(job.run_dir / "job.log")}
+
+
+def run_study(recipe: Union[StudyRecipe, str, os.PathLike], workers: Optional[int] = None, dry_run: bool = False,
+              report: bool = True, echo: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Run every unfinished job of a study with ``workers`` local processes, phase by phase.
+
+    Finished jobs are skipped; started ones are resumed (``--resume``); a retrain whose search failed is
+    skipped (``blocked``). Each job is a ``subprocess.run`` of its plain CLI command (:meth:`StudyJob.command`)
+    driven from a ``concurrent.futures`` pool, its output appended to ``<run>/job.log``. Every job gets
+    ``NASREID_NO_PROGRESS=1`` and, unless already set, ``OMP_NUM_THREADS`` = CPU cores // workers. Writes
+    ``study.yaml`` into the study folder and, with ``report``, builds the report at the end (with whatever
+    finished).
+
+    Args:
+        recipe: a :class:`StudyRecipe`, a study YAML file or a study folder.
+        workers: parallel jobs (default: the recipe's ``workers``).
+        dry_run: print the pending commands (:func:`print_commands`) and run nothing.
+        report: build the report after the last phase.
+        echo: progress lines (default: printed to stderr).
+
+    Returns:
+        ``{"skipped": [ids done before], "ran": [job records], "failed": [records with rc != 0 or not done
+        after running], "blocked": [ids], "report": path of study_report.md or None}``.
+
+    Raises:
+        RecipeError: an invalid study recipe.
+    """
+    study = _as_study(recipe)
+    echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
+    workers = int(workers or study.workers)
+    if workers < 1:
+        raise RecipeError(f"workers must be >= 1, got {workers}")
+    if dry_run:
+        print_commands(study)
+        return {"skipped": [], "ran": [], "failed": [], "blocked": [], "report": None}
+    study.study_dir.mkdir(parents=True, exist_ok=True)
+    (study.study_dir / "study.yaml").write_text(study.model_copy(update={"source": None}).to_yaml())
+    env = dict(os.environ)
+    env["NASREID_NO_PROGRESS"] = "1"
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    jobs = enumerate_jobs(study)
+    out: dict[str, Any] = {"skipped": [], "ran": [], "failed": [], "blocked": [], "report": None}
+    for i, phase in enumerate(("search", "train"), 1):
+        todo = []
+        for j in (j for j in jobs if j.phase == phase):
+            if j.state() == DONE:
+                out["skipped"].append(j.id)
+            elif not j.ready():
+                out["blocked"].append(j.id)
+            else:
+                todo.append(j)
+        echo(f"study {study.name}: phase {i} ({phase}): {len(todo)} jobs to run with {workers} workers")
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for rec in pool.map(lambda j: _run_job(j, env), todo):
+                out["ran"].append(rec)
+                ok = rec["rc"] == 0 and rec["state"] == DONE
+                if not ok:
+                    out["failed"].append(rec)
+                echo(f"  {'done' if ok else 'FAILED'} {rec['id']} ({rec['state_before']}, {rec['seconds']:.0f} s"
+                     + ("" if ok else f", exit {rec['rc']}, see {rec['log']}") + ")")
+    if out["blocked"]:
+        echo(f"study {study.name}: {len(out['blocked'])} retrains not run (their search did not finish)")
+    if report:
+        out["report"] = str(build_report(study))
+        echo(f"study {study.name}: report {out['report']}")
+    return out
