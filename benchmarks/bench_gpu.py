@@ -85,6 +85,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -93,10 +94,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_eval import make_labels  # Market-like labels: junk, distractors, cameras
 from bench_supernet import time_steps  # the timing loop of the supernet benchmarks
 
-from nasreid.engine.methods import SupervisedMethod
 from nasreid.engine.trainer import Trainer, device_context
 from nasreid.evaluation import evaluate_features, extract_features
 from nasreid.genotype import preset_genotype
+from nasreid.methods import SupervisedMethod
 from nasreid.losses import build_reid_loss
 from nasreid.models.complexity import count_parameters
 from nasreid.registry import LOSSES, get_space, get_strategy
@@ -218,7 +219,9 @@ def build_arm(net: str, ctx, args, dev):
         opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
         trainer = Trainer(model, lambda tr, b: {}, epochs=1, loader=[], ctx=ctx, optimizer=opt)
         method = SupervisedMethod()
-        return (lambda: method.step(trainer, batch, loss_fn)), count_parameters(model), what
+        method.loss_fn = loss_fn  # what TrainingMethod.fit sets before the first step
+        method.ctx = SimpleNamespace(recipe=SimpleNamespace(optim=SimpleNamespace(grad_clip=None)))
+        return (lambda: method.step(trainer, batch)), count_parameters(model), what
     mode = "soft" if "soft" in net else "hard"
     share = not net.endswith("_unshared")
     space = get_space("osnet_ain")(num_classes=args.classes, width_mult=args.width, share_weights=share)

@@ -190,7 +190,10 @@ class TrainingConfig(_Strict):
     method: str = "supervised"
     kwargs: dict[str, Any] = Field(default_factory=dict)
     freeze_backbone_epochs: int = Field(0, ge=0)
-    open_layers: list[str] = Field(default_factory=lambda: ["head"])
+    open_layers: Optional[list[str]] = Field(
+        None, description="module prefixes trained during the warm start; None: the network's head "
+        "(its head_prefixes: OSNet-AIN 'head', MSINet 'head' + the local branch's head, RMGL every branch's "
+        "reductions and classifiers)")
 
 
 class DistributedConfig(_Strict):

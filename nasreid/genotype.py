@@ -151,15 +151,18 @@ class Genotype:
 
 
 def preset_genotype(space: str, name: str, **space_kwargs: Any) -> Genotype:
-    """A named published/hand-designed architecture of a space (e.g. ``"osnet_ain", "osnet_ibn"``).
+    """A named published/hand-designed architecture of a space (e.g. ``"osnet_ain", "osnet_ibn"``), as
+    registered with the space (``register_space(name, presets=...)``, :func:`~nasreid.registry.space_presets`).
 
     Raises:
-        GenotypeError: the space has no such preset (message lists the presets).
+        GenotypeError: unknown space, or the space has no such preset (message lists the presets).
     """
-    import importlib
+    from nasreid.registry import space_presets
 
-    mod = importlib.import_module(f"nasreid.search_spaces.{space}")
-    presets = getattr(mod, "PRESET_GENOTYPES", {})
+    try:
+        presets = space_presets(space)
+    except NasreidError as e:
+        raise GenotypeError(str(e)) from None
     if name not in presets:
         raise GenotypeError(f"space {space!r} has no preset {name!r}; presets: {sorted(presets)}")
     p = presets[name]

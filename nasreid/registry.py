@@ -30,14 +30,14 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Optional, TypeVar
 
 from nasreid.errors import RegistryError
 
 __all__ = [
     "Registry", "RegistryError", "SPACES", "STRATEGIES", "DATASETS", "LOSSES", "MATCHERS", "POSTPROCESSORS",
     "METHODS", "ALL_REGISTRIES", "register_space", "register_strategy", "get_space", "get_strategy",
-    "load_plugins",
+    "load_plugins", "check_kwargs", "space_presets",
 ]
 
 T = TypeVar("T")
@@ -121,6 +121,103 @@ class Registry(Generic[T]):
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {len(self._table)} entries)"
 
+    # ---- validation and construction --------------------------------------------------------------
+    def validate(self, name: str, kwargs: Mapping[str, Any], where: str, reserved: Iterable[str] = ()) -> Any:
+        """Check ``kwargs`` for the entry ``name`` before anything is built: the one validation path of
+        every registered component.
+
+        A component with a pydantic ``Config`` (training methods, strategies) is validated by it (a strategy's
+        own ``validate_kwargs`` where it has one); any other by its signature (:func:`check_kwargs`).
+
+        Args:
+            where: recipe location for messages, e.g. ``"recipes/x.yaml: training.kwargs"``.
+            reserved: arguments nasreid fills itself (``num_classes``, ``root``): the recipe may not set them.
+
+        Returns:
+            The validated ``Config`` instance, or None for a signature check.
+
+        Raises:
+            RecipeError: an unknown name (lists the known ones), an unknown, reserved or invalid key, a missing
+                required argument -- named as ``where.<key>``.
+        """
+        from nasreid.config import RecipeError
+        from nasreid.errors import NasreidError
+
+        try:
+            obj = self.get(name)
+        except RegistryError as e:
+            raise RecipeError(f"{where.rsplit('.', 1)[0]}.name: {e}") from None
+        for key in kwargs:
+            if key in set(reserved):
+                raise RecipeError(f"{where}.{key}: set by nasreid, not by the recipe")
+        if hasattr(obj, "validate_kwargs"):
+            try:
+                return obj.validate_kwargs(kwargs)
+            except NasreidError as e:
+                raise RecipeError(f"{where.split(':')[0]}: {e}") from None
+        config = getattr(obj, "Config", None)
+        if isinstance(config, type) and hasattr(config, "model_validate"):
+            from pydantic import ValidationError
+
+            try:
+                return config.model_validate(dict(kwargs))
+            except ValidationError as e:
+                first = e.errors()[0]
+                loc = ".".join(str(x) for x in first["loc"])
+                key = f"{where}.{loc}" if loc else where
+                if first["type"] == "extra_forbidden":
+                    accepted = ", ".join(config.model_fields) or "(none)"
+                    raise RecipeError(f"{key}: unknown argument of {self.kind} {name!r}; accepted: {accepted}") \
+                        from None
+                raise RecipeError(f"{key}: {first['msg']} (got {first.get('input')!r})") from None
+        check_kwargs(obj, kwargs, where, f"{self.kind} {name!r}", reserved=reserved)
+        return None
+
+    def build(self, name: str, kwargs: Mapping[str, Any] | None = None, where: str = "kwargs", /,
+              **fixed: Any) -> Any:
+        """``self.get(name)(**fixed, **kwargs)`` after :meth:`validate` (``fixed``: the arguments nasreid fills,
+        e.g. ``num_classes``; the recipe may not set them).
+
+        Raises:
+            RecipeError: see :meth:`validate`.
+        """
+        kwargs = dict(kwargs or {})
+        self.validate(name, kwargs, where, reserved=fixed)
+        return self.get(name)(**fixed, **kwargs)
+
+
+def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], where: str, what: str,
+                 reserved: Iterable[str] = ()) -> None:
+    """Check ``kwargs`` against the signature of ``fn`` (a function or a class).
+
+    Args:
+        where: recipe location for messages, e.g. ``"recipes/x.yaml: space.kwargs"``.
+        what: what ``fn`` is, e.g. ``"search space 'osnet_ain'"``.
+        reserved: arguments nasreid fills itself (``num_classes``, ``root``): the recipe may not set them.
+
+    Raises:
+        RecipeError: an unknown or reserved key (named, with the accepted ones), or a required argument
+            missing.
+    """
+    import inspect
+
+    from nasreid.config import RecipeError
+
+    reserved = set(reserved)
+    params = inspect.signature(fn).parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                        inspect.Parameter.KEYWORD_ONLY) and n != "self"]
+    accepted = [n for n in named if n not in reserved]
+    for key in kwargs:
+        if key in reserved:
+            raise RecipeError(f"{where}.{key}: set by nasreid, not by the recipe")
+        if key not in named and not var_kw:
+            raise RecipeError(f"{where}.{key}: unknown argument of {what}; accepted: {', '.join(accepted) or '(none)'}")
+    missing = [n for n in accepted if params[n].default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise RecipeError(f"{where}: {what} needs {', '.join(missing)}")
+
 
 def _same_definition(a: Any, b: Any) -> bool:
     return (getattr(a, "__module__", None), getattr(a, "__qualname__", None)) == \
@@ -139,9 +236,9 @@ MATCHERS: Registry[Callable] = Registry("matcher", ("nasreid.evaluation.matchers
 POSTPROCESSORS: Registry[Callable] = Registry("post-processor", ("nasreid.evaluation.matchers",
                                                                  "nasreid.evaluation.rerank",
                                                                  "nasreid.evaluation.tlift"))
-METHODS: Registry[Callable] = Registry("training method", ("nasreid.engine.methods",
-                                                            "nasreid.engine.qaconv_method",
-                                                            "nasreid.engine.domainmix"))
+METHODS: Registry[Callable] = Registry("training method", ("nasreid.methods.supervised",
+                                                            "nasreid.methods.qaconv",
+                                                            "nasreid.methods.domainmix"))
 
 #: every registry by the plural name ``nasreid list`` prints
 ALL_REGISTRIES: dict[str, Registry] = {
@@ -150,9 +247,30 @@ ALL_REGISTRIES: dict[str, Registry] = {
 }
 
 
-def register_space(name: str):
-    """Class decorator registering a search space (a :class:`nasreid.mutables.ModelSpace`)."""
-    return SPACES.register(name)
+def register_space(name: str, presets: Optional[Mapping[str, Mapping[str, Any]]] = None):
+    """Class decorator registering a search space (a :class:`nasreid.mutables.ModelSpace`) with its presets.
+
+    Args:
+        presets: named architectures of the space (published or hand-designed networks), each
+            ``{"choices": {label: value}, "space_kwargs": {...} (optional), "doc": "..." (optional)}``; set as the
+            class attribute ``presets`` and found by :func:`space_presets` / ``preset:NAME`` genotypes, so a
+            plugin space has presets too.
+    """
+    def deco(cls):
+        if presets is not None:
+            cls.presets = {k: dict(v) for k, v in presets.items()}
+        return SPACES.register(name)(cls)
+
+    return deco
+
+
+def space_presets(space: str) -> dict[str, dict[str, Any]]:
+    """``{preset name: {"choices": ..., "space_kwargs": ...}}`` registered with ``space``.
+
+    Raises:
+        RegistryError: unknown space (lists the known ones).
+    """
+    return dict(getattr(SPACES.get(space), "presets", None) or {})
 
 
 def register_strategy(name: str):

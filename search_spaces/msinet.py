@@ -73,6 +73,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nasreid.models.heads import ReIDHead
+from nasreid.models.interface import ReIDNetwork
 from nasreid.models.osnet import (
     AggregationGate,
     Conv1x1BN,
@@ -292,8 +293,8 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-@register_space("msinet")
-class MSINetSpace(ModelSpace):
+@register_space("msinet", presets=PRESET_GENOTYPES)
+class MSINetSpace(ModelSpace, ReIDNetwork):
     """MSINet supernet: twelve Interaction Modules, each choosing among :data:`OPS` (Gu et al. CVPR 2023).
 
     Args:
@@ -319,6 +320,8 @@ class MSINetSpace(ModelSpace):
     """
 
     space_name = "msinet"
+    head_prefixes = ("head", "local_conv", "local_head")
+    default_match_stage = "stage3"  # QAConv: the last 1/16 map
 
     def __init__(self, num_classes: int = 0, width_mult: float = 1.0, scale_ratio: int = 3, fusion: str = "sum",
                  search_width: str = "child", local_branch: bool = False, local_dim: int = 256,
@@ -362,20 +365,26 @@ class MSINetSpace(ModelSpace):
             self.local_conv = nn.Conv2d(c2, local_dim // 2, 1, bias=True)
             self.local_head = ReIDHead(local_dim, local_dim, num_classes, kind="bnneck")
         self.feature_dim = c3 + (local_dim if local_branch else 0)
+        self.feature_info = [{"module": m, "num_chs": c, "reduction": r} for m, c, r in (
+            ("conv1", c0, 2), ("maxpool", c0, 4), ("stage1", c1, 4), ("trans1", c1, 8), ("stage2", c2, 8),
+            ("trans2", c2, 16), ("stage3", c3, 16))]
         self._init_weights()
 
     def _init_weights(self) -> None:
         init_reid_weights(self)
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, 3, H, W] -> (featmap [B, C3, H/16, W/16], stage-3 input [B, C2, H/16, W/16])``."""
-        x = self.maxpool(self.conv1(x))
-        x = self.trans1(self.stage1(x))
-        mid = self.trans2(self.stage2(x))
-        return self.stage3(mid), mid
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """conv1, maxpool, stage1, trans1, stage2, trans2, stage3 (Table 1), see :attr:`feature_info`."""
+        return [(f["module"], getattr(self, f["module"])) for f in self.feature_info]
+
+    def features_and_mid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, 3, H, W] -> (featmap [B, C3, H/16, W/16], stage-3 input [B, C2, H/16, W/16])`` (the local
+        branch reads the second)."""
+        maps = self.forward_intermediates(x, stop_at="stage3")
+        return maps["stage3"], maps["trans2"]
 
     def forward(self, x: torch.Tensor):
-        featmap, mid = self.forward_features(x)
+        featmap, mid = self.features_and_mid(x)
         g = self.head(F.adaptive_avg_pool2d(featmap, 1).flatten(1))
         loc = None
         if self.local_branch:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nasreid.models.heads import ReIDHead
+from nasreid.models.interface import ReIDNetwork
 from nasreid.models.osnet import (
     IN_VARIANTS,
     ConvBNReLU,
@@ -82,8 +83,8 @@ def _scale(c: int, beta: float) -> int:
     return max(int(round(c * beta)), 4)
 
 
-@register_space("osnet_ain")
-class OSNetAINSpace(ModelSpace):
+@register_space("osnet_ain", presets=PRESET_GENOTYPES)
+class OSNetAINSpace(ModelSpace, ReIDNetwork):
     """OSNet supernet whose six OS blocks each choose among {os, os_in_in, os_in_out, os_in_in_out}.
 
     Zhou, Yang, Cavallaro & Xiang, TPAMI 2021: Table 1 (layout), Sec. 3.3 and Fig. 5 (search space).
@@ -120,6 +121,7 @@ class OSNetAINSpace(ModelSpace):
     """
 
     space_name = "osnet_ain"
+    default_match_stage = "conv4"  # QAConv: the 1/16 map before conv5 (ResNet layer3's place, Sec. 5.1)
 
     def __init__(self, num_classes: int = 0, width_mult: float = 1.0, feature_dim: int = 512,
                  conv1_in: bool = False, head: str = "fc", streams: int = 4, share_weights: bool = True,
@@ -149,24 +151,42 @@ class OSNetAINSpace(ModelSpace):
         self.conv5 = ConvBNReLU(c3, c3, 1)
         self.head = ReIDHead(c3, feature_dim, num_classes, kind=head)
         self.feature_dim = feature_dim
+        self.feature_info = [{"module": m, "num_chs": c, "reduction": r} for m, c, r in (
+            ("conv1", c0, 2), ("maxpool", c0, 4), ("conv2", c1, 4), ("trans2", c1, 8), ("conv3", c2, 8),
+            ("trans3", c2, 16), ("conv4", c3, 16), ("conv5", c3, 16))]
         self._init_weights()
 
     def _init_weights(self) -> None:
         init_reid_weights(self)
 
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """conv1, maxpool, conv2, trans2, conv3, trans3, conv4, conv5 (Table 1), see :attr:`feature_info`."""
+        return [(f["module"], getattr(self, f["module"])) for f in self.feature_info]
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone feature map ``[B, 3, H, W] -> [B, C5, H/16, W/16]``."""
+        """Backbone feature map ``[B, 3, H, W] -> [B, C5, H/16, W/16]`` (the chain of :meth:`stages`)."""
         x = self.maxpool(self.conv1(x))
         x = self.trans2(self.conv2(x))
         x = self.trans3(self.conv3(x))
         x = self.conv4(x)
         return self.conv5(x)
 
+    def forward_intermediates(self, x: torch.Tensor, stop_at: str | None = None) -> dict[str, torch.Tensor]:
+        """Maps of the stages up to ``stop_at`` (:meth:`ReIDNetwork.forward_intermediates`); a supernet's
+        memoised residual branches are dropped afterwards, as in :meth:`forward`."""
+        try:
+            return super().forward_intermediates(x, stop_at)
+        finally:
+            self._clear_caches()
+
+    def _clear_caches(self) -> None:
+        for m in self.modules():  # drop memoised residual branches (see OSResidual)
+            if isinstance(m, OSResidual) and m._cache is not None:
+                m.clear_cache()
+
     def forward(self, x: torch.Tensor):
         try:
             f = F.adaptive_avg_pool2d(self.forward_features(x), 1).flatten(1)
         finally:
-            for m in self.modules():  # drop memoised residual branches (see OSResidual)
-                if isinstance(m, OSResidual) and m._cache is not None:
-                    m.clear_cache()
+            self._clear_caches()
         return self.head(f)

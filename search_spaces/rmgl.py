@@ -77,6 +77,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nasreid.models.interface import ReIDNetwork
 from nasreid.models.osnet import ConvBNReLU, OSBlock, Transition, init_reid_weights
 from nasreid.models.pretrained import PretrainedWeightsError, read_state_dict
 from nasreid.models.rmgl import ABP_POOLS, RMGLBranch
@@ -199,8 +200,8 @@ def load_resnet50_weights(net: nn.Module, path: str | os.PathLike) -> int:
     return len(file_sd)
 
 
-@register_space("rmgl")
-class RMGLSpace(ModelSpace):
+@register_space("rmgl", presets=PRESET_GENOTYPES)
+class RMGLSpace(ModelSpace, ReIDNetwork):
     """RMGL network for the current sample of its choices (Wang et al., TIP 2020, Fig. 2; see the module
     docstring for layout, choices, outputs and deviations).
 
@@ -234,6 +235,8 @@ class RMGLSpace(ModelSpace):
     """
 
     space_name = "rmgl"
+    classifier_patterns = ("branches.*.classifiers.*",)
+    default_match_stage = "branches.0.stages.1"  # QAConv: branch 0's 1/16 map before its last stage
 
     def __init__(self, num_classes: int = 0, backbone: str = "osnet", width_mult: float = 1.0,
                  reduce_dim: int = 256, last_stride: int = 1, imagenet_weights: str | os.PathLike | None = None,
@@ -309,6 +312,18 @@ class RMGLSpace(ModelSpace):
         self.stripes = tuple(stripes)
         self.rp_stage = rp_stage
         self.feature_dim = sum(b.feature_dim for b in self.branches)
+        # the interface: the trunk and branch 0's original path are the chain of stages; each branch's
+        # reductions and classifiers are head
+        self.head_prefixes = tuple(f"branches.{i}.{part}" for i in range(len(self.branches))
+                                   for part in ("reductions", "classifiers"))
+        if backbone == "resnet50":
+            chans = [("trunk", 256, 4), ("branches.0.stages.0", 512, 8), ("branches.0.stages.1", 1024, 16),
+                     ("branches.0.stages.2", 2048, 16 * last_stride)]
+        else:
+            c0, c1, c2, c3 = (_scale(c, width_mult) for c in OSNET_CHANNELS)
+            chans = [("trunk", c1, 8), ("branches.0.stages.0", c2, 16), ("branches.0.stages.1", c3, 16),
+                     ("branches.0.stages.2", c3, 16)]
+        self.feature_info = [{"module": m, "num_chs": c, "reduction": r} for m, c, r in chans]
         if backbone == "osnet":
             init_reid_weights(self)
         else:  # torchvision's initialisation (or the ImageNet weights) for the backbone
@@ -347,6 +362,11 @@ class RMGLSpace(ModelSpace):
                     ConvBNReLU(c3, c3, 1)]
 
         return trunk, stages, c3
+
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """The trunk, then branch 0's stages on its original path (see :attr:`feature_info`); every branch
+        runs the same stages on the trunk's output with weights of its own."""
+        return [(f["module"], self.get_submodule(f["module"])) for f in self.feature_info]
 
     def is_active(self, label: str, sample: dict[str, Any]) -> bool:
         """Whether choice ``label`` matters given the choices already in ``sample`` (declaration order):

@@ -17,6 +17,7 @@ from nasreid.engine.context import SearchContext
 from nasreid.engine.trainer import device_context
 from nasreid.genotype import preset_genotype
 from nasreid.losses.memory import ClassMemory
+from conftest import missing
 
 TINY = {
     "name": "tiny_msinet",
@@ -257,7 +258,7 @@ def test_train_preset_with_sam_evaluates_cuhk01_and_cuhk03_without_sam_parameter
     from nasreid import cli
 
     if not (shared_data / "cuhk03").is_dir():
-        pytest.skip("cuhk03 not present")
+        missing(f"cuhk03 not present in {shared_data}")
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "msinet_cpu_retrain.yaml"
     sets = {"data.dataset.root": str(shared_data / "cuhk01"), "data.dataset.kwargs.max_ids": 24,
             "data.height": 64, "data.width": 32, "data.batch_size": 16, "data.workers": 0,

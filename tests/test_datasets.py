@@ -26,6 +26,7 @@ from nasreid.data import (
 from nasreid.data.datasets.msmt17 import msmt17_frame
 from nasreid.evaluation import evaluate_model
 from nasreid.registry import RegistryError
+from conftest import missing
 
 MARKET_NAME = re.compile(r"^(\d{4})_c(\d)s(\d)_(\d{6})_(\d{2})\.jpg$")
 MSMT_NAME = re.compile(r"^(\d{4})_(\d{3})_(\d{2})_\d{4}(morning|noon|afternoon)_\d{4}_\d(_ex)?\.jpg$")
@@ -35,7 +36,7 @@ MSMT_NAME = re.compile(r"^(\d{4})_(\d{3})_(\d{2})_\d{4}(morning|noon|afternoon)_
 def market_samples(shared_data) -> list[Path]:
     files = sorted((shared_data / "market1501_samples" / "visual_data").rglob("*.jpg"))
     if not files:
-        pytest.skip("market1501_samples not present")
+        missing(f"market1501_samples not present in {shared_data}")
     return files
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from nasreid.data.samplers import PKSampler
+from conftest import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,7 +179,7 @@ def ddp_runs(tmp_path_factory, shared_data):
     import yaml
 
     if not (shared_data / "cuhk01").is_dir():
-        pytest.skip("cuhk01 missing")
+        missing(f"cuhk01 missing in {shared_data}")
     tmp = tmp_path_factory.mktemp("ddp")
     (tmp / "probe_plugin.py").write_text(PROBE)
     recipe = json.loads(json.dumps(BASE))

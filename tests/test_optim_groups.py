@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from nasreid.config import OptimConfig, RecipeError
-from nasreid.engine.methods import param_groups_by_lr_mult
+from nasreid.methods import param_groups_by_lr_mult
 from nasreid.engine.trainer import build_optimizer, build_scheduler
 
 
@@ -122,7 +122,7 @@ def _fit_optimizer(lr_mult: dict, with_loss_param: bool) -> torch.optim.Optimize
     """Run ``SupervisedMethod.fit`` up to the trainer (stubbed) and return the optimiser it built."""
     from types import SimpleNamespace
 
-    from nasreid.engine.methods import SupervisedMethod
+    from nasreid.methods import SupervisedMethod
     from nasreid.engine.trainer import DeviceContext
 
     optim = OptimConfig(lr=0.02, epochs=2, lr_mult=lr_mult)

@@ -134,7 +134,7 @@ def test_interrupted_retrain_is_resumed_by_search_resume(tiny_recipe, tmp_path, 
     """search -> then_retrain, killed inside the retrain: ``search --resume`` finishes that same retrain."""
     retrain = tiny_recipe(name="tiny_retrain", strategy=None, **{"optim.epochs": 2})
     search = tiny_recipe(**{"optim.epochs": 1, "then_retrain": str(retrain)})
-    from nasreid.engine.methods import SupervisedMethod
+    from nasreid.methods import SupervisedMethod
 
     orig, calls = SupervisedMethod.step, {"n": 0}
 

@@ -27,6 +27,7 @@ from nasreid.models.qaconv import (
     qaconv_reference,
 )
 from nasreid.registry import MATCHERS
+from conftest import missing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -288,7 +289,7 @@ def test_random_block_pil_real_image(cuhk01_dir):
 def cuhk01_images(shared_data):
     root = shared_data / "cuhk01"
     if not (root / "campus").is_dir():
-        pytest.skip("cuhk01 not present")
+        missing(f"cuhk01 not present in {shared_data}")
     ds = build_dataset("cuhk01", root, split_seed=0, max_ids=24)
     items = ImageDataset(ds.train[:4], transform=build_transforms(128, 64, is_train=False))
     return torch.stack([items[i]["img"] for i in range(4)])

@@ -269,7 +269,7 @@ def make_ctx(run_dir, loss):
 
 def fit(run_dir, loss, epochs=2):
     from nasreid.engine.hooks import CallbackHook
-    from nasreid.engine.methods import SupervisedMethod
+    from nasreid.methods import SupervisedMethod
 
     seen = {}
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from nasreid.data import (
+from conftest import missing
     DatasetLayoutError,
     PKSampler,
     build_dataset,
@@ -74,7 +75,7 @@ def test_pk_errors():
 def real_image(shared_data) -> Image.Image:
     path = shared_data / "cuhk01" / "campus" / "0001001.png"
     if not path.is_file():
-        pytest.skip("cuhk01 not present")
+        missing(f"cuhk01 not present in {shared_data}")
     return Image.open(path).convert("RGB")
 
 

@@ -26,6 +26,7 @@ from nasreid.evaluation import (
 )
 from nasreid.evaluation.tlift import TLIFT_PRESETS, MissingTimestampsError, TLift
 from nasreid.registry import POSTPROCESSORS
+from conftest import missing
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (shared CPU cores)
 
@@ -296,7 +297,7 @@ def test_tlift_after_a_distance_postprocessor():
 def market_samples(shared_data) -> dict[str, Path]:
     files = sorted((shared_data / "market1501_samples" / "visual_data").rglob("*.jpg"))
     if not files:
-        pytest.skip("market1501_samples not present")
+        missing(f"market1501_samples not present in {shared_data}")
     return {f.name: f for f in files}
 
 

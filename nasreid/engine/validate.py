@@ -8,44 +8,21 @@ constructor they go to, so a typo is a one-line error naming the recipe file and
 """
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
 
 from nasreid.config import Recipe, RecipeError, load_recipe
 from nasreid.errors import NasreidError
-from nasreid.registry import DATASETS, LOSSES, MATCHERS, METHODS, POSTPROCESSORS, SPACES, STRATEGIES, load_plugins
+from nasreid.registry import (DATASETS, LOSSES, MATCHERS, METHODS, POSTPROCESSORS, SPACES, STRATEGIES, check_kwargs,
+                              load_plugins)
 
 __all__ = ["check_kwargs", "check_recipe"]
 
 
-def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], where: str, what: str,
-                 reserved: Iterable[str] = ()) -> None:
-    """Check ``kwargs`` against the signature of ``fn`` (a function or a class).
+def _unhonoured(method, recipe: Recipe) -> list[str]:
+    """Common recipe keys set in ``recipe`` that ``method`` does not honour (:attr:`TrainingMethod.honours`)."""
+    from nasreid.methods.base import unhonoured_keys
 
-    Args:
-        where: recipe location for messages, e.g. ``"recipes/x.yaml: space.kwargs"``.
-        what: what ``fn`` is, e.g. ``"search space 'osnet_ain'"``.
-        reserved: arguments nasreid fills itself (``num_classes``, ``root``): the recipe may not set them.
-
-    Raises:
-        RecipeError: an unknown or reserved key (named, with the accepted ones), or a required argument
-            missing.
-    """
-    reserved = set(reserved)
-    params = inspect.signature(fn).parameters
-    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    named = [n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                        inspect.Parameter.KEYWORD_ONLY) and n != "self"]
-    accepted = [n for n in named if n not in reserved]
-    for key in kwargs:
-        if key in reserved:
-            raise RecipeError(f"{where}.{key}: set by nasreid, not by the recipe")
-        if key not in named and not var_kw:
-            raise RecipeError(f"{where}.{key}: unknown argument of {what}; accepted: {', '.join(accepted) or '(none)'}")
-    missing = [n for n in accepted if params[n].default is inspect.Parameter.empty and n not in kwargs]
-    if missing:
-        raise RecipeError(f"{where}: {what} needs {', '.join(missing)}")
+    return unhonoured_keys(method, recipe)
 
 
 def _lookup(registry, name: str, where: str):
@@ -99,7 +76,12 @@ def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = fro
                  reserved=("num_classes", "label_smooth", "triplet_weight", "triplet_margin")
                  if recipe.loss.name == "reid" else ("num_classes",))
     method = _lookup(METHODS, recipe.training.method, f"{src}: training.method")
-    check_kwargs(method, recipe.training.kwargs, f"{src}: training.kwargs", f"training method {recipe.training.method!r}")
+    METHODS.validate(recipe.training.method, recipe.training.kwargs, f"{src}: training.kwargs")
+    refused = _unhonoured(method, recipe)
+    if refused:
+        raise RecipeError(f"{src}: {refused[0]}: training method {recipe.training.method!r} does not honour this key "
+                          f"(it would be ignored); remove it" + (f" (also: {', '.join(refused[1:])})"
+                                                                   if refused[1:] else ""))
     if recipe.strategy is not None:
         strat = _lookup(STRATEGIES, recipe.strategy.name, f"{src}: strategy.name")
         try:

@@ -22,7 +22,7 @@ Outputs read from the model (training mode): ``logits [B, num_classes]``, ``feat
 ``featmap [B, C, H, W]`` (the last feature map, when ``sam_weight > 0``). The batch's ``pid [B]``.
 
 The SAM's learnable part (PAM) belongs to this loss module, not to the network: the loss has parameters
-exactly when ``sam_weight > 0`` and ``sam_mode`` contains ``"pos"``. :class:`~nasreid.engine.methods.
+exactly when ``sam_weight > 0`` and ``sam_mode`` contains ``"pos"``. :class:`~nasreid.methods.
 SupervisedMethod` moves a loss to the device, adds its parameters to the optimiser (a second parameter
 group) and checkpoints its ``state_dict``.
 """

@@ -38,7 +38,6 @@ does.
 """
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 
 import torch
@@ -61,64 +60,31 @@ class QAConvError(NasreidError, ValueError):
     a second, different head on the same network."""
 
 
-class _StopForward(BaseException):
-    """Raised by the capture hook to end the backbone's forward at the stage. A ``BaseException`` so that an
-    ``except Exception`` inside a backbone cannot swallow it (``finally`` clauses still run)."""
-
-
-def _stage_candidates(net: nn.Module, limit: int = 12) -> list[str]:
-    names = [n for n, _ in net.named_modules() if n and not n.startswith("qaconv")]
-    shallow = [n for n in names if n.count(".") <= 1]
-    return (shallow or names)[:limit]
-
-
-def _get_stage(net: nn.Module, stage: str) -> nn.Module:
-    """``net.get_submodule(stage)`` with an error naming the stage and some valid names."""
-    if not isinstance(stage, str) or not stage:
-        raise QAConvError(f"QAConv stage must be a non-empty dotted module name, got {stage!r}")
-    if stage == "qaconv" or stage.startswith("qaconv."):
-        raise QAConvError(f"QAConv stage {stage!r} is inside the QAConv head itself; name a backbone module")
-    try:
-        return net.get_submodule(stage)
-    except AttributeError:
-        names = [n for n, _ in net.named_modules() if n and not n.startswith("qaconv")]
-        close = difflib.get_close_matches(stage, names, n=3)
-        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-        raise QAConvError(
-            f"QAConv stage {stage!r} is not a module of {type(net).__name__}{hint}; valid names include: "
-            f"{', '.join(_stage_candidates(net))} ... (see net.named_modules())"
-        ) from None
-
-
 def capture_stage(net: nn.Module, stage: str, images: torch.Tensor) -> torch.Tensor:
-    """Output ``[B, C, h, w]`` of module ``stage`` of ``net`` on ``images [B, 3, H, W]``; the forward stops there.
+    """Output ``[B, C, h, w]`` of stage ``stage`` of ``net`` on ``images [B, 3, H, W]``; the forward stops there.
 
-    A forward hook on ``net.get_submodule(stage)`` stores the module's output of its *first* call and raises a
-    private exception that ends ``net(images)``: no module after the stage runs (a backbone's ``finally``
-    clauses still do). Autograd, train/eval mode and BN statistics behave as in a normal forward up to the stage.
+    A nasreid network runs :meth:`~nasreid.models.interface.ReIDNetwork.forward_intermediates` with
+    ``stop_at=stage`` (its stages: ``feature_info``); any other network is taken as the chain of its top-level
+    children (:func:`~nasreid.models.interface.as_stages`; torchvision's ResNets are such chains). No module
+    after the stage runs. Autograd, train/eval mode and BN statistics behave as in a normal forward up to it.
 
     Raises:
-        QAConvError: unknown stage (names some valid ones), the stage never runs, its output is not a 4-D
-            tensor, or its batch size is not ``B`` (e.g. a module that runs on stripes stacked along the batch).
+        QAConvError: ``stage`` is not a stage of ``net`` (the message lists them), its output is not a 4-D
+            tensor, or its batch size is not ``B``.
     """
-    module = _get_stage(net, stage)
-    box: dict[str, object] = {}
+    from .interface import NetworkInterfaceError, ReIDNetwork, as_stages, run_stages
 
-    def hook(_mod, _inp, out):
-        box["out"] = out
-        raise _StopForward
-
-    handle = module.register_forward_hook(hook)
+    if not isinstance(stage, str) or not stage:
+        raise QAConvError(f"QAConv stage must be a non-empty stage name, got {stage!r}")
+    if stage == "qaconv" or stage.startswith("qaconv."):
+        raise QAConvError(f"QAConv stage {stage!r} is inside the QAConv head itself; name a backbone stage")
     try:
-        net(images)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if "out" not in box:
-        raise QAConvError(f"QAConv stage {stage!r} was not called by {type(net).__name__}.forward; choose a module "
-                          f"on the forward path, e.g. {', '.join(_stage_candidates(net, 8))}")
-    out = box["out"]
+        if isinstance(net, ReIDNetwork):
+            out = net.forward_intermediates(images, stop_at=stage)[stage]
+        else:
+            out = run_stages(as_stages(net), images, stage, type(net).__name__)[stage]
+    except NetworkInterfaceError as e:
+        raise QAConvError(f"QAConv stage {stage!r}: the stage must give a feature map of the backbone; {e}") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 4:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise QAConvError(f"QAConv stage {stage!r} must output a feature map [B, C, h, w], got {got}")
@@ -142,8 +108,8 @@ class QAConvHead(nn.Module):
     Args:
         in_channels: ``C``, channels of the stage's output.
         height, width: ``h, w`` of the stage's output map (fixed: the BN-FC-BN block has ``2hw`` inputs).
-        stage: dotted module name, inside the backbone network, whose output is the feature map (paper: ResNet
-            ``"layer3"``).
+        stage: the backbone stage whose output is the feature map (a name of the network's ``feature_info``;
+            paper: ResNet ``"layer3"``).
         dim: ``d``, output channels of the 1x1 convolution (paper: 128); ``None``: no convolution, ``d = C``.
         kernel: ``s``, the odd size of the query-adaptive kernels (paper: 1, for memory and speed).
 
@@ -186,7 +152,7 @@ class QAConvHead(nn.Module):
     def extract(self, net: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Normalised maps ``[B, d, h, w]`` of ``images [B, 3, H, W]``: ``normalize(capture_stage(net, stage))``.
 
-        ``net`` runs only up to the stage (a forward hook stops it there, see :func:`capture_stage`), in its
+        ``net`` runs only up to the stage (``forward_intermediates(stop_at=stage)``, see :func:`capture_stage`), in its
         current train/eval mode, with gradients when enabled (training flows into the backbone).
 
         Raises:

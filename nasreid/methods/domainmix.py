@@ -67,13 +67,14 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from nasreid.config import DatasetRef, RecipeError
+from nasreid.engine.trainer import Hook, backward, optimizer_step
 from nasreid.registry import METHODS
 
-from .trainer import Hook, backward, optimizer_step
+from .base import COMMON_KEYS, TrainingMethod
 
 __all__ = ["DomainMixMethod", "DomainDiscriminator", "ClusterConfig", "domainmix_loss", "refine_clusters",
            "cluster_pseudo_labels", "cluster_purity", "MixedSource", "StepsPerEpoch", "stage_of"]
@@ -296,12 +297,6 @@ def stage_of(epoch: int, source_epochs: int, stage2_epochs: int, has_b: bool) ->
 
 
 # ---------------------------------------------------------------------------------------------- classifier
-def _heads(net: nn.Module) -> list[nn.Module]:
-    from nasreid.models.heads import ReIDHead
-
-    return [m for m in net.modules() if isinstance(m, ReIDHead) and m.classifier is not None]
-
-
 def _resize_on_load(module: nn.Linear):
     """A load_state_dict pre-hook: a classifier checkpointed with another number of classes is resized first."""
 
@@ -344,10 +339,10 @@ class _DomainMixState(Hook):
 
 
 @METHODS.register("domainmix")
-class DomainMixMethod:
+class DomainMixMethod(TrainingMethod):
     """DomainMix training (see the module docstring for stages, losses and what is checkpointed).
 
-    Args:
+    ``training.kwargs`` (:class:`DomainMixMethod.Config`):
         unlabelled: dataset B (``{name, root, kwargs}`` as a recipe ``DatasetRef``); its train split is used
             without labels. ``None``: A only.
         b_labels: use B's true identities instead of pseudo labels (upper-bound baseline).
@@ -364,54 +359,57 @@ class DomainMixMethod:
         cluster: :class:`ClusterConfig` fields.
         purity: compute cluster purity / ARI against B's true labels for the report.
 
+    Common recipe keys: honours ``optim.*`` (``lr_mult`` splits the network's parameters; the discriminator
+    has its own optimiser at ``disc_lr_mult``), ``training.freeze_backbone_epochs`` / ``open_layers`` (the
+    discriminator always trains), ``model.pretrained``, ``loss.label_smooth`` and ``loss.triplet_margin`` (the
+    ID and triplet terms of Eq. 4 / 11); refuses ``loss.name``, ``loss.kwargs`` and ``loss.triplet_weight``
+    (the loss is Eq. 4 / 11, the triplet weight is 1 there).
+
     Raises:
-        RecipeError: a bad value (names ``training.kwargs.<key>``), a network without a ReIDHead classifier, a run
-            under torchrun.
+        RecipeError: a bad value (names ``training.kwargs.<key>``), a network without an identity classifier,
+            a run under torchrun.
     """
 
-    def __init__(self, unlabelled: Optional[dict] = None, b_labels: bool = False, source_epochs: int = 0,
-                 stage2_epochs: int = 20, adversarial: bool = True, dm_loss: Literal["db", "kl"] = "db",
-                 alternate: Literal["epoch", "iteration"] = "epoch", disc_every: int = 10,
-                 lambda_s1: float = 10.0, lambda_s2: float = 10.0, lambda_m: float = 1.0,
-                 disc_lr_mult: float = 100.0, disc_hidden: Sequence[int] = (256, 256),
-                 steps_per_epoch: Optional[int] = None, cluster: Optional[dict] = None, purity: bool = True):
-        where = "training.kwargs"
-        def check(model, value, key):
-            try:
-                return model.model_validate(value)
-            except ValidationError as e:
-                first = e.errors()[0]
-                loc = ".".join(str(x) for x in first["loc"])
-                raise RecipeError(f"{where}.{key}.{loc}: {first['msg']} (got {first.get('input')!r})") from None
+    class Config(TrainingMethod.Config):
+        unlabelled: Optional[DatasetRef] = None
+        b_labels: bool = False
+        source_epochs: int = Field(0, ge=0)
+        stage2_epochs: int = Field(20, ge=0)
+        adversarial: bool = True
+        dm_loss: Literal["db", "kl"] = Field("db", description="'db' (Eq. 8) or 'kl' (Eq. 6)")
+        alternate: Literal["epoch", "iteration"] = "epoch"
+        disc_every: int = Field(10, ge=1)
+        lambda_s1: float = Field(10.0, ge=0, allow_inf_nan=False)
+        lambda_s2: float = Field(10.0, ge=0, allow_inf_nan=False)
+        lambda_m: float = Field(1.0, ge=0, allow_inf_nan=False)
+        disc_lr_mult: float = Field(100.0, ge=0, allow_inf_nan=False)
+        disc_hidden: tuple[int, ...] = (256, 256)
+        steps_per_epoch: Optional[int] = Field(None, ge=1)
+        cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+        purity: bool = True
 
-        self.b_ref = None if unlabelled is None else check(DatasetRef, unlabelled, "unlabelled")
-        self.cluster = check(ClusterConfig, cluster or {}, "cluster")
-        if self.cluster.b_l > self.cluster.b_h:
-            raise RecipeError(f"{where}.cluster: b_l={self.cluster.b_l} exceeds b_h={self.cluster.b_h} (Eq. 1)")
-        if dm_loss not in ("db", "kl"):
-            raise RecipeError(f"{where}.dm_loss: expected 'db' (Eq. 8) or 'kl' (Eq. 6), got {dm_loss!r}")
-        if alternate not in ("epoch", "iteration"):
-            raise RecipeError(f"{where}.alternate: expected 'epoch' or 'iteration', got {alternate!r}")
-        for key, v in (("source_epochs", source_epochs), ("stage2_epochs", stage2_epochs)):
-            if int(v) < 0:
-                raise RecipeError(f"{where}.{key}: must be >= 0, got {v}")
-        for key, v in (("lambda_s1", lambda_s1), ("lambda_s2", lambda_s2), ("lambda_m", lambda_m),
-                       ("disc_lr_mult", disc_lr_mult)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise RecipeError(f"{where}.{key}: must be a finite number >= 0, got {v!r}")
-        if int(disc_every) < 1:
-            raise RecipeError(f"{where}.disc_every: must be >= 1, got {disc_every}")
-        if steps_per_epoch is not None and int(steps_per_epoch) < 1:
-            raise RecipeError(f"{where}.steps_per_epoch: must be >= 1 or null, got {steps_per_epoch}")
-        if b_labels and self.b_ref is None:
-            raise RecipeError(f"{where}.b_labels: true needs an unlabelled dataset B ({where}.unlabelled)")
-        self.b_labels, self.source_epochs, self.stage2_epochs = bool(b_labels), int(source_epochs), int(stage2_epochs)
-        self.adversarial, self.dm_loss, self.alternate = bool(adversarial), dm_loss, alternate
-        self.disc_every = int(disc_every)
-        self.lambda_s1, self.lambda_s2, self.lambda_m = float(lambda_s1), float(lambda_s2), float(lambda_m)
-        self.disc_lr_mult, self.disc_hidden = float(disc_lr_mult), tuple(int(h) for h in disc_hidden)
-        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
-        self.purity = bool(purity)
+        @model_validator(mode="after")
+        def _consistent(self):
+            if self.cluster.b_l > self.cluster.b_h:
+                raise ValueError(f"cluster: b_l={self.cluster.b_l} exceeds b_h={self.cluster.b_h} (Eq. 1)")
+            if self.b_labels and self.unlabelled is None:
+                raise ValueError("b_labels: true needs an unlabelled dataset B (training.kwargs.unlabelled)")
+            return self
+
+    honours = frozenset(COMMON_KEYS) - {"loss.name", "loss.kwargs", "loss.triplet_weight"}
+    distributed = False
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        c = self.cfg
+        self.b_ref, self.cluster = c.unlabelled, c.cluster
+        self.b_labels, self.source_epochs, self.stage2_epochs = c.b_labels, c.source_epochs, c.stage2_epochs
+        self.adversarial, self.dm_loss, self.alternate = c.adversarial, c.dm_loss, c.alternate
+        self.disc_every = c.disc_every
+        self.lambda_s1, self.lambda_s2, self.lambda_m = c.lambda_s1, c.lambda_s2, c.lambda_m
+        self.disc_lr_mult, self.disc_hidden = c.disc_lr_mult, tuple(c.disc_hidden)
+        self.steps_per_epoch = c.steps_per_epoch
+        self.purity = c.purity
         # run state
         self.b_pseudo: Optional[np.ndarray] = None
         self.labels_epoch: Optional[int] = None
@@ -500,14 +498,16 @@ class DomainMixMethod:
         return row
 
     def _rebuild_classifier(self, labels: np.ndarray, feats: Optional[torch.Tensor]) -> None:
-        """Classifier(s) for ``num_a + M`` classes: A's rows kept, B's rows from normalised centroids."""
+        """Classifier(s) for ``num_a + M`` classes (:meth:`~nasreid.models.interface.ReIDNetwork.reset_classifier`,
+        in place): A's rows kept, B's rows from the L2-normalised cluster centroids scaled to the mean norm of A's
+        rows (SpCL's centroid initialisation); the optimiser state of the classifiers is dropped."""
         m = int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
-        for head in self.heads:
-            clf = head.classifier
+
+        def centroids(_name: str, clf: nn.Linear, n_new: int) -> torch.Tensor:
             w_a = clf.weight.data[: self.num_a]
             scale = w_a.norm(dim=1).mean().clamp_min(1e-6)
-            rows = torch.zeros(m, w_a.shape[1], dtype=w_a.dtype, device=w_a.device)
-            if m and feats is not None:
+            rows = torch.zeros(n_new, w_a.shape[1], dtype=w_a.dtype, device=w_a.device)
+            if n_new and feats is not None:
                 f = feats.to(w_a.device, w_a.dtype)
                 if f.shape[1] != w_a.shape[1]:  # e.g. MSINet's local head: small random rows instead
                     rows.normal_(0, float(scale) / math.sqrt(w_a.shape[1]))
@@ -516,14 +516,12 @@ class DomainMixMethod:
                     keep = lab >= 0
                     rows.index_add_(0, lab[keep], f[keep])
                     rows = F.normalize(rows, dim=1) * scale
-            new = torch.cat([w_a, rows], 0).contiguous()
+            return rows
+
+        for clf in self.model.reset_classifier(self.num_a + m, keep=self.num_a, init=centroids).values():
             self.optimizer.state.pop(clf.weight, None)
-            clf.weight.data = new
-            clf.out_features = int(new.shape[0])
             if clf.bias is not None:
-                b = torch.cat([clf.bias.data[: self.num_a], clf.bias.data.new_zeros(m)])
                 self.optimizer.state.pop(clf.bias, None)
-                clf.bias.data = b
 
     def before_epoch(self, trainer) -> None:
         epoch = trainer.epoch
@@ -627,56 +625,60 @@ class DomainMixMethod:
         return parts
 
     # ---------------------------------------------------------------------------------------- fit
-    def fit(self, ctx, net: nn.Module, *, epochs: int, hooks: list[Hook], records: Optional[Sequence] = None,
-            run_dir=None) -> list[dict[str, Any]]:
-        """Train ``net`` with DomainMix for ``epochs``; returns the history (see the module docstring).
-
-        Raises:
-            RecipeError: under torchrun, a network without a ReIDHead classifier, a bad B dataset.
-        """
-        from nasreid.losses.triplet import TripletLoss
-
-        from .distributed import is_distributed
-
+    def setup(self, records: Sequence) -> None:
+        """A's records (``dsetid`` 0), the classifiers (resized on load, for resume), B's records without labels."""
+        ctx, net = self.ctx, self.model
         # the discriminator's schedule steps every epoch, also in epochs where it is not trained
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-        if is_distributed():
-            raise RecipeError("training.method domainmix does not run under torchrun yet; start it as one process")
-        self.ctx = ctx
-        self.a_records = list(ctx.dataset.train if records is None else records)
-        self.num_a = ctx.check_num_classes(self.a_records)
-        self.heads = _heads(net)
-        if not self.heads:
-            raise RecipeError(f"training.method domainmix needs a network with a ReIDHead identity classifier "
+        self.a_records = list(records)
+        self.num_a = self.num_classes
+        classifiers = net.get_classifier() if hasattr(net, "get_classifier") else {}
+        if not classifiers:
+            raise RecipeError(f"training.method domainmix needs a network with an identity classifier "
                               f"(OSNet-AIN, MSINet); {type(net).__name__} has none")
-        for h in self.heads:
-            h.classifier.register_load_state_dict_pre_hook(_resize_on_load(h.classifier))
+        self.embed_dim = next(iter(classifiers.values())).in_features
+        for clf in classifiers.values():
+            clf.register_load_state_dict_pre_hook(_resize_on_load(clf))
         self.b_dataset = self.b_records = self.b_true = None
         if self.b_ref is not None:
             self.b_dataset, self.b_records, self.b_true = self._load_b(ctx)
             log.info("DomainMix: A = %s (%d images, %d ids, labelled), B = %s (%d images, %s)", ctx.dataset.name,
                      len(self.a_records), self.num_a, self.b_ref.name, len(self.b_records),
                      "true labels (upper bound)" if self.b_labels else "labels never read")
-        model = ctx.device.model(net)
-        self.model = model
-        dev = ctx.device.device
-        self.triplet = TripletLoss(ctx.recipe.loss.triplet_margin)
-        optim = ctx.recipe.optim
-        self.optimizer = ctx.build_optimizer([p for p in model.parameters() if p.requires_grad])
-        scheduler = ctx.build_scheduler(self.optimizer)
-        dim = self.heads[0].feature_dim
-        self.disc = DomainDiscriminator(dim, self.disc_hidden, 2).to(dev)
+
+    def build_loss(self, num_classes: int) -> None:
+        """No recipe loss object: Eq. 4 / 11 are composed in the steps from the ID term (``loss.label_smooth``)
+        and the batch-hard triplet (``loss.triplet_margin``)."""
+        from nasreid.losses.triplet import TripletLoss
+
+        self.triplet = TripletLoss(self.ctx.recipe.loss.triplet_margin)
+        return None
+
+    def build_optimizers(self, model: nn.Module):
+        """The network's optimiser (base: ``optim.lr_mult`` groups), then the discriminator (Fig. 5) with its
+        own optimiser at ``disc_lr_mult`` times the learning rate, same type and schedule."""
+        optimizer, scheduler = super().build_optimizers(model)
+        optim = self.ctx.recipe.optim
+        self.disc = DomainDiscriminator(self.embed_dim, self.disc_hidden, 2).to(self.ctx.device.device)
         disc_cfg = optim.model_copy(update={"lr": optim.lr * self.disc_lr_mult})
-        self.disc_opt = ctx.build_optimizer(list(self.disc.parameters()), disc_cfg)
-        disc_sched = ctx.build_scheduler(self.disc_opt, disc_cfg)
+        self.disc_opt = self.ctx.build_optimizer(list(self.disc.parameters()), disc_cfg)
+        self.disc_sched = self.ctx.build_scheduler(self.disc_opt, disc_cfg)
+        return optimizer, scheduler
+
+    def build_hooks(self, hooks):
+        """The run state (pseudo labels, clustering log) first, then the base hooks."""
+        return [_DomainMixState(self), *super().build_hooks(hooks)]
+
+    def build_trainer(self, model: nn.Module, *, epochs: int, hooks: list[Hook], records, run_dir):
+        """The trainer over A's loader (stage hooks replace it per epoch) with a second optimiser slot
+        ``discriminator``."""
         self.stage, self.n3, self.disc_epoch = "source", 0, False
-        state = _DomainMixState(self)
-        trainer = ctx.trainer(model, self.step, loader=self._loader(self.a_records), optimizer=self.optimizer,
-                              scheduler=scheduler, hooks=[state, *hooks], epochs=epochs, run_dir=run_dir, ddp=False)
-        trainer.register_optimizer("discriminator", self.disc_opt, disc_sched, module=self.disc)
-        self.trainer = trainer
-        self.run_dir = Path(run_dir) if run_dir is not None else ctx.run_dir
-        return trainer.fit()
+        self.run_dir = Path(run_dir) if run_dir is not None else self.ctx.run_dir
+        self.trainer = trainer = self.ctx.trainer(
+            model, self.step, loader=self._loader(self.a_records), optimizer=self.optimizer,
+            scheduler=self.scheduler, hooks=hooks, epochs=epochs, run_dir=run_dir, ddp=False)
+        trainer.register_optimizer("discriminator", self.disc_opt, self.disc_sched, module=self.disc)
+        return trainer
 
     # ---------------------------------------------------------------------------------------- report
     def write_report(self, trainer) -> None:
