@@ -28,7 +28,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
@@ -89,7 +89,7 @@ def _recipe_and_run(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``nasreid`` argument parser (sub-commands search, derive, train, evaluate, plot)."""
+    """The ``nasreid`` argument parser (one sub-command per entry of :data:`COMMANDS`)."""
     ap = argparse.ArgumentParser(prog="nasreid", description="Neural architecture search for person re-ID.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -272,10 +272,174 @@ def _torchrun(nproc: int, argv: Sequence[str]) -> int:
     return subprocess.call(cmd)
 
 
+# ---- one handler per command: (parsed args) -> exit status ---------------------------------------
+def _cmd_list(args) -> int:
+    return _list(args.kind, args.pattern)
+
+
+def _cmd_study(args) -> int:
+    from nasreid import study as S
+
+    srec = S.load_study(args.recipe, _overrides(args.set))
+    if args.print_commands:
+        S.print_commands(srec, pending_only=not args.all)
+    elif args.report_only:
+        print(S.build_report(srec))
+    else:
+        res = S.run_study(srec, workers=args.workers, dry_run=args.dry_run, echo=print)
+        print(json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in res.items()}, indent=2,
+                         default=str))
+        if res.get("failed"):
+            return 1
+    return 0
+
+
+def _cmd_search(args) -> int:
+    from nasreid.engine import pipeline
+
+    recipe, run_dir = _recipe_and_run(args)
+    if args.no_retrain:
+        recipe = recipe.model_copy(update={"then_retrain": None})
+    run = pipeline.run_search(recipe, run_dir=run_dir, resume=bool(args.resume))
+    if _is_main():
+        print(_search_summary(run))
+    return 0
+
+
+def _cmd_hpo(args) -> int:
+    from nasreid.strategies.hpo_workers import run_hpo
+
+    recipe, run_dir = _recipe_and_run(args)
+    if args.no_retrain:
+        recipe = recipe.model_copy(update={"then_retrain": None})
+    run = run_hpo(recipe, workers=args.workers, run_dir=run_dir, resume=bool(args.resume), threads=args.threads)
+    print(_search_summary(run))
+    return 0
+
+
+def _cmd_hpo_worker(args) -> int:
+    from nasreid.strategies.hpo_workers import run_hpo_worker
+
+    n = run_hpo_worker(args.run, worker=args.worker, threads=args.threads)
+    print(f"worker {args.worker}: {n} trials")
+    return 0
+
+
+def _cmd_derive(args) -> int:
+    from nasreid.engine import pipeline
+
+    g = pipeline.derive(args.run, args.out)
+    print(g.summary())
+    print(f"wrote {Path(args.out or args.run) / 'genotype.json'}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from nasreid.engine import pipeline
+    from nasreid.genotype import preset_genotype
+
+    recipe, run_dir = _recipe_and_run(args)
+    geno: Any = args.genotype
+    if geno and geno.startswith("preset:"):
+        geno = preset_genotype(recipe.space.name, geno.split(":", 1)[1])
+    run = pipeline.run_train(recipe, genotype=geno, run_dir=run_dir, resume=bool(args.resume))
+    if _is_main():
+        print(f"train run: {run}")
+        print(json.dumps(json.loads((run / "metrics.json").read_text()).get("evaluation", {}), indent=2))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from nasreid.evaluation.runner import run_evaluate
+
+    res = run_evaluate(args.run, targets=_targets(args.target) or None, device=args.device,
+                       same_domain=not args.no_same_domain,
+                       matcher=_named(args.matcher) if args.matcher else None,
+                       postprocessors=[_named(p) for p in args.post] if args.post else None)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    """A search run: its strategy's plots (``Strategy.plot_run``: alpha trajectories, or an Optuna study's
+    report); a folder without a search recipe (an ``alphas.csv`` alone): the alpha trajectories."""
+    from nasreid.engine.runs import load_run_recipe
+    from nasreid.plot import plot_alpha_trajectories
+
+    formats = tuple(args.format) or ("png", "svg")
+    recipe = load_run_recipe(args.run) if (Path(args.run) / "recipe.yaml").is_file() else None
+    if recipe is not None and recipe.strategy is not None:
+        from nasreid.registry import STRATEGIES, load_plugins
+
+        if recipe.plugins:  # the strategy may be a plugin's
+            load_plugins(recipe.plugins, Path(recipe.source).parent if recipe.source else None)
+        files = STRATEGIES.get(recipe.strategy.name).plot_run(args.run, recipe, out=args.out, formats=formats)
+    else:
+        files = plot_alpha_trajectories(args.run, args.out, formats=formats)
+    for f in files:
+        print(f)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from nasreid.export import run_export
+
+    rep = run_export(args.run, fmt=args.format, out=args.out, opset=args.opset, parity=not args.no_parity,
+                     num_query=args.queries, num_gallery=4 * args.queries, exporter=args.exporter)
+    print(json.dumps(rep, indent=2, default=str))
+    if rep.get("parity") is not None and not rep["parity"]["passed"]:
+        print(f"nasreid export: parity check FAILED (see {rep.get('parity_path')})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_visualize(args) -> int:
+    from nasreid.visualize import visualize_ranks
+
+    files = visualize_ranks(args.run, queries=args.queries, topk=args.topk, out=args.out,
+                            target=_targets([args.target])[0] if args.target else None, seed=args.seed,
+                            device=args.device, query_ids=args.query_id or None)
+    for f in files:
+        print(f)
+    return 0
+
+
+def _cmd_match(args) -> int:
+    from nasreid.visualize import match_pair
+
+    rep = match_pair(args.run, args.query, args.gallery, out=args.out, top=args.top,
+                     target=_targets([args.target])[0] if args.target else None, device=args.device)
+    print(json.dumps({k: v for k, v in rep.items() if k != "correspondences"}, indent=2))
+    return 0
+
+
+def _cmd_profile(args) -> int:
+    from nasreid.profile import format_profile, profile_network
+
+    size = None if args.height is None and args.width is None else (args.height, args.width)
+    rep = profile_network(args.target, space=args.space, input_size=size,
+                          batch_sizes=tuple(args.batch) or (1, 64), devices=args.device or None,
+                          iters=args.iters, amp=args.amp, channels_last=args.channels_last)
+    print(format_profile(rep))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep, indent=2, default=str) + "\n")
+    return 0
+
+
+#: sub-command -> handler (every sub-command of :func:`build_parser` has one)
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "search": _cmd_search, "hpo": _cmd_hpo, "hpo-worker": _cmd_hpo_worker, "derive": _cmd_derive,
+    "train": _cmd_train, "evaluate": _cmd_evaluate, "plot": _cmd_plot, "export": _cmd_export,
+    "visualize": _cmd_visualize, "match": _cmd_match, "profile": _cmd_profile, "study": _cmd_study,
+    "list": _cmd_list,
+}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``nasreid`` console script. Returns 0 on success and 2 on a user error
-    (bad recipe, genotype, dataset or run folder), printed as one ``nasreid <command>: error: ...`` line.
-    Under ``torchrun`` (``search`` / ``train``), rank 0 alone prints the results."""
+    """Entry point of the ``nasreid`` console script. Returns the command's status (0 on success; 1 for a
+    failed export parity check or failed study jobs) and 2 on a user error (bad recipe, genotype, dataset or
+    run folder), printed as one ``nasreid <command>: error: ...`` line. Under ``torchrun`` (``search`` /
+    ``train``), rank 0 alone prints the results."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "nproc", None):
@@ -286,110 +450,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from nasreid.errors import NasreidError
 
     try:
-        from nasreid.engine import pipeline
-        from nasreid.genotype import preset_genotype
         from nasreid.registry import load_plugins
 
         load_plugins(getattr(args, "plugin", []) or [])
-        if args.command == "list":
-            return _list(args.kind, args.pattern)
-        if args.command == "study":
-            from nasreid import study as S
-
-            srec = S.load_study(args.recipe, _overrides(args.set))
-            if args.print_commands:
-                S.print_commands(srec, pending_only=not args.all)
-            elif args.report_only:
-                print(S.build_report(srec))
-            else:
-                res = S.run_study(srec, workers=args.workers, dry_run=args.dry_run, echo=print)
-                print(json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in res.items()}, indent=2,
-                                 default=str))
-                if res.get("failed"):
-                    return 1
-            return 0
-        if args.command == "search":
-            recipe, run_dir = _recipe_and_run(args)
-            if args.no_retrain:
-                recipe = recipe.model_copy(update={"then_retrain": None})
-            run = pipeline.run_search(recipe, run_dir=run_dir, resume=bool(args.resume))
-            if _is_main():
-                print(_search_summary(run))
-        elif args.command == "hpo":
-            recipe, run_dir = _recipe_and_run(args)
-            if args.no_retrain:
-                recipe = recipe.model_copy(update={"then_retrain": None})
-            run = pipeline.run_hpo(recipe, workers=args.workers, run_dir=run_dir, resume=bool(args.resume),
-                                   threads=args.threads)
-            print(_search_summary(run))
-        elif args.command == "hpo-worker":
-            n = pipeline.run_hpo_worker(args.run, worker=args.worker, threads=args.threads)
-            print(f"worker {args.worker}: {n} trials")
-        elif args.command == "derive":
-            g = pipeline.derive(args.run, args.out)
-            print(g.summary())
-            print(f"wrote {Path(args.out or args.run) / 'genotype.json'}")
-        elif args.command == "train":
-            recipe, run_dir = _recipe_and_run(args)
-            geno: Any = args.genotype
-            if geno and geno.startswith("preset:"):
-                geno = preset_genotype(recipe.space.name, geno.split(":", 1)[1])
-            run = pipeline.run_train(recipe, genotype=geno, run_dir=run_dir, resume=bool(args.resume))
-            if _is_main():
-                print(f"train run: {run}")
-                print(json.dumps(json.loads((run / "metrics.json").read_text()).get("evaluation", {}), indent=2))
-        elif args.command == "evaluate":
-            res = pipeline.run_evaluate(args.run, targets=_targets(args.target) or None, device=args.device,
-                                        same_domain=not args.no_same_domain,
-                                        matcher=_named(args.matcher) if args.matcher else None,
-                                        postprocessors=[_named(p) for p in args.post] if args.post else None)
-            print(json.dumps(res, indent=2))
-        elif args.command == "plot":
-            from nasreid.plot import plot_alpha_trajectories
-
-            recipe = pipeline.load_run_recipe(args.run) if (Path(args.run) / "recipe.yaml").is_file() else None
-            if recipe is not None and recipe.strategy is not None and recipe.strategy.name == "optuna":
-                from nasreid.strategies.optuna_hpo import OptunaStrategy
-
-                files = OptunaStrategy.report(args.run, recipe)["plots"]  # trials.csv + Optuna's plots
-            else:
-                files = plot_alpha_trajectories(args.run, args.out, formats=tuple(args.format) or ("png", "svg"))
-            for f in files:
-                print(f)
-        elif args.command == "export":
-            from nasreid.export import run_export
-
-            rep = run_export(args.run, fmt=args.format, out=args.out, opset=args.opset, parity=not args.no_parity,
-                             num_query=args.queries, num_gallery=4 * args.queries, exporter=args.exporter)
-            print(json.dumps(rep, indent=2, default=str))
-            if rep.get("parity") is not None and not rep["parity"]["passed"]:
-                print(f"nasreid export: parity check FAILED (see {rep.get('parity_path')})", file=sys.stderr)
-                return 1
-        elif args.command == "visualize":
-            from nasreid.visualize import visualize_ranks
-
-            files = visualize_ranks(args.run, queries=args.queries, topk=args.topk, out=args.out,
-                                    target=_targets([args.target])[0] if args.target else None, seed=args.seed,
-                                    device=args.device, query_ids=args.query_id or None)
-            for f in files:
-                print(f)
-        elif args.command == "match":
-            from nasreid.visualize import match_pair
-
-            rep = match_pair(args.run, args.query, args.gallery, out=args.out, top=args.top,
-                             target=_targets([args.target])[0] if args.target else None, device=args.device)
-            print(json.dumps({k: v for k, v in rep.items() if k != "correspondences"}, indent=2))
-        elif args.command == "profile":
-            from nasreid.profile import format_profile, profile_network
-
-            size = None if args.height is None and args.width is None else (args.height, args.width)
-            rep = profile_network(args.target, space=args.space, input_size=size,
-                                  batch_sizes=tuple(args.batch) or (1, 64), devices=args.device or None,
-                                  iters=args.iters, amp=args.amp, channels_last=args.channels_last)
-            print(format_profile(rep))
-            if args.json:
-                Path(args.json).write_text(json.dumps(rep, indent=2, default=str) + "\n")
-        return 0
+        return COMMANDS[args.command](args)
     except NasreidError as e:
         print(f"nasreid {args.command}: error: {e}", file=sys.stderr)
         return 2

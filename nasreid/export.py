@@ -249,7 +249,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
 
     Args:
         run_dir: a retrain run folder (``recipe.yaml``, ``genotype.json``, ``model.pt`` or
-            ``checkpoints/last.pt``), loaded with :func:`nasreid.engine.pipeline.load_run_model`.
+            ``checkpoints/last.pt``), loaded with :func:`nasreid.engine.runs.load_run_model`.
         out: the ``.onnx`` file to write (parent folders are created); default ``RUN/export/model.onnx``.
             Written atomically (temporary file + rename).
         opset: ONNX opset; default :func:`default_opset` (``min(onnx.defs.onnx_opset_version(), <torch exporter
@@ -268,10 +268,10 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
             exporter, an opset outside ``[7, default_opset()]``, a network whose eval output is not ``[B, D]``,
             or an operation the exporter cannot translate (names the run folder and the operation).
         RunFolderError / GenotypeError / CheckpointError: ``run_dir`` is not a retrain run folder, or its
-            weights are missing or do not fit (from :func:`~nasreid.engine.pipeline.load_run_model`).
+            weights are missing or do not fit (from :func:`~nasreid.engine.runs.load_run_model`).
     """
     from nasreid import __version__
-    from nasreid.engine.pipeline import load_run_model
+    from nasreid.engine.runs import load_run_model
 
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown ONNX exporter {exporter!r}; known: {list(EXPORTERS)}")
@@ -387,7 +387,7 @@ def check_parity(run_dir: str | os.PathLike, onnx_path: str | os.PathLike | None
     """
     from nasreid.config import resolve_data_root
     from nasreid.data import build_dataset, build_transforms
-    from nasreid.engine.pipeline import load_run_model
+    from nasreid.engine.runs import load_run_model
 
     onnx, ort = _require("onnx", "onnxruntime")
     run = Path(run_dir)

@@ -241,13 +241,13 @@ class FeatureExtractor:
         ``eval.flip`` (``flip=None``; pass ``True`` / ``False`` to override).
 
         Weights come from ``model.pt`` (or ``checkpoints/last.pt``), via
-        :func:`nasreid.engine.pipeline.load_run_model`.
+        :func:`nasreid.engine.runs.load_run_model`.
 
         Raises:
             RunFolderError / GenotypeError / CheckpointError: not a retrain run folder, or weights that are
                 missing or do not fit; ExtractorError: as the constructor.
         """
-        from nasreid.engine.pipeline import load_run_model
+        from nasreid.engine.runs import load_run_model
 
         model, recipe, geno = load_run_model(run_dir)
         mean, std = _recipe_norm(recipe)

@@ -84,7 +84,7 @@ def _resolve(genotype_or_model, space: Optional[str], num_classes: int):
         else:
             p = Path(s)
             if p.is_dir():
-                from nasreid.engine.pipeline import load_run_recipe
+                from nasreid.engine.runs import load_run_recipe
 
                 if not (p / "genotype.json").is_file():
                     raise RunFolderError(f"{p} is not a run folder with a genotype: genotype.json is missing")

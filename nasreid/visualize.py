@@ -306,7 +306,7 @@ def visualize_ranks(run_dir: str | os.PathLike, *, queries: int = 10, topk: int 
                     layout: Optional[RankLayout] = None) -> list[Path]:
     """Ranked-result pictures of a retrain run's network: each chosen query with its ``topk`` gallery matches.
 
-    Loads the run's network (:func:`nasreid.engine.pipeline.load_run_model`: ``model.pt``, or
+    Loads the run's network (:func:`nasreid.engine.runs.load_run_model`: ``model.pt``, or
     ``checkpoints/last.pt`` of an interrupted run), builds the run's dataset (``recipe.data.dataset``) or the
     cross-domain ``target``, extracts features of the chosen queries and of the whole gallery as evaluation
     does (input ``recipe.data.height x width``, ``eval.flip``, L2-normalised for ``eval.metric`` cosine), ranks the
@@ -352,7 +352,7 @@ def visualize_ranks(run_dir: str | os.PathLike, *, queries: int = 10, topk: int 
     from nasreid.config import resolve_data_root
     from nasreid.data import build_dataset, build_test_loaders
     from nasreid.engine.checkpoint import write_json
-    from nasreid.engine.pipeline import load_run_model
+    from nasreid.engine.runs import load_run_model
     from nasreid.engine.trainer import device_context
     from nasreid.evaluation import compute_distance, extract_features
 
@@ -556,7 +556,7 @@ def match_pair(run_dir: str | os.PathLike, query: int, gallery: int, *, out: Opt
 
     from nasreid.config import resolve_data_root
     from nasreid.data import build_dataset, build_transforms
-    from nasreid.engine.pipeline import load_run_model
+    from nasreid.engine.runs import load_run_model
 
     model, recipe, _ = load_run_model(run_dir, device=device)
     head = getattr(model, "qaconv", None)

@@ -11,7 +11,8 @@ A strategy knows a space only through :mod:`nasreid.mutables` (``simplify``, ``i
     genotype.save(run / "genotype.json")
 
 and ``nasreid derive RUN`` calls ``StrategyCls.derive(run_dir, recipe)``, which reads back whatever the
-strategy itself checkpointed (the pipeline reads no strategy-specific key).
+strategy itself checkpointed (the pipeline reads no strategy-specific key); ``nasreid plot RUN`` calls
+``StrategyCls.plot_run(run_dir, recipe, out, formats)`` (the hook the CLI asks, never a strategy's name).
 
 Two families:
 
@@ -20,8 +21,12 @@ Two families:
   ``train_step(batch, loss_fn, optimizer, ...)`` and the hooks of :meth:`OneShotStrategy.hooks` (the
   Gumbel temperature schedule, say); ``probabilities()`` is logged every epoch; ``export()`` is the derived
   sample. A strategy with another loop (DARTS: two loaders, its own Adam for alpha) overrides ``search``.
-* **sampling** (Optuna, evolution): override :meth:`Strategy.search` and train proxy networks with
-  ``ctx.train_fixed(space.freeze(sample), epochs=..., hooks=[...], run_dir=run/"trials"/k)``.
+* **sampling** (:class:`SamplingStrategy`: Optuna; evolution would be one): implement ``work(ctx, worker)``
+  (ask/train/tell on a study that several processes may share: ``nasreid hpo --workers N``) and
+  ``finalize(ctx)``; train proxy networks with
+  ``ctx.train_fixed(space.freeze(sample), epochs=..., hooks=[...], run_dir=run/"trials"/k)``. The engine tells
+  the families apart with ``issubclass(cls, SamplingStrategy)``: a sampling search is never "done" (its study
+  can be extended with more trials), and only sampling strategies run under ``nasreid hpo``.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from nasreid.errors import NasreidError
 from nasreid.genotype import Genotype, GenotypeError
 from nasreid.mutables import LayerChoice, ModelSpace, iter_layer_choices, simplify
 
-__all__ = ["Strategy", "OneShotStrategy", "StrategyConfigError", "replace_module", "mix_outputs"]
+__all__ = ["Strategy", "OneShotStrategy", "SamplingStrategy", "StrategyConfigError", "replace_module", "mix_outputs"]
 
 
 class StrategyConfigError(NasreidError, ValueError):
@@ -131,6 +136,23 @@ class Strategy:
             GenotypeError / CheckpointError: nothing derivable in the folder.
         """
         raise NotImplementedError
+
+    @classmethod
+    def plot_run(cls, run_dir: str | Path, recipe, out: str | Path | None = None,
+                 formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+        """The plots of a search run folder of this strategy (``nasreid plot RUN``); returns the files written.
+
+        Default: the architecture-weight trajectories of ``alphas.csv``
+        (:func:`nasreid.plot.plot_alpha_trajectories`) into ``out`` (default: the run folder) in ``formats``.
+        A strategy that logs something else overrides it (Optuna: its trials table and study plots).
+
+        Raises:
+            FileNotFoundError / ValueError: as :func:`~nasreid.plot.plot_alpha_trajectories` (no or empty
+            ``alphas.csv``).
+        """
+        from nasreid.plot import plot_alpha_trajectories
+
+        return plot_alpha_trajectories(run_dir, out, formats=formats)
 
     def probabilities(self) -> dict[str, dict[str, float]]:
         """Current ``{label: {value: probability}}`` of every choice (logged every epoch)."""
@@ -311,3 +333,29 @@ class OneShotStrategy(Strategy):
             loss, parts = loss_fn(net(batch["img"]), batch)
         backward(loss * scale if scale != 1.0 else loss, scaler, parts)
         return parts
+
+
+class SamplingStrategy(Strategy):
+    """Base of sampling strategies: each step samples a fixed network from the space, trains it as a proxy
+    (``ctx.train_fixed``) and scores it; there is no supernet.
+
+    Subclasses implement :meth:`work` (the ask/train/tell loop one process runs on a study that several
+    processes may share: ``nasreid hpo --workers N`` runs it in each worker) and :meth:`finalize` (the
+    derived genotype once the loop is done, plus any report); :meth:`search` is ``work`` then ``finalize``.
+    A sampling search is never "done": ``nasreid search --resume`` / ``nasreid hpo --resume`` run the loop
+    again, which adds the trials a larger ``trials`` setting asks for.
+    """
+
+    def search(self, ctx) -> Genotype:
+        """This process's share of the study (:meth:`work`), then :meth:`finalize`."""
+        self.work(ctx)
+        return self.finalize(ctx)
+
+    def work(self, ctx, worker: int = 0) -> int:
+        """Sample, train and score until the study is complete (shared with other workers); returns the
+        number of samples this worker finished. ``worker`` numbers the process (logs, device choice)."""
+        raise NotImplementedError
+
+    def finalize(self, ctx) -> Genotype:
+        """The derived genotype of the study in ``ctx.run_dir`` (and its report files)."""
+        raise NotImplementedError

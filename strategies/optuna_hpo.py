@@ -74,7 +74,7 @@ from nasreid.genotype import Genotype, GenotypeError
 from nasreid.mutables import Categorical, LayerChoice, Numerical, freeze, recipe_overrides, simplify
 from nasreid.registry import register_strategy
 
-from .base import Strategy, StrategyConfigError, make_genotype
+from .base import SamplingStrategy, StrategyConfigError, make_genotype
 
 __all__ = ["OptunaStrategy", "HPOError", "query_gallery_split", "open_study", "suggest_sample", "pick_pareto"]
 
@@ -285,7 +285,7 @@ def _storage(spec: Optional[str], run_dir: Path):
 
 # ---------------------------------------------------------------------------------------------------
 @register_strategy("optuna")
-class OptunaStrategy(Strategy):
+class OptunaStrategy(SamplingStrategy):
     """Optuna HPO over the space's mutables with proxy trainings, pruning and a shared storage.
 
     Kwargs (``strategy.kwargs``): see :class:`OptunaStrategy.Config`.
@@ -515,8 +515,14 @@ class OptunaStrategy(Strategy):
 
     @classmethod
     def report(cls, run_dir, recipe) -> dict[str, Any]:
-        """``trials.csv`` and Optuna's plots of a run folder (:func:`write_study_report`); ``nasreid plot``."""
+        """``trials.csv`` and Optuna's plots of a run folder (:func:`write_study_report`)."""
         return write_study_report(cls.load_study(run_dir, recipe), Path(run_dir))
+
+    @classmethod
+    def plot_run(cls, run_dir, recipe, out=None, formats=("png", "svg")) -> list[Path]:
+        """``nasreid plot RUN`` of a study: ``trials.csv`` and Optuna's plots (PNG) under the run folder
+        (:meth:`report`; ``out`` and ``formats`` do not apply). Returns the files written."""
+        return list(cls.report(run_dir, recipe)["plots"])
 
     def probabilities(self) -> dict[str, dict[str, float]]:
         return {}

@@ -139,6 +139,36 @@ def test_hpo_searches_osnet_ain_and_resumes_from_storage(hpo_recipe, tmp_path):
     recs = sorted((run / "trials").glob("trial_*/record.json"))
     assert [json.loads(p.read_text())["sample"] for p in recs[:2]] == first
     assert yaml.safe_load((run / "recipe.yaml").read_text())["strategy"]["kwargs"]["trials"] == 4
+    # nasreid plot asks the run's strategy (Strategy.plot_run): the study's report, not alpha trajectories
+    from nasreid import cli
+
+    assert cli.main(["plot", str(run)]) == 0
+    assert (run / "plots" / "optimization_history.png").is_file() and not (run / "alpha_trajectories.png").exists()
+
+
+def test_sampling_strategies_are_told_apart_by_class():
+    """The engine and the CLI ask the class (SamplingStrategy, Strategy.plot_run), never a strategy's name."""
+    from nasreid.registry import STRATEGIES
+    from nasreid.strategies import hpo_workers
+    from nasreid.strategies.base import SamplingStrategy, Strategy
+
+    kinds = {name: issubclass(cls, SamplingStrategy) for name, cls in STRATEGIES.items()}
+    assert kinds["optuna"] and not kinds["gumbel"] and not kinds["random"] and not kinds["darts_tcm"]
+    assert STRATEGIES.get("optuna").plot_run.__func__ is not Strategy.plot_run.__func__
+    assert STRATEGIES.get("gumbel").plot_run.__func__ is Strategy.plot_run.__func__
+    assert pipeline.run_hpo is hpo_workers.run_hpo and pipeline.run_hpo_worker is hpo_workers.run_hpo_worker
+
+
+def test_hpo_refuses_a_one_shot_strategy(hpo_recipe, capsys):
+    from nasreid import cli
+
+    p = hpo_recipe()
+    raw = yaml.safe_load(p.read_text())
+    raw["strategy"] = {"name": "gumbel", "kwargs": {}}
+    p.write_text(yaml.safe_dump(raw))
+    assert cli.main(["hpo", str(p), "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'gumbel' is not a sampling strategy with workers" in err
 
 
 def test_two_workers_share_one_journal(hpo_recipe, tmp_path):

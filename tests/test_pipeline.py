@@ -223,6 +223,59 @@ def test_cli_reports_bad_input(tmp_path, capsys, tiny_recipe):
     assert "unknown strategy 'evolution'" in capsys.readouterr().err
 
 
+def _hand_made_search_run(tiny_recipe, tmp_path, metrics: dict, retrain_recipe: bool = False) -> Path:
+    """A search run folder as ``nasreid search`` leaves it, written by hand (no training): the search recipe,
+    a genotype, a supernet checkpoint whose weights fit no fixed network, and ``metrics``."""
+    from nasreid.engine.checkpoint import save_checkpoint
+    from nasreid.genotype import preset_genotype
+
+    recipe = load_recipe(tiny_recipe())
+    run = tmp_path / "search_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "recipe.yaml").write_text(recipe.model_copy(update={"source": None}).to_yaml())
+    preset_genotype("osnet_ain", "osnet_ain", **recipe.space.kwargs).save(run / "genotype.json")
+    save_checkpoint(run / "checkpoints" / "last.pt", {"model": {"supernet.mixed_op.pi": torch.zeros(3)}})
+    if retrain_recipe:
+        (run / "retrain_recipe.yaml").write_text("name: retrain\n")
+    (run / "metrics.json").write_text(json.dumps({"kind": "search", "search_done": True, **metrics}))
+    return run
+
+
+def test_evaluate_on_a_search_run_names_its_retrain_run(tiny_recipe, tmp_path, capsys):
+    """``nasreid evaluate SEARCH_RUN`` says it is a search run and where its retrained network is, instead of
+    a state-dict mismatch; export / visualize / the extractor (``load_run_model``) say the same."""
+    from nasreid.engine.runs import is_search_run, load_run_model
+    from nasreid.errors import RunFolderError
+
+    retrain = tmp_path / "results" / "retrain_20250101"
+    retrain.mkdir(parents=True)
+    run = _hand_made_search_run(tiny_recipe, tmp_path, {"retrain_run": str(retrain)})
+    assert is_search_run(run)
+    assert cli.main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("nasreid evaluate: error:")
+    assert "is a search run" in err and str(retrain) in err
+    assert "do not fit" not in err and "state_dict" not in err
+    with pytest.raises(RunFolderError, match="search run"):
+        load_run_model(run)
+
+
+def test_evaluate_on_a_search_run_without_retrain_says_what_to_run(tiny_recipe, tmp_path, capsys):
+    run = _hand_made_search_run(tiny_recipe, tmp_path, {})
+    assert cli.main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a search run" in err
+    assert f"nasreid train <retrain recipe> --genotype {run / 'genotype.json'}" in err
+    # a search that copied its then_retrain recipe: the command names that copy; a recorded retrain run that
+    # is gone is said to be missing
+    shutil.rmtree(run)
+    run = _hand_made_search_run(tiny_recipe, tmp_path, {"retrain_run": str(tmp_path / "gone")}, retrain_recipe=True)
+    assert cli.main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"nasreid train {run / 'retrain_recipe.yaml'} --genotype {run / 'genotype.json'}" in err
+    assert "missing" in err and str(tmp_path / "gone") in err
+
+
 def test_cli_keeps_the_traceback_of_bugs(tiny_recipe, monkeypatch, capsys):
     """Only nasreid's own (user-input) errors become one line + exit 2; a bug propagates with its traceback."""
     def boom(*a, **k):

@@ -237,7 +237,7 @@ class RunContext:
     def evaluate(self, model: nn.Module, dataset=None) -> dict[str, Any]:
         """Same-domain CMC/mAP (percent) of ``model`` on ``dataset`` (default: the training dataset's
         query/gallery) with the recipe's ``eval`` settings."""
-        from .pipeline import evaluate_dataset
+        from nasreid.evaluation.runner import evaluate_dataset
 
         return evaluate_dataset(model, self.dataset if dataset is None else dataset, self.recipe, self.device,
                                 progress=self.progress)

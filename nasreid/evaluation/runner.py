@@ -1,0 +1,147 @@
+"""Evaluating a network with a recipe's ``eval`` settings: on one dataset (:func:`evaluate_dataset`), on the
+training dataset's test split and the recipe's cross-domain targets (:func:`evaluate_run_model`), and a retrain
+run folder as ``nasreid evaluate RUN`` does (:func:`run_evaluate`, results merged into ``metrics.json``).
+
+The engine calls these (``RunContext.evaluate``, the end of ``nasreid train``); they build the test loaders,
+the registered matcher / post-processors and call :func:`nasreid.evaluation.evaluate_model`. Importing this
+module imports no concrete search space or strategy.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from nasreid.config import DatasetRef, Recipe, RecipeError, resolve_data_root
+from nasreid.engine.checkpoint import read_json, write_json
+from nasreid.engine.context import progress_enabled
+from nasreid.engine.runs import load_run_model, setup_logging
+from nasreid.engine.trainer import device_context
+from nasreid.engine.validate import check_recipe
+
+__all__ = ["evaluate_dataset", "evaluate_run_model", "run_evaluate"]
+
+log = logging.getLogger("nasreid")
+
+
+def evaluate_dataset(model: nn.Module, dataset, recipe: Recipe, ctx, progress: bool = False) -> dict[str, Any]:
+    """CMC (rank-k), mAP and mINP in percent of ``model`` on ``dataset``'s query/gallery with the recipe's
+    ``eval`` settings (``eval.matcher`` / ``eval.postprocessors`` from the registries, feature distance with
+    ``eval.metric`` by default); also ``num_query``, ``num_gallery``, ``num_valid_queries``, ``num_skipped_queries``
+    (queries with no gallery match in another camera, excluded by the protocol) and ``seconds``.
+
+    Raises:
+        RecipeError: empty query or gallery split.
+    """
+    from nasreid.data import build_test_loaders
+    from nasreid.evaluation import evaluate_model
+
+    if not dataset.query or not dataset.gallery:
+        raise RecipeError(f"dataset {dataset.name!r} has an empty query or gallery split")
+    d, e = recipe.data, recipe.eval
+    q, g = build_test_loaders(dataset, height=d.height, width=d.width, batch_size=e.batch_size,
+                              workers=d.workers, on_corrupt=d.on_corrupt)
+    from nasreid.registry import MATCHERS, POSTPROCESSORS
+
+    matcher = MATCHERS.get(e.matcher.name)(**e.matcher.kwargs) if e.matcher is not None else None
+    post = [POSTPROCESSORS.get(pp.name)(**pp.kwargs) for pp in e.postprocessors]
+    t0 = time.time()
+    res = evaluate_model(model, q, g, device=ctx.device, flip=e.flip, metric=e.metric, amp=ctx.amp,
+                         ranks=tuple(e.ranks), progress=progress, matcher=matcher, postprocessors=post)
+    res["seconds"] = time.time() - t0
+    skipped = res["num_skipped_queries"]
+    if skipped:
+        log.warning("%s: %d of %d queries have no gallery match in another camera and are skipped by the "
+                    "protocol", dataset.name, skipped, res["num_query"])
+    return res
+
+
+def evaluate_run_model(model: nn.Module, recipe: Recipe, ctx, dataset=None,
+                       targets: Optional[list[DatasetRef]] = None, same_domain: bool = True,
+                       progress: bool = False) -> dict[str, dict[str, Any]]:
+    """CMC/mAP of ``model`` on the training dataset's test split (``same-domain``) and on each target
+    dataset (``cross-domain``, which needs only query and gallery); keys are ``"<dataset> (same-domain)"`` /
+    ``"<dataset>[k=v,...] (cross-domain)"`` (the target's parser options in brackets, so two settings of one
+    dataset do not overwrite each other). Every target is built before the first is evaluated, so a bad
+    target fails fast."""
+    from nasreid.data import build_dataset
+
+    results: dict[str, dict[str, Any]] = {}
+    src = recipe.data.dataset
+    jobs = []
+    if same_domain:
+        if dataset is None:
+            dataset = build_dataset(src.name, resolve_data_root(src.root), **src.kwargs)
+        if dataset.query and dataset.gallery:
+            jobs.append((dataset, "same-domain", {}))
+        else:  # a train-only source (RandPerson): cross-domain targets only
+            log.info("%s has no query/gallery split: no same-domain evaluation", dataset.name)
+    for t in (recipe.eval.targets if targets is None else targets):
+        jobs.append((build_dataset(t.name, resolve_data_root(t.root), eval_only=True, **t.kwargs), "cross-domain",
+                     t.kwargs))
+    for ds, kind, kwargs in jobs:
+        res = evaluate_dataset(model, ds, recipe, ctx, progress=progress)
+        res["protocol"] = kind
+        res["dataset_kwargs"] = dict(kwargs)
+        tag = "[" + ",".join(f"{k}={v}" for k, v in sorted(kwargs.items())) + "]" if kwargs else ""
+        key = f"{ds.name}{tag} ({kind})"
+        results[key] = res
+        log.info("%s: rank-1 %.2f  rank-5 %.2f  rank-10 %.2f  mAP %.2f  mINP %.2f  (%d query, %d gallery, "
+                 "%d skipped)", key, res["rank1"], res.get("rank5", float("nan")), res.get("rank10", float("nan")),
+                 res["mAP"], res.get("mINP", float("nan")), res.get("num_query", -1), res.get("num_gallery", -1),
+                 res["num_skipped_queries"])
+    return results
+
+
+def run_evaluate(run_dir: str | os.PathLike, targets: Optional[list[DatasetRef]] = None,
+                 device: Optional[str] = None, same_domain: bool = True, matcher=None,
+                 postprocessors: Optional[list] = None) -> dict[str, dict[str, Any]]:
+    """Evaluate the model of a retrain run folder (``model.pt``, or ``checkpoints/last.pt``).
+
+    ``matcher`` / ``postprocessors`` (``NamedConfig`` s, e.g. ``qaconv`` / ``tlift``) replace the recipe's
+    ``eval.matcher`` / ``eval.postprocessors`` for this evaluation; the result keys then carry them, e.g.
+    ``"cuhk03np (cross-domain) [qaconv+tlift]"``, so several evaluations of one run sit side by side.
+
+    Args:
+        targets: datasets to evaluate on instead of the recipe's ``eval.targets``.
+        same_domain: also evaluate on the training dataset's test split.
+
+    Results are merged into ``metrics.json`` under ``"evaluation"`` and returned.
+
+    Raises:
+        RunFolderError / CheckpointError / GenotypeError: not a retrain run folder (a search run: the message
+            names its retrain run, or the ``nasreid train`` command that makes one; see
+            :func:`~nasreid.engine.runs.load_run_model`).
+        RecipeError: an unknown target dataset or target options that do not fit its parser.
+    """
+    run = Path(run_dir)
+    setup_logging(None)
+    model, recipe, _ = load_run_model(run, device=device)
+    tag = ""
+    if matcher is not None or postprocessors is not None:
+        upd = {}
+        if matcher is not None:
+            upd["matcher"] = matcher
+        if postprocessors is not None:
+            upd["postprocessors"] = list(postprocessors)
+        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update=upd)})
+        check_recipe(recipe)
+        e = recipe.eval
+        tag = " [" + "+".join([e.matcher.name if e.matcher else "distance"] + [p.name for p in e.postprocessors]) + "]"
+    ctx = device_context(recipe.device, recipe.amp, recipe.channels_last)
+    model = ctx.model(model)
+    if targets is None:
+        targets = recipe.eval.targets
+    if targets:  # eval.targets or --target: known datasets with fitting options, before any evaluation
+        check_recipe(recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"targets": list(targets)})}))
+    results = evaluate_run_model(model, recipe, ctx, targets=targets, same_domain=same_domain,
+                                 progress=progress_enabled())
+    results = {k + tag: v for k, v in results.items()}
+    metrics = read_json(run / "metrics.json", {}) or {}
+    metrics.setdefault("evaluation", {}).update(results)
+    write_json(run / "metrics.json", metrics)
+    return results
