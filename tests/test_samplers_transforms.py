@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nasreid.data import (
 from conftest import missing
+from nasreid.data import (
     DatasetLayoutError,
     PKSampler,
     build_dataset,
