@@ -35,7 +35,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_supernet import time_steps
-
 from nasreid.genotype import preset_genotype
 from nasreid.losses import build_reid_loss
 

@@ -93,12 +93,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_eval import make_labels  # Market-like labels: junk, distractors, cameras
 from bench_supernet import time_steps  # the timing loop of the supernet benchmarks
-
 from nasreid.engine.trainer import Trainer, device_context
 from nasreid.evaluation import evaluate_features, extract_features
 from nasreid.genotype import preset_genotype
-from nasreid.methods import SupervisedMethod
 from nasreid.losses import build_reid_loss
+from nasreid.methods import SupervisedMethod
 from nasreid.models.complexity import count_parameters
 from nasreid.registry import LOSSES, get_space, get_strategy
 

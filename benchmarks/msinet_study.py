@@ -85,9 +85,8 @@ def _train(runs: Path, arm: str, genotype: str, extra: list[str] = ()) -> Path:
 
 def random_genotype(path: Path, seed: int = 0) -> Path:
     """A uniformly random msinet genotype (one value per choice drawn with ``random.Random(seed)``)."""
-    from nasreid.search_spaces.msinet import CHOICE_LABELS, OPS
-
     from nasreid.genotype import Genotype
+    from nasreid.search_spaces.msinet import CHOICE_LABELS, OPS
 
     rng = random.Random(seed)
     g = Genotype(space="msinet", choices={k: rng.choice(OPS) for k in CHOICE_LABELS},

@@ -25,6 +25,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", parents=[plugin], help="print what is registered (spaces, strategies, ...)")
     ls.add_argument("kind", nargs="?", help="one registry: spaces, strategies, datasets, losses, matchers, "
-                    "postprocessors, methods (default: all)")
+                    "postprocessors, methods, presets (default: all registries)")
     ls.add_argument("pattern", nargs="?", default="*", help="shell pattern on the names, e.g. 'osnet*'")
     return ap
 
@@ -225,8 +226,21 @@ def _list(kind: Optional[str], pattern: str) -> int:
     from nasreid.errors import RegistryError
     from nasreid.registry import ALL_REGISTRIES
 
+    if kind == "presets":  # the named architectures registered with each space
+        from nasreid.registry import SPACES, space_presets
+
+        print("presets:")
+        for space in SPACES.names():
+            for key in sorted(space_presets(space)):
+                if not fnmatch.fnmatch(key, pattern):
+                    continue
+                preset = space_presets(space)[key]
+                kw = preset.get("space_kwargs") or {}
+                about = preset.get("doc") or ", ".join(f"{k}={v}" for k, v in kw.items())
+                print(f"  {space + ':' + key:<30} {about}".rstrip())
+        return 0
     if kind is not None and kind not in ALL_REGISTRIES:
-        raise RegistryError(f"unknown registry {kind!r}; known: {', '.join(ALL_REGISTRIES)}")
+        raise RegistryError(f"unknown registry {kind!r}; known: {', '.join(ALL_REGISTRIES)}, presets")
     for name, reg in ALL_REGISTRIES.items():
         if kind is not None and name != kind:
             continue

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from nasreid.errors import NasreidError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from nasreid.errors import NasreidError
 
 __all__ = [
     "RecipeError",

@@ -5,10 +5,9 @@ import json
 
 import pytest
 import torch
-from nasreid.strategies.base import StrategyConfigError
-from nasreid.strategies.darts_tcm import DartsMixedOp, DartsTCMStrategy, mix_outputs
 from torch.nn import functional as F
 
+from conftest import missing
 from nasreid.config import load_recipe
 from nasreid.data import build_dataset
 from nasreid.engine import pipeline
@@ -17,7 +16,8 @@ from nasreid.engine.context import SearchContext
 from nasreid.engine.trainer import device_context
 from nasreid.genotype import preset_genotype
 from nasreid.losses.memory import ClassMemory
-from conftest import missing
+from nasreid.strategies.base import StrategyConfigError
+from nasreid.strategies.darts_tcm import DartsMixedOp, DartsTCMStrategy, mix_outputs
 
 TINY = {
     "name": "tiny_msinet",

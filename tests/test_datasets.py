@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from _trees import build_market_tree, cuhk_png, duke_name, market_name, to_jpg
+from conftest import missing
 from nasreid.data import (
     CorruptImageError,
     DatasetLayoutError,
@@ -26,7 +27,6 @@ from nasreid.data import (
 from nasreid.data.datasets.msmt17 import msmt17_frame
 from nasreid.evaluation import evaluate_model
 from nasreid.registry import RegistryError
-from conftest import missing
 
 MARKET_NAME = re.compile(r"^(\d{4})_c(\d)s(\d)_(\d{6})_(\d{2})\.jpg$")
 MSMT_NAME = re.compile(r"^(\d{4})_(\d{3})_(\d{2})_\d{4}(morning|noon|afternoon)_\d{4}_\d(_ex)?\.jpg$")

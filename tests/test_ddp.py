@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from nasreid.data.samplers import PKSampler
 from conftest import missing
+from nasreid.data.samplers import PKSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,10 +19,18 @@ from nasreid.config import RecipeError, load_recipe
 from nasreid.data.datasets.base import build_dataset, register_dataset
 from nasreid.engine import pipeline
 from nasreid.engine.checkpoint import load_checkpoint
-from nasreid.methods.domainmix import (ClusterConfig, DomainDiscriminator, DomainMixMethod, cluster_pseudo_labels,
-                                      cluster_purity, domainmix_loss, refine_clusters, stage_of)
 from nasreid.engine.trainer import device_context
 from nasreid.losses.triplet import TripletLoss
+from nasreid.methods.domainmix import (
+    ClusterConfig,
+    DomainDiscriminator,
+    DomainMixMethod,
+    cluster_pseudo_labels,
+    cluster_purity,
+    domainmix_loss,
+    refine_clusters,
+    stage_of,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,9 +16,8 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from _runs import make_untrained_run
-
 import nasreid
+from _runs import make_untrained_run
 from nasreid.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_transforms
 from nasreid.engine.checkpoint import load_checkpoint, save_checkpoint
 from nasreid.engine.pipeline import load_run_model

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _runs import make_untrained_run
 from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.functional import to_tensor
 
+from _runs import make_untrained_run
 from nasreid.data import (
     CorruptImageError,
     build_dataset,

@@ -186,3 +186,20 @@ def test_no_private_pipeline_names_outside_the_engine():
                 if (isinstance(v, ast.Name) and v.id in aliases) or ast.unparse(v) == "nasreid.engine.pipeline":
                     bad.append(f"{mod}:{node.lineno} uses {ast.unparse(node)}")
     assert not bad, bad
+
+
+#: modules that implement one paper's method (a space, a strategy, a training method, a loss, a matcher ...);
+#: the engine runs any of them by name through the registries and imports none
+PAPER_SPECIFIC = ("nasreid.search_spaces.", "nasreid.methods.qaconv", "nasreid.methods.domainmix",
+                  "nasreid.models.qaconv", "nasreid.models.rmgl", "nasreid.losses.msinet", "nasreid.losses.rmgl",
+                  "nasreid.losses.sam", "nasreid.losses.class_memory", "nasreid.evaluation.qaconv",
+                  "nasreid.evaluation.tlift", "nasreid.evaluation.rerank", "nasreid.strategies.gumbel",
+                  "nasreid.strategies.darts_tcm", "nasreid.strategies.random", "nasreid.strategies.optuna_hpo")
+
+
+def test_the_engine_imports_no_paper_specific_module():
+    """At any level (inside functions too): the engine knows the loop, the run folders and the registries."""
+    bad = sorted(f"{i.module}:{i.lineno} -> {i.target}" for i in imports()
+                 if i.module.startswith("nasreid.engine.") and i.target.startswith(PAPER_SPECIFIC))
+    assert not bad, bad
+    assert any(m.startswith(PAPER_SPECIFIC) for m in modules())  # the list names real modules

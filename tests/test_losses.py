@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nasreid.losses import (CrossEntropyLabelSmooth, ReIDLoss, TripletLoss, build_reid_loss,
-                            pairwise_distance)
+from nasreid.losses import CrossEntropyLabelSmooth, ReIDLoss, TripletLoss, build_reid_loss, pairwise_distance
 
 
 def test_label_smoothing_matches_hand_formula():

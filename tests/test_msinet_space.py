@@ -4,6 +4,14 @@ import random
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch.nn import functional as F
+
+from nasreid.genotype import Genotype, preset_genotype
+from nasreid.models.complexity import count_parameters
+from nasreid.models.osnet import AggregationGate
+from nasreid.mutables import LayerChoice, freeze, frozen_context, simplify
+from nasreid.registry import get_space
 from nasreid.search_spaces.msinet import (
     CHOICE_LABELS,
     OPS,
@@ -16,14 +24,6 @@ from nasreid.search_spaces.msinet import (
     NoInteraction,
     interaction_choice,
 )
-from PIL import Image
-from torch.nn import functional as F
-
-from nasreid.genotype import Genotype, preset_genotype
-from nasreid.models.complexity import count_parameters
-from nasreid.models.osnet import AggregationGate
-from nasreid.mutables import LayerChoice, freeze, frozen_context, simplify
-from nasreid.registry import get_space
 
 OP_CLASSES = {"none": NoInteraction, "exchange": Exchange, "gate": ChannelGate, "attention": CrossAttention}
 

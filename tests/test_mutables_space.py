@@ -8,8 +8,18 @@ import torch
 from nasreid.genotype import Genotype, GenotypeError, preset_genotype
 from nasreid.models.complexity import count_multiply_adds, count_parameters
 from nasreid.models.osnet import OSBlock
-from nasreid.mutables import (Categorical, LayerChoice, ModelSpace, MutableError, ensure_frozen, freeze,
-                              iter_layer_choices, simplify, space_graph, validate_sample)
+from nasreid.mutables import (
+    Categorical,
+    LayerChoice,
+    ModelSpace,
+    MutableError,
+    ensure_frozen,
+    freeze,
+    iter_layer_choices,
+    simplify,
+    space_graph,
+    validate_sample,
+)
 from nasreid.registry import get_space
 
 LABELS = ["conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv4_1", "conv4_2"]

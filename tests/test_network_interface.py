@@ -88,6 +88,16 @@ def test_presets_are_registered_with_their_space():
         preset_genotype("osnet_ain", "nosuch")
 
 
+def test_list_presets_prints_every_space_s_presets(capsys):
+    from nasreid import cli
+
+    assert cli.main(["list", "presets", "osnet*"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "presets:" and any(line.split()[0] == "osnet_ain:osnet_ibn" and "conv1_in=True" in line
+                                        for line in out[1:])
+    assert not any("msinet" in line for line in out)
+
+
 def test_a_plugin_space_has_presets():
     from torch import nn
 

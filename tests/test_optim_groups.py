@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from nasreid.config import OptimConfig, RecipeError
-from nasreid.methods import param_groups_by_lr_mult
 from nasreid.engine.trainer import build_optimizer, build_scheduler
+from nasreid.methods import param_groups_by_lr_mult
 
 
 def _factors(cfg: OptimConfig, n: int) -> list[float]:
@@ -122,8 +122,8 @@ def _fit_optimizer(lr_mult: dict, with_loss_param: bool) -> torch.optim.Optimize
     """Run ``SupervisedMethod.fit`` up to the trainer (stubbed) and return the optimiser it built."""
     from types import SimpleNamespace
 
-    from nasreid.methods import SupervisedMethod
     from nasreid.engine.trainer import DeviceContext
+    from nasreid.methods import SupervisedMethod
 
     optim = OptimConfig(lr=0.02, epochs=2, lr_mult=lr_mult)
     captured = {}

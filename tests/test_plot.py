@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nasreid.plot import (append_alphas_csv, log_alphas_tensorboard, plot_alpha_trajectories,
-                          read_alphas)
+from nasreid.plot import append_alphas_csv, log_alphas_tensorboard, plot_alpha_trajectories, read_alphas
 
 LABELS = ("cell0.op", "cell1.kernel")
 VALUES = ("conv3x3", "conv5x5", "skip", "zero")

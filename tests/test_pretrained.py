@@ -4,8 +4,12 @@ import torch
 
 from nasreid.errors import NasreidError
 from nasreid.genotype import preset_genotype
-from nasreid.models.pretrained import (PretrainedWeightsError, backbone_and_head_parameters, load_pretrained,
-                                       read_state_dict)
+from nasreid.models.pretrained import (
+    PretrainedWeightsError,
+    backbone_and_head_parameters,
+    load_pretrained,
+    read_state_dict,
+)
 
 
 def ain(num_classes, seed, width=0.25, **kw):

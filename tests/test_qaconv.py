@@ -11,6 +11,7 @@ import torchvision
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from conftest import missing
 from nasreid.data import ImageDataset, build_dataset, build_test_loaders, build_transforms
 from nasreid.data.random_block import RandomBlock
 from nasreid.errors import NasreidError
@@ -27,7 +28,6 @@ from nasreid.models.qaconv import (
     qaconv_reference,
 )
 from nasreid.registry import MATCHERS
-from conftest import missing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from nasreid.search_spaces.rmgl import PRESET_GENOTYPES, RSA_CHOICES, RMGLSpace
 from PIL import Image
 from torch.nn import functional as F
 
@@ -23,6 +22,7 @@ from nasreid.models.rmgl import (
 )
 from nasreid.mutables import default_sample, frozen_context, recipe_overrides, simplify
 from nasreid.registry import LOSSES, get_space
+from nasreid.search_spaces.rmgl import PRESET_GENOTYPES, RSA_CHOICES, RMGLSpace
 
 LABELS = ["rp_depth", "num_branches", "branch1_stripes", "branch2_stripes", "branch3_stripes", "abp",
           "rsa.p", "rsa.p_c", "rsa.r_c_min", "rsa.r_h_min", "rsa.r_w_min"]

@@ -19,7 +19,6 @@ from nasreid.data import (
     render_person,
 )
 
-
 # --------------------------------------------------------------------------- PK sampler
 PIDS = [p for p in range(12) for _ in range(1 + (p * 5) % 9)]  # 1..9 images per id, some < K
 

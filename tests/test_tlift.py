@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import missing
 from nasreid.data import DatasetLayoutError, build_dataset, build_test_loaders
 from nasreid.data.datasets.dukemtmc import DUKEMTMC_START_FRAMES, dukemtmc_times
 from nasreid.data.datasets.market1501 import market1501_times
@@ -26,7 +27,6 @@ from nasreid.evaluation import (
 )
 from nasreid.evaluation.tlift import TLIFT_PRESETS, MissingTimestampsError, TLift
 from nasreid.registry import POSTPROCESSORS
-from conftest import missing
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (shared CPU cores)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _runs import make_untrained_run
-from _trees import cuhk_png, market_name, to_jpg
 from PIL import Image
 
+from _runs import make_untrained_run
+from _trees import cuhk_png, market_name, to_jpg
 from nasreid.config import DatasetRef
 from nasreid.errors import NasreidError, RunFolderError
 from nasreid.visualize import (

@@ -259,10 +259,6 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
 
 def _num_classes(model: nn.Module, default: int) -> int:
     """Rows of the network's identity classifier (a training method may resize it: DomainMix's pseudo-label
-    classes), ``default`` when it has none."""
-    from nasreid.models.heads import ReIDHead
-
-    for m in model.modules():
-        if isinstance(m, ReIDHead) and m.classifier is not None:
-            return int(m.classifier.weight.shape[0])
-    return int(default)
+    classes; :meth:`~nasreid.models.interface.ReIDNetwork.get_classifier`), ``default`` when it has none."""
+    classifiers = model.get_classifier() if hasattr(model, "get_classifier") else {}
+    return int(next(iter(classifiers.values())).out_features) if classifiers else int(default)

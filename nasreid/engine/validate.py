@@ -12,8 +12,17 @@ from pathlib import Path
 
 from nasreid.config import Recipe, RecipeError, load_recipe
 from nasreid.errors import NasreidError
-from nasreid.registry import (DATASETS, LOSSES, MATCHERS, METHODS, POSTPROCESSORS, SPACES, STRATEGIES, check_kwargs,
-                              load_plugins)
+from nasreid.registry import (
+    DATASETS,
+    LOSSES,
+    MATCHERS,
+    METHODS,
+    POSTPROCESSORS,
+    SPACES,
+    STRATEGIES,
+    check_kwargs,
+    load_plugins,
+)
 
 __all__ = ["check_kwargs", "check_recipe"]
 

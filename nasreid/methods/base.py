@@ -219,8 +219,8 @@ class TrainingMethod:
     def build_hooks(self, hooks: Sequence[Hook]) -> list[Hook]:
         """The caller's hooks plus the method's: a :class:`~nasreid.engine.hooks.FreezeBackboneHook` first
         when ``training.freeze_backbone_epochs`` is set (open: ``training.open_layers``, by default the network's
-        ``head_prefixes``, and the method's :attr:`open_layers`), and a :class:`~nasreid.engine.hooks.ModuleStateHook` ``"loss"`` when the loss
-        has a state of its own."""
+        ``head_prefixes``, and the method's :attr:`open_layers`), and a
+        :class:`~nasreid.engine.hooks.ModuleStateHook` ``"loss"`` when the loss has a state of its own."""
         out = list(hooks)
         if self.loss_fn is not None and len(self.loss_fn.state_dict()):
             out.append(ModuleStateHook(self.loss_fn, name="loss"))

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 __all__ = [
     "ABP_POOLS",

@@ -43,8 +43,17 @@ from __future__ import annotations
 from .jobs import DONE, EVALUATE, NEW, PARTIAL, StudyJob, enumerate_jobs, find_evaluation, print_commands
 from .report import METRICS, build_report, collect_results
 from .runner import run_study
-from .schema import (Seeds, StudyArm, StudyBootstrap, StudyEvaluation, StudyRecipe, StudyRetrain, StudySearch,
-                     StudySelection, load_study)
+from .schema import (
+                     Seeds,
+                     StudyArm,
+                     StudyBootstrap,
+                     StudyEvaluation,
+                     StudyRecipe,
+                     StudyRetrain,
+                     StudySearch,
+                     StudySelection,
+                     load_study,
+)
 from .statistics import BootstrapResult, decision_entropy, entropy_per_epoch, genotype_agreement, paired_bootstrap
 
 __all__ = [

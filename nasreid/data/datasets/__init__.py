@@ -12,14 +12,14 @@ from .base import (
     relabel,
     resolve_root,
 )
-from .market1501 import Market1501, parse_market1501_name
-from .dukemtmc import DukeMTMCreID, parse_dukemtmc_name
-from .msmt17 import MSMT17, parse_msmt17_name
-from .cuhk03np import CUHK03NP, parse_cuhk03np_name
 from .cuhk01 import CUHK01, parse_cuhk01_name
+from .cuhk03np import CUHK03NP, parse_cuhk03np_name
+from .dukemtmc import DukeMTMCreID, parse_dukemtmc_name
 from .folder import FolderDataset
-from .synthetic import SyntheticReID, render_person
+from .market1501 import Market1501, parse_market1501_name
+from .msmt17 import MSMT17, parse_msmt17_name
 from .randperson import RandPerson, parse_randperson_name
+from .synthetic import SyntheticReID, render_person
 
 __all__ = [
     "IMAGE_EXTENSIONS", "CorruptImageError", "DatasetLayoutError", "ImageRecord", "ReIDDataset",

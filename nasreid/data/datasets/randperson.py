@@ -16,8 +16,16 @@ import os
 import re
 from pathlib import Path
 
-from .base import (DatasetLayoutError, ImageRecord, ReIDDataset, list_images, register_dataset, relabel,
-                   resolve_root, warn_or_raise)
+from .base import (
+    DatasetLayoutError,
+    ImageRecord,
+    ReIDDataset,
+    list_images,
+    register_dataset,
+    relabel,
+    resolve_root,
+    warn_or_raise,
+)
 
 __all__ = ["RandPerson", "parse_randperson_name", "SCENE_CAMERA_OFFSET"]
 
