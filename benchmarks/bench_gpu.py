@@ -347,7 +347,8 @@ def run_ranking(feat_dev: torch.device, args, dev) -> dict:
     times = [time_steps(call, 0, 1, dev) for _ in range(args.eval_repeats)]
     r = res["r"]
     return {
-        "features_on": str(feat_dev), "seconds": statistics.median(times), "repeat_seconds": [round(t, 4) for t in times],
+        "features_on": str(feat_dev), "seconds": statistics.median(times),
+        "repeat_seconds": [round(t, 4) for t in times],
         "num_valid_queries": int(r["num_valid_queries"]), "mAP_percent_random": 100 * float(r["mAP"]),
         "junk_gallery": int((g_pids == -1).sum()), "distractor_gallery": int((g_pids == 0).sum()),
         "cpu_threads_for_ranking": torch.get_num_threads(),
@@ -384,7 +385,8 @@ def print_tables(doc: dict) -> None:
         for prec in PRECISIONS:
             e = ev.get(f"extract/{prec}")
             if e:
-                print(f"  extraction {prec:<7} query {e['query_seconds']:7.3f} s | gallery {e['gallery_seconds']:7.3f} s"
+                print(f"  extraction {prec:<7} query {e['query_seconds']:7.3f} s | "
+                      f"gallery {e['gallery_seconds']:7.3f} s"
                       f" | total {e['total_seconds']:7.3f} s | {e['images_per_s']:8.1f} img/s | peak "
                       f"{fmt(e['peak_memory_mib'], '.0f')} MiB")
         if "extract_speedup_amp_cl_over_fp32" in ev:

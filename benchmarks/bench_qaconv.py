@@ -2,10 +2,10 @@
 
 CPU (default): a CUHK03-sized problem -- 742 probe x 2,866 gallery maps, d = 128, 24 x 8 locations (the paper's
 layer3 map of a 384 x 128 image), random unit-norm maps, a "trained-like" head (random BN affine and FC
-weights, BN statistics measured on random pairs; speed does not depend on training) -- scored through ``QAConvMatcher`` (``prepare_gallery``
-then ``score`` per chunk of 256 queries, as ``evaluate_matcher`` does; gallery blocks of ``--block-size``) in a
-fresh spawned process, whose peak RSS (VmHWM) is reported. In the same run, a naive per-pair loop (one
-``[hw, d] x [d, hw]`` product, two max reductions and BN-FC-BN per pair) scores 2 probes against the first
+weights, BN statistics measured on random pairs; speed does not depend on training) -- scored through ``QAConvMatcher``
+(``prepare_gallery`` then ``score`` per chunk of 256 queries, as ``evaluate_matcher`` does; gallery blocks of
+``--block-size``) in a fresh spawned process, whose peak RSS (VmHWM) is reported. In the same run, a naive per-pair loop
+(one ``[hw, d] x [d, hw]`` product, two max reductions and BN-FC-BN per pair) scores 2 probes against the first
 1,000 gallery maps: pairs/s of both, their ratio and the largest score difference. The explicit loop reference
 (:func:`nasreid.models.qaconv.qaconv_reference`) scores a single pair as a sanity check.
 
@@ -257,7 +257,8 @@ def main(argv=None):
     print(f"{'explicit loop reference':<34}{1:>12,}{t_ref:>10.2f}{1 / t_ref:>12,.2f}  "
           f"|diff| vs blocked {ref_diff:.2e}")
     print(f"speed-up blocked / naive: {report['speedup_blocked_over_naive_same_subset']:.2f}x on the same subset, "
-          f"{report['speedup_full_run_over_naive']:.2f}x full run vs subset; effective {report['gflops_effective']:.0f} "
+          f"{report['speedup_full_run_over_naive']:.2f}x full run vs subset; "
+          f"effective {report['gflops_effective']:.0f} "
           f"GFLOP/s in the full run; the full similarity tensor would take {full_gib:,.0f} GiB")
     print(f"1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end "
           f"({os.cpu_count()} logical CPUs)")

@@ -1,6 +1,7 @@
-"""RMGL training-step throughput (images/s) and the cost of the receptive-partitioned path, measured in one run.
+r"""RMGL training-step throughput (images/s) and the cost of the receptive-partitioned path, measured in one run.
 
-    python benchmarks/bench_rmgl.py --device cuda --backbone resnet50 --height 384 --width 128 --batch 48 --amp --channels-last
+    python benchmarks/bench_rmgl.py --device cuda --backbone resnet50 --height 384 --width 128 --batch 48 \
+        --amp --channels-last
     python benchmarks/bench_rmgl.py                      # CPU: osnet x0.25, 128x64, batch 32
 
 Arms (presets of the ``rmgl`` space, same input, batch, loss ``rmgl`` and SGD step): ``rmgl_paper`` (2+3 stripes,

@@ -83,7 +83,8 @@ def main() -> None:
         return m.to(memory_format=torch.channels_last) if args.channels_last else m
 
     # derived network: the paper's OSNet-AIN genotype
-    fixed = prep(preset_genotype("osnet_ain", "osnet_ain", width_mult=args.width).build(num_classes=args.classes)).train()
+    fixed = prep(preset_genotype("osnet_ain", "osnet_ain", width_mult=args.width)
+                 .build(num_classes=args.classes)).train()
     opt = torch.optim.SGD(fixed.parameters(), lr=0.01, momentum=0.9)
 
     def fixed_step():
@@ -91,9 +92,12 @@ def main() -> None:
         with autocast():
             loss, _ = loss_fn(fixed(x), batch)
         if scaler:
-            scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         else:
-            loss.backward(); opt.step()
+            loss.backward()
+            opt.step()
 
     steps = {"fixed": fixed_step}
     params = {"fixed": count_parameters(fixed)}

@@ -143,7 +143,8 @@ def table(runs: Path, out: Path) -> str:
             sm = json.loads((search / "metrics.json").read_text())
             summary[arm]["search_seconds"] = sm.get("search_seconds")
             summary[arm]["search_probabilities"] = sm.get("final_probabilities")
-        short = " ".join("".join(v[0].upper() for v in (geno[f"cell{c}_im1"], geno[f"cell{c}_im2"])) for c in range(1, 7))
+        short = " ".join("".join(v[0].upper() for v in (geno[f"cell{c}_im1"], geno[f"cell{c}_im2"]))
+                         for c in range(1, 7))
 
         def fmt(r):
             return f"{r['rank1']:.2f} / {r['mAP']:.2f} / {r.get('mINP', float('nan')):.2f}" if r else "-"

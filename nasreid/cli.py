@@ -262,7 +262,8 @@ def _search_summary(run: Path) -> str:
         lines.append(f"retrain run: {retrain}")
         ev = json.loads((Path(retrain) / "metrics.json").read_text()).get("evaluation", {})
         for key, r in ev.items():
-            lines.append(f"  {key}: rank-1 {r['rank1']:.2f}  mAP {r['mAP']:.2f}  mINP {r.get('mINP', float('nan')):.2f}")
+            lines.append(f"  {key}: rank-1 {r['rank1']:.2f}  mAP {r['mAP']:.2f}  "
+                         f"mINP {r.get('mINP', float('nan')):.2f}")
     lines.append(f"genotype: {run / 'genotype.json'}   plots: nasreid plot {run}")
     return "\n".join(lines)
 

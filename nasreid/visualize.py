@@ -31,12 +31,15 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from nasreid.errors import NasreidError, RunFolderError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["VisualizeError", "RankLayout", "draw_ranked_list", "render_ranked_list", "visualize_ranks",
            "correspondences", "draw_correspondences", "match_pair",

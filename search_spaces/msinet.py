@@ -1,7 +1,7 @@
 """MSINet search space: the interaction operations of the twelve Interaction Modules of MSINet.
 
-Gu, Wang, Luo, Chen, Jiang, Fang, Zhang, You & Zhao, "MSINet: Twins Contrastive Search of Multi-Scale Interaction for Object
-ReID", CVPR 2023: Sec. 3.2 (Multi-Scale Interaction space), Fig. 2 (layout), Table 1 (searched
+Gu, Wang, Luo, Chen, Jiang, Fang, Zhang, You & Zhao, "MSINet: Twins Contrastive Search of Multi-Scale Interaction for
+Object ReID", CVPR 2023: Sec. 3.2 (Multi-Scale Interaction space), Fig. 2 (layout), Table 1 (searched
 architecture), Fig. 5(c) (fusion ablation), Fig. 5(d) (scale ratio rho). Cross-checked against the authors'
 public code (github.com/vimar-gu/MSINet: ``reid/models/msinet.py``, ``operations.py``, ``search_cnn.py``).
 Space version 1.

@@ -33,7 +33,8 @@ class UniformPathOp(LayerChoice):
         self.fixed: Any = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = self.fixed if self.fixed is not None else (self.rng.choice(self._keys) if self.training else self._keys[0])
+        key = (self.fixed if self.fixed is not None
+               else (self.rng.choice(self._keys) if self.training else self._keys[0]))
         return self.candidates[str(key)](x)
 
 

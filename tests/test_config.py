@@ -75,7 +75,8 @@ def test_space_and_dataset_kwargs_are_checked_against_signatures(tmp_path):
     p = write(tmp_path, BASE.replace("space: {name: osnet_ain}", "space: {name: osnet_ain, kwargs: {num_classes: 3}}"))
     with pytest.raises(RecipeError, match="space.kwargs.num_classes: set by nasreid"):
         check_recipe(load_recipe(p))
-    p = write(tmp_path, BASE.replace("strategy: {name: gumbel}", "strategy: {name: gumbel, kwargs: {lambda_decay: exp}}"))
+    p = write(tmp_path, BASE.replace("strategy: {name: gumbel}",
+                                     "strategy: {name: gumbel, kwargs: {lambda_decay: exp}}"))
     with pytest.raises(RecipeError, match="strategy.kwargs.lambda_decay"):
         check_recipe(load_recipe(p))
     p = write(tmp_path, BASE + "loss: {name: focal}\n")
@@ -85,7 +86,8 @@ def test_space_and_dataset_kwargs_are_checked_against_signatures(tmp_path):
     with pytest.raises(RecipeError, match=r"eval\.matcher\.kwargs\.metrc: unknown argument of matcher 'distance'"):
         check_recipe(load_recipe(p))
     p = write(tmp_path, BASE + "eval: {postprocessors: [{name: no_such_postprocessor}]}\n")
-    with pytest.raises(RecipeError, match=r"eval\.postprocessors\[0\]\.name: unknown post-processor 'no_such_postprocessor'"):
+    with pytest.raises(RecipeError,
+                       match=r"eval\.postprocessors\[0\]\.name: unknown post-processor 'no_such_postprocessor'"):
         check_recipe(load_recipe(p))
     p = write(tmp_path, BASE + "model: {pretrained: no/such/weights.pth}\n")
     with pytest.raises(RecipeError, match="model.pretrained: weights file not found"):

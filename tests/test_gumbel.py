@@ -164,7 +164,8 @@ def test_export_is_argmax_pi_and_freezes():
     probs = strat.probabilities()
     assert abs(sum(probs["conv2_1"].values()) - 1) < 1e-6
     fixed = freeze(model, sample)
-    model.eval(); fixed.eval()
+    model.eval()
+    fixed.eval()
     x = torch.randn(2, 3, 64, 32)
     assert torch.equal(model(x), fixed(x))
 
@@ -211,7 +212,8 @@ def test_random_baseline_is_seeded_and_valid():
     strat = get_strategy("random")(space, seed=3)
     model = strat.attach()
     opt = torch.optim.SGD(strat.param_groups(0.01, 0.0), lr=0.01)
-    parts = strat.train_step({"img": torch.randn(4, 3, 64, 32), "pid": torch.tensor([0, 0, 1, 1])}, build_reid_loss(4), opt)
+    parts = strat.train_step({"img": torch.randn(4, 3, 64, 32), "pid": torch.tensor([0, 0, 1, 1])},
+                             build_reid_loss(4), opt)
     assert parts["loss"] > 0
     fixed = freeze(model, strat.export())
     assert [b.variant for b in (*fixed.conv2, *fixed.conv3, *fixed.conv4)] == list(a.values())

@@ -160,6 +160,7 @@ def test_reid_loss_reports_feature_norm_and_recipe_kwargs_reach_the_triplet():
         build_reid_loss(2, triplet_weight=0.0, triplet_metric="manhattan")
     assert build_reid_loss(2, triplet_weight=0.0).triplet is None
     base = {"name": "t", "data": {"dataset": {"name": "synthetic"}}, "space": {"name": "osnet_ain"},
-            "model": {"genotype": "preset:osnet"}, "loss": {"triplet_weight": 1.0, "kwargs": {"triplet_metrc": "cosine"}}}
+            "model": {"genotype": "preset:osnet"},
+            "loss": {"triplet_weight": 1.0, "kwargs": {"triplet_metrc": "cosine"}}}
     with pytest.raises(RecipeError, match="triplet_metrc"):
         check_recipe(Recipe.model_validate(base))

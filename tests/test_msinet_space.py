@@ -222,7 +222,8 @@ def test_freeze_matches_build_and_supernet_path():
     assert all(sd_f[k].shape == sd_b[k].shape for k in sd_f)
     assert "stage3.1.im2.gamma" in sd_f and "stage1.0.im1.gate.fc1.weight" in sd_f
     force(space, sample)
-    space.eval(); fixed.eval()
+    space.eval()
+    fixed.eval()
     x = torch.randn(2, 3, 128, 64)
     with torch.no_grad():
         torch.testing.assert_close(space(x), fixed(x), rtol=0, atol=0)

@@ -56,11 +56,12 @@ def test_freeze_copies_chosen_weights_exactly():
         for p in space.parameters():
             p.add_(0.01 * torch.randn_like(p))
     # route the supernet through the chosen candidates
-    for name, m in space.named_modules():
+    for _name, m in space.named_modules():
         if isinstance(m, LayerChoice):
             m._keys = [sample[m.label]] + [k for k in m._keys if k != sample[m.label]]
     fixed = freeze(space, sample)
-    space.eval(); fixed.eval()
+    space.eval()
+    fixed.eval()
     x = torch.randn(2, 3, 64, 32)
     assert torch.equal(space(x), fixed(x))
 
@@ -176,7 +177,8 @@ def test_share_weights_true_and_false_freeze_to_the_same_network():
     a, b = seeded[True], seeded[False]
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])][:3]
-    a.eval(); b.eval()
+    a.eval()
+    b.eval()
     assert torch.equal(a(x), b(x))
 
 
@@ -202,7 +204,8 @@ def test_freeze_of_unshared_supernet_copies_exactly_the_chosen_candidate():
             if v != sample[label]:
                 other = choices[label].candidate(v).residual.conv1[0].weight
                 assert not torch.equal(block.residual.conv1[0].weight, other), (label, v)
-    space.eval(); fixed.eval()
+    space.eval()
+    fixed.eval()
     x = torch.randn(2, 3, 64, 32)
     assert torch.equal(space(x), fixed(x))
 

@@ -81,7 +81,8 @@ def test_search_derive_train_evaluate_plot_on_cuhk01(tiny_recipe, tmp_path, mark
     assert variants == list(geno.choices.values())
 
     # cross-domain evaluation on another layout: a Market-1501 tree (with junk and distractors)
-    res = pipeline.run_evaluate(run, targets=[pipeline.DatasetRef(name="market1501", root=str(market_root))], same_domain=False)
+    res = pipeline.run_evaluate(run, targets=[pipeline.DatasetRef(name="market1501", root=str(market_root))],
+                                same_domain=False)
     key = "market1501 (cross-domain)"
     assert key in res and res[key]["num_query"] > 0 and 0 <= res[key]["mAP"] <= 100
     assert key in json.loads((run / "metrics.json").read_text())["evaluation"]
@@ -212,7 +213,8 @@ def test_corrupt_image_is_reported_by_name(tiny_recipe, tmp_path, shared_data):
 
 def test_cli_reports_bad_input(tmp_path, capsys, tiny_recipe):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\ndata: {dataset: {name: cuhk01}}\nspace: {name: osnet_ain}\nstrategy: {name: gumbel}\noptim: {lr: fast}\n")
+    bad.write_text("name: x\ndata: {dataset: {name: cuhk01}}\nspace: {name: osnet_ain}\nstrategy: {name: gumbel}\n"
+                   "optim: {lr: fast}\n")
     assert cli.main(["search", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "optim.lr" in err

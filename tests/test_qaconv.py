@@ -219,12 +219,12 @@ def _check_block(before: torch.Tensor, after: torch.Tensor, white, max_side: int
     changed = (after != before).any(dim=0)
     ys, xs = changed.nonzero(as_tuple=True)
     assert len(ys) > 0
-    t, b, l, r = int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
+    t, b, left, r = int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
     side = b - t + 1
-    assert side == r - l + 1 <= max_side
-    assert 0 <= t and b < before.shape[1] and 0 <= l and r < before.shape[2]
-    assert bool(changed[t:b + 1, l:r + 1].all()) and int(changed.sum()) == side * side
-    assert bool((after[:, t:b + 1, l:r + 1] == white).all())
+    assert side == r - left + 1 <= max_side
+    assert 0 <= t and b < before.shape[1] and 0 <= left and r < before.shape[2]
+    assert bool(changed[t:b + 1, left:r + 1].all()) and int(changed.sum()) == side * side
+    assert bool((after[:, t:b + 1, left:r + 1] == white).all())
     return side
 
 
@@ -269,11 +269,11 @@ def test_random_block_pil_real_image(cuhk01_dir):
         prm = rb.get_params(real.height, real.width)
         torch.manual_seed(seed)
         out = np.asarray(rb(real))
-        t, l, s = prm["top"], prm["left"], prm["size"]
-        assert 1 <= s <= int(0.8 * real.width) and t + s <= real.height and l + s <= real.width
-        assert (out[t:t + s, l:l + s] == 255).all()
+        t, left, s = prm["top"], prm["left"], prm["size"]
+        assert 1 <= s <= int(0.8 * real.width) and t + s <= real.height and left + s <= real.width
+        assert (out[t:t + s, left:left + s] == 255).all()
         mask = np.ones(arr.shape[:2], bool)
-        mask[t:t + s, l:l + s] = False
+        mask[t:t + s, left:left + s] = False
         assert (out[mask] == arr[mask]).all()
     assert np.array_equal(np.asarray(RandomBlock(p=0.0)(real)), arr)
     # in a pipeline, before ToDtype / Normalize

@@ -253,7 +253,8 @@ def test_resume_skips_finished_jobs_and_resumes_started_ones(tmp_path, monkeypat
     calls.clear()
     (s1.run_dir / "metrics.json").unlink()
     (s1.run_dir / "genotype.json").unlink()
-    monkeypatch.setattr(S.runner.subprocess, "run", lambda cmd, **kw: (calls.append(cmd[3:]), subprocess.CompletedProcess(cmd, 1))[1])
+    monkeypatch.setattr(S.runner.subprocess, "run",
+                        lambda cmd, **kw: (calls.append(cmd[3:]), subprocess.CompletedProcess(cmd, 1))[1])
     res = S.run_study(st, report=False, echo=lambda s: None)
     assert res["blocked"] == [t1.id] and [c[0] for c in calls] == ["search", "train"]
 
@@ -285,7 +286,8 @@ def test_decision_entropy_and_agreement():
     assert ent["u"] == pytest.approx((math.log(4), math.log(4)))
     assert ent["one"] == pytest.approx((0.0, math.log(2)))
     assert ent["p"][0] == pytest.approx(math.log(2))
-    assert S.genotype_agreement({"x": "os", "y": "os", "z": "a"}, {"x": "os", "y": "b", "z": "a"}) == pytest.approx(2 / 3)
+    assert (S.genotype_agreement({"x": "os", "y": "os", "z": "a"}, {"x": "os", "y": "b", "z": "a"})
+            == pytest.approx(2 / 3))
     assert math.isnan(S.genotype_agreement({"x": 1}, {"y": 1}))
 
 

@@ -138,7 +138,7 @@ class ImageDataset(Dataset):
                 except CorruptImageError:
                     continue
                 warnings.warn(f"corrupt image {rec.path} replaced by {self.records[i].path} (same pid {rec.pid}): "
-                              f"{exc}")
+                              f"{exc}", stacklevel=2)
                 return img, rec
             raise CorruptImageError(
                 f"corrupt image {rec.path} and no readable image of the same pid {rec.pid} to substitute: {exc}",

@@ -43,17 +43,18 @@ class RandomBlock(v2.Transform):
     channel. If ``floor(max_ratio * W) < 1`` (images narrower than ``1 / max_ratio`` pixels) nothing is painted.
 
     "White" is the maximum pixel value of the un-normalised image: 255 for ``uint8`` tensors and PIL images
-    (every band; modes ``1, L, LA, RGB, RGBA, RGBX``), 1.0 for floating-point tensors in ``[0, 1]``. Apply RandomBlock **before**
-    ``v2.Normalize``: after ImageNet normalisation white is ``(1 - mean) / std`` = (2.25, 2.43, 2.64) per RGB
+    (every band; modes ``1, L, LA, RGB, RGBA, RGBX``), 1.0 for floating-point tensors in ``[0, 1]``. Apply RandomBlock
+    **before** ``v2.Normalize``: after ImageNet normalisation white is ``(1 - mean) / std`` = (2.25, 2.43, 2.64) per RGB
     channel, not 1.0. (Sec. 5.1: RB and a random horizontal flip are the paper's only augmentations.)
 
     Args:
         p: probability of painting a block, in ``[0, 1]`` (paper: not given; 0.5 as Random Erasing).
         max_ratio: largest side as a fraction of the width, in ``(0, 1]`` (paper: 0.8).
 
-    Input/output: a ``PIL.Image`` (modes ``1, L, LA, RGB, RGBA, RGBX``), a ``tv_tensors.Image`` or a plain tensor ``[..., C, H, W]``
-    (``uint8`` or floating point); the output has the input's type, size, mode/dtype. A batch ``[N, C, H, W]``
-    gets the same block on every image (one draw per call). Other tv_tensors (boxes, masks) pass unchanged.
+    Input/output: a ``PIL.Image`` (modes ``1, L, LA, RGB, RGBA, RGBX``), a ``tv_tensors.Image`` or a plain tensor
+    ``[..., C, H, W]`` (``uint8`` or floating point); the output has the input's type, size, mode/dtype. A batch
+    ``[N, C, H, W]`` gets the same block on every image (one draw per call). Other tv_tensors (boxes, masks) pass
+    unchanged.
     Randomness: torch's global RNG (reproducible under the DataLoader's per-worker seeding).
 
     Raises:
@@ -135,13 +136,13 @@ class RandomBlock(v2.Transform):
         fill = self.white(inpt)
         if not params.get("applied", False):
             return inpt
-        t, l, s = params["top"], params["left"], params["size"]
+        t, left, s = params["top"], params["left"], params["size"]
         if isinstance(inpt, PIL.Image.Image):
             out = inpt.copy()
-            out.paste(fill, (l, t, l + s, t + s))
+            out.paste(fill, (left, t, left + s, t + s))
             return out
         img = inpt.as_subclass(torch.Tensor).clone()
-        img[..., t:t + s, l:l + s] = fill
+        img[..., t:t + s, left:left + s] = fill
         return tv_tensors.wrap(img, like=inpt) if isinstance(inpt, tv_tensors.Image) else img
 
     # torchvision < 0.21 calls the private names

@@ -160,11 +160,11 @@ class RandomShift(v2.Transform):
         fill = self.fill_value(inpt.dtype)
         img = inpt.as_subclass(torch.Tensor)
         c0, ch = params["crop_top"], params["crop_height"]
-        t, l, h, w = params["top"], params["left"], params["height"], params["width"]
+        t, left, h, w = params["top"], params["left"], params["height"], params["width"]
         patch = TF.resize(img[..., c0:c0 + ch, :], [h, w], interpolation=v2.InterpolationMode.BILINEAR,
                           antialias=self.antialias)
         out = torch.full_like(img, fill)
-        out[..., t:t + h, l:l + w] = patch
+        out[..., t:t + h, left:left + w] = patch
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.Image) else out
 
     # torchvision < 0.21 calls the private names

@@ -36,7 +36,8 @@ from .hooks import EvalHook
 from .runs import build_context, dist_setup, load_run_model, load_run_recipe, prepare_run, setup_logging
 from .validate import check_recipe
 
-__all__ = ["run_search", "run_hpo", "run_hpo_worker", "derive", "run_train", "run_evaluate", "setup_logging", "load_run_recipe",
+__all__ = ["run_search", "run_hpo", "run_hpo_worker",  # noqa: F822 (run_hpo*: provided lazily by __getattr__ below)
+           "derive", "run_train", "run_evaluate", "setup_logging", "load_run_recipe",
            "evaluate_dataset", "evaluate_run_model", "load_run_model", "strategy_kwargs", "DatasetRef"]
 
 log = logging.getLogger("nasreid")

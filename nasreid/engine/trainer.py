@@ -75,7 +75,8 @@ class DeviceContext:
         out = {}
         for k, v in batch.items():
             if isinstance(v, torch.Tensor):
-                out[k] = self.images(v) if v.ndim == 4 and v.is_floating_point() else v.to(self.device, non_blocking=True)
+                out[k] = (self.images(v) if v.ndim == 4 and v.is_floating_point()
+                          else v.to(self.device, non_blocking=True))
             else:
                 out[k] = v
         return out

@@ -39,6 +39,8 @@ __all__ = [
     "SpatialAlignLoss",
     "PositionActivation",
     "mutual_correlation",
+    "ClassMemoryLoss",
+    "build_class_memory_loss",
 ]
 
 
@@ -55,10 +57,10 @@ class ReIDLoss(nn.Module):
         batch: the batch dict (its ``pid`` ``[B]`` long identity labels in ``[0, C)`` are used), or the
             ``pid`` tensor itself.
         returns: ``(total, parts)``; ``total`` a scalar tensor with graph; ``parts`` a dict of
-            plain floats ``{"loss", "ce", "triplet", "acc"}`` (``loss`` = the total) (``acc`` = top-1 accuracy in ``[0, 1]``;
-            ``triplet`` is 0.0 when disabled), plus ``feat_norm`` (mean L2 norm of ``feat``) when the outputs
-            hold a ``[B, D]`` ``feat``: a triplet term stuck at its margin with a small ``feat_norm`` marks the
-            poor retrains described in :func:`build_reid_loss`.
+            plain floats ``{"loss", "ce", "triplet", "acc"}`` (``loss`` = the total) (``acc`` = top-1 accuracy in
+            ``[0, 1]``; ``triplet`` is 0.0 when disabled), plus ``feat_norm`` (mean L2 norm of ``feat``) when the
+            outputs hold a ``[B, D]`` ``feat``: a triplet term stuck at its margin with a small ``feat_norm`` marks
+            the poor retrains described in :func:`build_reid_loss`.
 
     Raises:
         KeyError: ``logits`` missing, or ``feat`` missing while the triplet term is enabled.

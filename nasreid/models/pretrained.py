@@ -55,7 +55,8 @@ class PretrainedWeightsError(NasreidError, ValueError):
 
 
 def under_prefixes(key: str, prefixes: Iterable[str]) -> bool:
-    """A parameter or module path ``key`` is one of ``prefixes`` or lies below one (``"head"`` matches ``head.x`` but not ``header.x``)."""
+    """A parameter or module path ``key`` is one of ``prefixes`` or lies below one (``"head"`` matches ``head.x``
+    but not ``header.x``)."""
     return any(key == p or key.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
 
 

@@ -61,4 +61,5 @@ __all__ = [
     "StudyBootstrap", "StudyJob", "BootstrapResult", "load_study", "enumerate_jobs", "run_study",
     "print_commands", "collect_results", "build_report", "paired_bootstrap", "decision_entropy",
     "genotype_agreement", "find_evaluation", "entropy_per_epoch",
+    "DONE", "EVALUATE", "NEW", "PARTIAL", "METRICS", "Seeds",
 ]

@@ -59,7 +59,8 @@ def find_evaluation(evaluation: Mapping[str, Mapping[str, Any]], ref: Optional[D
         return dict(evaluation[key])
     for k, r in evaluation.items():
         if (isinstance(r, Mapping) and k.endswith(" (cross-domain)") and r.get("protocol") == "cross-domain"
-                and k.split("[")[0].split(" ")[0] == ref.name and dict(r.get("dataset_kwargs") or {}) == dict(ref.kwargs)):
+                and k.split("[")[0].split(" ")[0] == ref.name
+                and dict(r.get("dataset_kwargs") or {}) == dict(ref.kwargs)):
             return dict(r)
     return None
 

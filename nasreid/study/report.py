@@ -85,10 +85,10 @@ def collect_results(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[dict[s
     (without the identity classifier) and ``macs`` (multiply-adds of one image at the retrain input size,
     :mod:`nasreid.models.complexity`); ``search_seconds`` (the search's summed epoch time), ``entropy_mean``
     (mean over decisions of the entropy of the search's final probabilities, nats), ``entropy_max`` (mean
-    ``log k``), ``train_seconds``, ``device`` (the retrain's), ``train_triplet`` / ``train_acc`` (the retrain's last-epoch training triplet
-    loss and accuracy: a triplet term that ends at about its margin marks a retrain whose training features do
-    not separate the identities by the margin; in the CPU study those runs had the lowest test mAP),
-    ``genotype`` (the choices in label order), ``run_dir``, ``search_run``.
+    ``log k``), ``train_seconds``, ``device`` (the retrain's), ``train_triplet`` / ``train_acc`` (the retrain's
+    last-epoch training triplet loss and accuracy: a triplet term that ends at about its margin marks a retrain whose
+    training features do not separate the identities by the margin; in the CPU study those runs had the lowest test
+    mAP), ``genotype`` (the choices in label order), ``run_dir``, ``search_run``.
 
     Raises:
         RecipeError / RunFolderError: see :func:`enumerate_jobs`.
@@ -432,7 +432,8 @@ class _Report:
         def num(x, fmt="{:.3f}"):
             return "–" if not math.isfinite(x) else fmt.format(x)
 
-        body = [[r["source"], r["split"], r["search_seed"], r["retrain_seed"], *(cell(r, pre) for pre, _, _ in self.cols),
+        body = [[r["source"], r["split"], r["search_seed"], r["retrain_seed"],
+                 *(cell(r, pre) for pre, _, _ in self.cols),
                  f"{num(r['train_triplet'])} / {num(r['train_acc'], '{:.2f}')}", r["genotype"]] for r in self.done]
         L = ["## All points\n",
              "\"train triplet / acc\": the retrain's training loss terms at its last epoch (the triplet margin is "

@@ -46,8 +46,8 @@ class StudyArm(_Strict):
     (e.g. ``{optim.epochs: 1}`` for the random baseline, whose exported genotype does not depend on its
     supernet training). ``kind``: ``random`` for the baseline, ``searched`` otherwise (default: ``random``
     for strategy ``random``). ``retrain: false``: a search-only arm (its genotypes are not retrained; the
-    report's "how decided" and agreement sections still cover it). The search seed goes to the recipe's ``seed`` and, when the strategy's own
-    config has a ``seed`` field (``random``), to ``strategy.kwargs.seed`` too."""
+    report's "how decided" and agreement sections still cover it). The search seed goes to the recipe's ``seed`` and,
+    when the strategy's own config has a ``seed`` field (``random``), to ``strategy.kwargs.seed`` too."""
 
     name: str
     strategy: Optional[str] = None

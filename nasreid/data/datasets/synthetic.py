@@ -245,7 +245,8 @@ def render_person(seed: int, pid: int, cam: int, index: int, height: int = 128, 
 
     # bag on one side
     if ida["bag"]:
-        label[((yy >= yh - torso_len * 0.35) & (yy < yh + torso_len * 0.1)) & (np.abs(xx - (cx + bw)) < bw * 0.35)] = BAG
+        label[((yy >= yh - torso_len * 0.35) & (yy < yh + torso_len * 0.1))
+              & (np.abs(xx - (cx + bw)) < bw * 0.35)] = BAG
 
     # neck, head, hair
     hy = y0 + r
