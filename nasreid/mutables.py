@@ -459,7 +459,7 @@ def freeze(space: nn.Module, sample: Mapping[str, Any], *, copy_weights: bool = 
     if not isinstance(space, ModelSpace):
         raise TypeError(f"freeze needs a ModelSpace, got {type(space).__name__}")
     sample = validate_sample(space, sample)
-    args, kwargs = space._init_args
+    args, kwargs = space._init_args  # type: ignore[misc]  # set by ModelSpace.__init_subclass__
     with frozen_context(sample):
         fixed = type(space)(*copy.deepcopy(args), **copy.deepcopy(kwargs))
     if copy_weights:

@@ -144,7 +144,7 @@ class Registry(Generic[T]):
         from nasreid.errors import NasreidError
 
         try:
-            obj = self.get(name)
+            obj: Any = self.get(name)
         except RegistryError as e:
             raise RecipeError(f"{where.rsplit('.', 1)[0]}.name: {e}") from None
         for key in kwargs:
@@ -155,7 +155,7 @@ class Registry(Generic[T]):
                 return obj.validate_kwargs(kwargs)
             except NasreidError as e:
                 raise RecipeError(f"{where.split(':')[0]}: {e}") from None
-        config = getattr(obj, "Config", None)
+        config: Any = getattr(obj, "Config", None)
         if isinstance(config, type) and hasattr(config, "model_validate"):
             from pydantic import ValidationError
 
@@ -166,7 +166,7 @@ class Registry(Generic[T]):
                 loc = ".".join(str(x) for x in first["loc"])
                 key = f"{where}.{loc}" if loc else where
                 if first["type"] == "extra_forbidden":
-                    accepted = ", ".join(config.model_fields) or "(none)"
+                    accepted = ", ".join(getattr(config, "model_fields", {})) or "(none)"
                     raise RecipeError(f"{key}: unknown argument of {self.kind} {name!r}; accepted: {accepted}") \
                         from None
                 raise RecipeError(f"{key}: {first['msg']} (got {first.get('input')!r})") from None
@@ -183,7 +183,8 @@ class Registry(Generic[T]):
         """
         kwargs = dict(kwargs or {})
         self.validate(name, kwargs, where, reserved=fixed)
-        return self.get(name)(**fixed, **kwargs)
+        factory: Any = self.get(name)
+        return factory(**fixed, **kwargs)
 
 
 def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], where: str, what: str,
@@ -220,8 +221,8 @@ def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], where: str, what: str,
 
 
 def _same_definition(a: Any, b: Any) -> bool:
-    return (getattr(a, "__module__", None), getattr(a, "__qualname__", None)) == \
-        (getattr(b, "__module__", None), getattr(b, "__qualname__", None)) and getattr(a, "__qualname__", None)
+    return bool((getattr(a, "__module__", None), getattr(a, "__qualname__", None)) ==
+                (getattr(b, "__module__", None), getattr(b, "__qualname__", None)) and getattr(a, "__qualname__", None))
 
 
 def _describe(o: Any) -> str:

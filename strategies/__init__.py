@@ -2,10 +2,12 @@
 
 :mod:`.hpo_workers` starts the worker processes of ``nasreid hpo`` for a :class:`SamplingStrategy` (it uses the
 engine, so it is imported by its module path, not from here)."""
-from . import darts_tcm  # noqa: F401  (registers "darts_tcm")
-from . import gumbel  # noqa: F401  (registers "gumbel")
-from . import optuna_hpo  # noqa: F401  (registers "optuna")
-from . import random  # noqa: F401  (registers "random")
+from . import (
+    darts_tcm,  # noqa: F401  (registers "darts_tcm")
+    gumbel,  # noqa: F401  (registers "gumbel")
+    optuna_hpo,  # noqa: F401  (registers "optuna")
+    random,  # noqa: F401  (registers "random")
+)
 from .base import OneShotStrategy, SamplingStrategy, Strategy, StrategyConfigError
 
 __all__ = ["Strategy", "OneShotStrategy", "SamplingStrategy", "StrategyConfigError"]

@@ -218,7 +218,9 @@ class RunContext:
 
     def _ddp_settings(self, find_unused: bool):
         d = self.recipe.distributed
-        return d if d.find_unused_parameters is not None else d.model_copy(update={"find_unused_parameters": find_unused})
+        if d.find_unused_parameters is not None:
+            return d
+        return d.model_copy(update={"find_unused_parameters": find_unused})
 
     def train_fixed(self, net: nn.Module, *, epochs: int | None = None, hooks: Iterable[Hook] = (),
                     records: Sequence | None = None, run_dir: Path | None = None) -> list[dict[str, Any]]:

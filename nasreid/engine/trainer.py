@@ -192,7 +192,7 @@ def reseed_loader(loader: Any, epoch: int, generator_seed: int) -> None:
     batch_sampler = getattr(loader, "batch_sampler", None)
     samplers = (getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
     for s in {id(s): s for s in samplers if hasattr(s, "set_epoch")}.values():
-        s.set_epoch(epoch)
+        s.set_epoch(epoch)  # type: ignore[union-attr]
     gen = getattr(loader, "generator", None)
     if isinstance(gen, torch.Generator):
         gen.manual_seed(generator_seed)
@@ -398,7 +398,8 @@ class Trainer:
         st = load_checkpoint(self.ckpt_path, map_location=self.ctx.device)
         self.load_state_dict(st)
         # relative to the run folder: the log travels with the run (results/, another machine)
-        log.info("resumed from %s (epoch %d done)", self.ckpt_path.relative_to(self.run_dir), st["epoch"] + 1)
+        where = self.ckpt_path.relative_to(self.run_dir) if self.run_dir is not None else self.ckpt_path
+        log.info("resumed from %s (epoch %d done)", where, st["epoch"] + 1)
         return int(st["epoch"]) + 1
 
     # ---- the loop ---------------------------------------------------------------------------------

@@ -44,7 +44,10 @@ def _lookup(registry, name: str, where: str):
 def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = frozenset()) -> None:
     """Validate everything ``recipe`` names before a run starts: plugins imported; space, strategy, loss,
     training method, dataset and every ``eval.targets`` entry known, with kwargs that fit their
-    constructors; the evaluation matcher and post-processors known with fitting kwargs; the genotype preset known; ``then_retrain`` (when ``search``) loaded and checked too.
+    constructors (:meth:`~nasreid.registry.Registry.validate`: a component's pydantic ``Config`` when it declares one,
+    else its signature); no common recipe key that the training method does not honour
+    (:func:`~nasreid.methods.base.unhonoured_keys`); the evaluation matcher and post-processors known with fitting
+    kwargs; the genotype preset known; ``then_retrain`` (when ``search``) loaded and checked too.
 
     Raises:
         RecipeError: the first problem, naming the recipe file and the key.

@@ -125,7 +125,8 @@ def param_groups_by_lr_mult(model: nn.Module, base_lr: float,
                               f"parameter names look like {examples}{more} (fnmatch, case-sensitive; use e.g. "
                               f"'*classifier*')")
     base: dict[str, Any] = {"name": "base", "lr": base_lr, "params": []}
-    groups = [{"name": pattern, "lr": base_lr * float(mult), "params": []} for pattern, mult in patterns]
+    groups: list[dict[str, Any]] = [{"name": pattern, "lr": base_lr * float(mult), "params": []}
+                                    for pattern, mult in patterns]
     for name, param in named:
         if not param.requires_grad:
             continue
@@ -252,6 +253,8 @@ class TrainingMethod:
         """Backward (with the finite check and AMP scaling) and one optimiser step over the network's trainable
         parameters (plus ``extra_params``), clipped by ``optim.grad_clip``."""
         opt = optimizer or trainer.optimizer
+        if opt is None:
+            raise ValueError("TrainingMethod.update needs an optimiser (the trainer has none)")
         backward(loss, trainer.ctx.scaler, parts)
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         params += [p for p in extra_params if p.requires_grad]

@@ -28,8 +28,11 @@ class SupervisedMethod(TrainingMethod):
     def step(self, trainer: Trainer, batch: dict) -> dict[str, float]:
         """One step: forward under autocast, loss ``(outputs, batch)``, finite check, backward, optimiser step
         (the loss's own parameters clipped with the network's)."""
-        trainer.optimizer.zero_grad(set_to_none=True)
+        loss_fn, opt = self.loss_fn, trainer.optimizer
+        if loss_fn is None or opt is None:
+            raise RuntimeError("SupervisedMethod.step runs inside fit(), which builds the loss and the optimiser")
+        opt.zero_grad(set_to_none=True)
         with trainer.ctx.autocast():
-            loss, parts = self.loss_fn(trainer.forward_model(batch["img"]), batch)
-        self.update(trainer, loss, parts, extra_params=self.loss_fn.parameters())
+            loss, parts = loss_fn(trainer.forward_model(batch["img"]), batch)
+        self.update(trainer, loss, parts, extra_params=loss_fn.parameters())
         return parts

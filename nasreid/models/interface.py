@@ -147,8 +147,8 @@ class ReIDNetwork:
                 b[:keep] = clf.bias.data[:keep]
                 clf.bias.data = b
             clf.out_features = int(num_classes)
-        if hasattr(self, "num_classes") and isinstance(self.num_classes, int):
-            self.num_classes = int(num_classes)
+        if isinstance(getattr(self, "num_classes", None), int):
+            self.num_classes: int = int(num_classes)
         return classifiers
 
     # ---- parameter split ------------------------------------------------------------------------
@@ -156,7 +156,8 @@ class ReIDNetwork:
         """``(backbone, head)``: ``(name, parameter)`` pairs, head = under :attr:`head_prefixes`."""
         from nasreid.models.pretrained import under_prefixes
 
-        backbone, head = [], []
+        backbone: list[tuple[str, nn.Parameter]] = []
+        head: list[tuple[str, nn.Parameter]] = []
         for n, p in self.named_parameters():  # type: ignore[attr-defined]
             (head if under_prefixes(n, self.head_prefixes) else backbone).append((n, p))
         return backbone, head
