@@ -138,18 +138,46 @@ class OptimConfig(_Strict):
     grad_clip: Optional[float] = Field(None, gt=0)
 
 
-class LossConfig(_Strict):
-    """The training loss: ``name`` from the loss registry (``nasreid list losses``).
+#: keys of the ``reid`` loss that recipes written before they moved under ``loss.kwargs`` hold at the top of
+#: ``loss``, with the defaults those recipes had (a run folder's ``recipe.yaml`` lists all three)
+MOVED_LOSS_KEYS = {"label_smooth": 0.1, "triplet_weight": 0.0, "triplet_margin": 0.3}
 
-    ``reid`` (default) is ID cross-entropy with label smoothing + optional batch-hard triplet, set by the
-    three fields below; any other registered loss gets ``kwargs``.
+
+class LossConfig(_Strict):
+    """The training loss: ``name`` from the loss registry (``nasreid list losses``) and its ``kwargs``.
+
+    ``reid`` (default) is ID cross-entropy with label smoothing + optional batch-hard triplet
+    (:func:`~nasreid.losses.build_reid_loss`: ``kwargs: {label_smooth, triplet_weight, triplet_margin,
+    triplet_metric, triplet_soft_margin}``). Recipes written before those settings moved under ``kwargs``
+    (``loss: {label_smooth: 0.1, triplet_weight: 1.0}``) still load: the keys are moved into ``kwargs``
+    (:func:`load_recipe` says so once); for another loss they must keep their old defaults.
     """
 
     name: str = "reid"
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    label_smooth: float = Field(0.1, ge=0, lt=1)
-    triplet_weight: float = Field(0.0, ge=0)
-    triplet_margin: float = Field(0.3, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not any(k in data for k in MOVED_LOSS_KEYS):
+            return data
+        data = dict(data)
+        kwargs = dict(data.get("kwargs") or {})
+        name = data.get("name", "reid")
+        for key, old_default in MOVED_LOSS_KEYS.items():
+            if key not in data:
+                continue
+            value = data.pop(key)
+            if name == "reid":
+                if key in kwargs and kwargs[key] != value:
+                    raise ValueError(f"loss.{key} ({value!r}) and loss.kwargs.{key} ({kwargs[key]!r}) disagree; "
+                                     f"keep loss.kwargs.{key}")
+                kwargs[key] = value
+            elif value != old_default:
+                raise ValueError(f"loss.{key} applies to loss 'reid' only; loss {name!r} takes its settings under "
+                                 f"loss.kwargs")
+        data["kwargs"] = kwargs
+        return data
 
 
 class NamedConfig(_Strict):
@@ -279,12 +307,19 @@ def load_recipe(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
         raise RecipeError(f"{p}: YAML syntax error: {e}") from e
     if not isinstance(raw, dict):
         raise RecipeError(f"{p}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    moved_sets = []
     for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value)
+        new = _moved_key(raw, key)
+        if new != key:
+            moved_sets.append(key.split(".")[-1])
+        _set_dotted(raw, new, value)
     try:
         recipe = Recipe.model_validate({**raw, "source": str(p)})
     except ValidationError as e:
         raise RecipeError(_format_errors(str(p), e)) from None
+    moved = [k for k in MOVED_LOSS_KEYS if k in (raw.get("loss") or {}) or k in moved_sets]
+    if moved:
+        _notice_moved(p, moved)
     if recipe.then_retrain:
         rp = Path(recipe.then_retrain)
         if not rp.is_absolute():  # relative to the recipe's folder, else to the current folder
@@ -309,6 +344,21 @@ def load_recipe(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
     return recipe
 
 
+_NOTICED: set[str] = set()
+
+
+def _notice_moved(path: Path, keys: list[str]) -> None:
+    """One line, once per process: a recipe still holds the ``reid`` loss keys at their old place."""
+    if "loss" in _NOTICED:
+        return
+    _NOTICED.add("loss")
+    import logging
+
+    logging.getLogger("nasreid").warning(
+        "%s: %s moved to loss.kwargs (read from there; this notice is shown once)", path,
+        ", ".join(f"loss.{k}" for k in keys))
+
+
 def apply_overrides(recipe: Recipe, overrides: dict[str, Any], where: str = "overrides") -> Recipe:
     """A copy of ``recipe`` with dotted-key ``overrides`` applied and validated again (e.g. the
     ``recipe_key`` values of a searched sample, :func:`nasreid.mutables.recipe_overrides`).
@@ -324,6 +374,7 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any], where: str = "ove
         return recipe
     raw = recipe.model_dump(mode="json")
     for key, value in overrides.items():
+        key = _moved_key(raw, key)
         d = raw
         parts = key.split(".")
         for k in parts[:-1]:
@@ -337,6 +388,16 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any], where: str = "ove
         return Recipe.model_validate(raw)
     except ValidationError as e:
         raise RecipeError(_format_errors(where, e)) from None
+
+
+def _moved_key(raw: dict, key: str) -> str:
+    """An override of a ``reid`` loss setting at its old place (``loss.triplet_weight``) goes to
+    ``loss.kwargs.triplet_weight`` when the loss is ``reid``; for another loss it stays, and is refused."""
+    parts = key.split(".")
+    loss: dict[str, Any] = raw["loss"] if isinstance(raw.get("loss"), dict) else {}
+    if len(parts) == 2 and parts[0] == "loss" and parts[1] in MOVED_LOSS_KEYS and loss.get("name", "reid") == "reid":
+        return f"loss.kwargs.{parts[1]}"
+    return key
 
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:

@@ -109,7 +109,7 @@ def _method_on_a_tiny_net(alternate: str = "iteration"):
     m.disc = DomainDiscriminator(32, (16,), 2)
     m.disc_opt = torch.optim.SGD(m.disc.parameters(), lr=0.5)
     m.triplet = TripletLoss(0.3)
-    m.ctx = SimpleNamespace(recipe=SimpleNamespace(loss=SimpleNamespace(label_smooth=0.1),
+    m.ctx = SimpleNamespace(recipe=SimpleNamespace(loss=SimpleNamespace(name="reid", kwargs={"label_smooth": 0.1}),
                                                    optim=SimpleNamespace(grad_clip=None)))
     m.trainer = SimpleNamespace(ctx=device_context("cpu"), step=0)
     m.stage, m.n3, m.disc_epoch = "stage3", 1, False

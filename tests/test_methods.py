@@ -93,7 +93,8 @@ def test_every_method_honours_freeze_backbone_epochs(method, tmp_path):
 ])
 def test_the_recipe_check_refuses_a_key_the_method_does_not_honour(method, key, value):
     recipe = _recipe(method, **{key: value})
-    bad = f"loss.{next(iter(value))}"
+    key = next(iter(value))
+    bad = "loss.name" if key == "name" else f"loss.kwargs.{key}"
     assert unhonoured_keys(METHODS.get(method), recipe) == [bad]
     with pytest.raises(RecipeError, match=rf"{bad}: training method '{method}' does not honour"):
         check_recipe(recipe)
@@ -102,7 +103,8 @@ def test_the_recipe_check_refuses_a_key_the_method_does_not_honour(method, key, 
 def test_the_keys_each_method_honours():
     assert METHODS.get("supervised").honours == frozenset(COMMON_KEYS)
     assert not any(k.startswith("loss.") for k in METHODS.get("qaconv").honours)
-    assert {"loss.label_smooth", "loss.triplet_margin"} <= METHODS.get("domainmix").honours
+    assert {"loss.kwargs.label_smooth", "loss.kwargs.triplet_margin"} <= METHODS.get("domainmix").honours
+    assert not {"loss.kwargs.triplet_weight", "loss.kwargs", "loss.name"} & METHODS.get("domainmix").honours
     for name in ("qaconv", "domainmix"):
         assert {"optim.lr_mult", "training.freeze_backbone_epochs", "model.pretrained"} <= METHODS.get(name).honours
     check_recipe(_recipe("domainmix", loss={"label_smooth": 0.2, "triplet_margin": 0.5}))  # honoured: accepted
@@ -137,7 +139,7 @@ PLUGIN = '''
         class Config(TrainingMethod.Config):
             eps: float = Field(0.1, ge=0, lt=1)
 
-        honours = TrainingMethod.honours - {"loss.name", "loss.kwargs", "loss.triplet_weight"}
+        honours = TrainingMethod.honours - {"loss.name", "loss.kwargs", "loss.kwargs.triplet_weight"}
 
         def build_loss(self, num_classes):
             return None
@@ -173,11 +175,48 @@ def test_a_users_method_is_one_small_file(tmp_path):
     assert issubclass(METHODS.get("id_only"), TrainingMethod)
     with pytest.raises(RecipeError, match="training.kwargs.eps"):
         check_recipe(recipe.model_copy(update={"training": recipe.training.model_copy(update={"kwargs": {"eps": 1}})}))
-    with pytest.raises(RecipeError, match="loss.triplet_weight: training method 'id_only' does not honour"):
-        check_recipe(recipe.model_copy(update={"loss": recipe.loss.model_copy(update={"triplet_weight": 1.0})}))
+    with pytest.raises(RecipeError, match="loss.kwargs.triplet_weight: training method 'id_only' does not honour"):
+        loss = recipe.loss.model_copy(update={"kwargs": {"triplet_weight": 1}})
+        check_recipe(recipe.model_copy(update={"loss": loss}))
     run = pipeline.run_train(recipe, run_dir=tmp_path / "run", progress=False)
     import json
 
     m = json.loads((run / "metrics.json").read_text())
     assert len(m["history"]) == 1 and "synthetic (same-domain)" in m["evaluation"]
     METHODS.unregister("id_only")
+
+
+def test_reid_loss_keys_moved_under_kwargs_and_old_recipes_still_load(tmp_path, caplog):
+    """``loss: {label_smooth, triplet_weight, triplet_margin}`` (recipes and run folders written before the move)
+    load into ``loss.kwargs`` with one notice; both places set differently, or the old keys on another loss, are
+    errors naming the key; the committed run folders' recipes load."""
+    import logging
+
+    import nasreid.config as C
+    from nasreid.config import load_recipe
+
+    base = _recipe("supervised").model_dump(mode="json")
+    import yaml
+
+    old = {**base, "source": None, "loss": {"name": "reid", "kwargs": {}, "label_smooth": 0.2, "triplet_weight": 1.0,
+                                            "triplet_margin": 0.3}}
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    C._NOTICED.clear()
+    with caplog.at_level(logging.WARNING, logger="nasreid"):
+        r = load_recipe(tmp_path / "old.yaml")
+        load_recipe(tmp_path / "old.yaml")
+    assert r.loss.kwargs == {"label_smooth": 0.2, "triplet_weight": 1.0, "triplet_margin": 0.3}
+    notices = [m for m in caplog.messages if "moved to loss.kwargs" in m]
+    assert len(notices) == 1 and "loss.label_smooth, loss.triplet_weight, loss.triplet_margin" in notices[0]
+    assert "label_smooth" not in yaml.safe_load(r.to_yaml())["loss"]  # written back in the new layout
+    both = {**old, "loss": {"kwargs": {"triplet_weight": 0.5}, "triplet_weight": 1.0}}
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(both))
+    with pytest.raises(RecipeError, match=r"loss.triplet_weight \(1.0\) and loss.kwargs.triplet_weight \(0.5\)"):
+        load_recipe(tmp_path / "both.yaml")
+    from pathlib import Path
+
+    runs = sorted(Path(__file__).resolve().parents[1].glob("results/**/recipe.yaml"))
+    assert len(runs) > 100
+    for path in runs:  # every committed run folder's recipe still loads
+        rec = load_recipe(path)
+        assert rec.loss.name != "reid" or "triplet_margin" in rec.loss.kwargs, path

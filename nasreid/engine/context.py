@@ -180,11 +180,7 @@ class RunContext:
         """The recipe's loss (``loss.name`` from the loss registry) for ``num_classes`` identities."""
         L = self.recipe.loss
         n = self.dataset.num_train_pids if num_classes is None else num_classes
-        factory = LOSSES.get(L.name)
-        if L.name == "reid":
-            return factory(n, label_smooth=L.label_smooth, triplet_weight=L.triplet_weight,
-                           triplet_margin=L.triplet_margin, **L.kwargs)
-        return factory(n, **L.kwargs)
+        return LOSSES.get(L.name)(n, **L.kwargs)
 
     def build_optimizer(self, params_or_groups, cfg=None):
         """Optimiser of the recipe's ``optim`` section (or ``cfg``) over parameters or parameter groups."""

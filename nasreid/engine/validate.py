@@ -77,16 +77,8 @@ def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = fro
     for i, pp in enumerate(recipe.eval.postprocessors):
         check_kwargs(_lookup(POSTPROCESSORS, pp.name, f"{src}: eval.postprocessors[{i}].name"), pp.kwargs,
                      f"{src}: eval.postprocessors[{i}].kwargs", f"post-processor {pp.name!r}")
-    loss = _lookup(LOSSES, recipe.loss.name, f"{src}: loss.name")
-    fields = type(recipe.loss).model_fields  # the 'reid' fields, compared with their defaults: a run's saved
-    stray = sorted(k for k in ("label_smooth", "triplet_weight", "triplet_margin")  # recipe.yaml lists them all
-                   if getattr(recipe.loss, k) != fields[k].default)
-    if recipe.loss.name != "reid" and stray:
-        raise RecipeError(f"{src}: loss.{stray[0]} applies to loss 'reid' only; loss {recipe.loss.name!r} takes "
-                          f"its settings under loss.kwargs")
-    check_kwargs(loss, recipe.loss.kwargs, f"{src}: loss.kwargs", f"loss {recipe.loss.name!r}",
-                 reserved=("num_classes", "label_smooth", "triplet_weight", "triplet_margin")
-                 if recipe.loss.name == "reid" else ("num_classes",))
+    _lookup(LOSSES, recipe.loss.name, f"{src}: loss.name")
+    LOSSES.validate(recipe.loss.name, recipe.loss.kwargs, f"{src}: loss.kwargs", reserved=("num_classes",))
     method = _lookup(METHODS, recipe.training.method, f"{src}: training.method")
     METHODS.validate(recipe.training.method, recipe.training.kwargs, f"{src}: training.kwargs")
     refused = _unhonoured(method, recipe)

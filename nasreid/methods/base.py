@@ -41,7 +41,12 @@ from nasreid.config import Recipe, RecipeError
 from nasreid.engine.hooks import FreezeBackboneHook, ModuleStateHook
 from nasreid.engine.trainer import Hook, Trainer, backward, optimizer_step
 
-__all__ = ["TrainingMethod", "COMMON_KEYS", "unhonoured_keys", "param_groups_by_lr_mult", "validation_error"]
+__all__ = ["TrainingMethod", "COMMON_KEYS", "unhonoured_keys", "param_groups_by_lr_mult", "validation_error",
+           "reid_loss_setting"]
+
+
+#: the settings of the ``reid`` loss that a method may honour one by one (``loss.kwargs.<key>``)
+_REID_KEYS = ("label_smooth", "triplet_weight", "triplet_margin")
 
 
 #: the common recipe keys a training method may honour, each with the test "the recipe sets it" (a value
@@ -52,11 +57,29 @@ COMMON_KEYS: dict[str, Callable[[Recipe], bool]] = {
     "training.freeze_backbone_epochs": lambda r: r.training.freeze_backbone_epochs > 0,
     "model.pretrained": lambda r: r.model is not None and r.model.pretrained is not None,
     "loss.name": lambda r: r.loss.name != "reid",
-    "loss.kwargs": lambda r: bool(r.loss.kwargs),
-    "loss.label_smooth": lambda r: r.loss.label_smooth != type(r.loss).model_fields["label_smooth"].default,
-    "loss.triplet_weight": lambda r: r.loss.triplet_weight != type(r.loss).model_fields["triplet_weight"].default,
-    "loss.triplet_margin": lambda r: r.loss.triplet_margin != type(r.loss).model_fields["triplet_margin"].default,
+    "loss.kwargs.label_smooth": lambda r: _reid_set(r, "label_smooth"),
+    "loss.kwargs.triplet_weight": lambda r: _reid_set(r, "triplet_weight"),
+    "loss.kwargs.triplet_margin": lambda r: _reid_set(r, "triplet_margin"),
+    "loss.kwargs": lambda r: any(r.loss.name != "reid" or k not in _REID_KEYS for k in r.loss.kwargs),
 }
+
+def _reid_default(key: str) -> Any:
+    import inspect
+
+    from nasreid.losses import build_reid_loss
+
+    return inspect.signature(build_reid_loss).parameters[key].default
+
+
+def reid_loss_setting(recipe: Recipe, key: str) -> Any:
+    """A setting of the recipe's ``reid`` loss: ``loss.kwargs[key]``, else
+    :func:`~nasreid.losses.build_reid_loss`'s default (label smoothing 0.1, triplet weight 0, margin 0.3)."""
+    return recipe.loss.kwargs[key] if key in recipe.loss.kwargs else _reid_default(key)
+
+
+def _reid_set(recipe: Recipe, key: str) -> bool:
+    """Whether the recipe sets the ``reid`` loss's ``key`` to a value other than its default."""
+    return recipe.loss.name == "reid" and key in recipe.loss.kwargs and recipe.loss.kwargs[key] != _reid_default(key)
 
 
 def unhonoured_keys(method: type, recipe: Recipe) -> list[str]:

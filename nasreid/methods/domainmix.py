@@ -74,7 +74,7 @@ from nasreid.config import DatasetRef, RecipeError
 from nasreid.engine.trainer import Hook, backward, optimizer_step
 from nasreid.registry import METHODS
 
-from .base import COMMON_KEYS, TrainingMethod
+from .base import COMMON_KEYS, TrainingMethod, reid_loss_setting
 
 __all__ = ["DomainMixMethod", "DomainDiscriminator", "ClusterConfig", "domainmix_loss", "refine_clusters",
            "cluster_pseudo_labels", "cluster_purity", "MixedSource", "StepsPerEpoch", "stage_of"]
@@ -362,7 +362,8 @@ class DomainMixMethod(TrainingMethod):
     Common recipe keys: honours ``optim.*`` (``lr_mult`` splits the network's parameters; the discriminator
     has its own optimiser at ``disc_lr_mult``), ``training.freeze_backbone_epochs`` / ``open_layers`` (the
     discriminator always trains), ``model.pretrained``, ``loss.label_smooth`` and ``loss.triplet_margin`` (the
-    ID and triplet terms of Eq. 4 / 11); refuses ``loss.name``, ``loss.kwargs`` and ``loss.triplet_weight``
+    ID and triplet terms of Eq. 4 / 11, under ``loss.kwargs``); refuses ``loss.name``, ``loss.kwargs.triplet_weight``
+    and any other ``loss.kwargs``
     (the loss is Eq. 4 / 11, the triplet weight is 1 there).
 
     Raises:
@@ -396,7 +397,7 @@ class DomainMixMethod(TrainingMethod):
                 raise ValueError("b_labels: true needs an unlabelled dataset B (training.kwargs.unlabelled)")
             return self
 
-    honours = frozenset(COMMON_KEYS) - {"loss.name", "loss.kwargs", "loss.triplet_weight"}
+    honours = frozenset(COMMON_KEYS) - {"loss.name", "loss.kwargs", "loss.kwargs.triplet_weight"}
     distributed = False
 
     def __init__(self, **kwargs: Any):
@@ -547,7 +548,7 @@ class DomainMixMethod(TrainingMethod):
     def id_triplet(self, out: dict, pids: torch.Tensor, lambda_id: float) -> tuple[torch.Tensor, dict]:
         """``lambda_id * L_id + L_tri`` (Eq. 4 / the last two terms of Eq. 11) and its parts."""
         logits = out["logits"].float()
-        ce = F.cross_entropy(logits, pids, label_smoothing=self.ctx.recipe.loss.label_smooth)
+        ce = F.cross_entropy(logits, pids, label_smoothing=float(reid_loss_setting(self.ctx.recipe, "label_smooth")))
         tri = self.triplet(out["feat"].float(), pids)
         with torch.no_grad():
             acc = float((logits.argmax(1) == pids).float().mean())
@@ -647,11 +648,11 @@ class DomainMixMethod(TrainingMethod):
                      "true labels (upper bound)" if self.b_labels else "labels never read")
 
     def build_loss(self, num_classes: int) -> None:
-        """No recipe loss object: Eq. 4 / 11 are composed in the steps from the ID term (``loss.label_smooth``)
-        and the batch-hard triplet (``loss.triplet_margin``)."""
+        """No recipe loss object: Eq. 4 / 11 are composed in the steps from the ID term
+        (``loss.kwargs.label_smooth``) and the batch-hard triplet (``loss.kwargs.triplet_margin``)."""
         from nasreid.losses.triplet import TripletLoss
 
-        self.triplet = TripletLoss(self.ctx.recipe.loss.triplet_margin)
+        self.triplet = TripletLoss(float(reid_loss_setting(self.ctx.recipe, "triplet_margin")))
         return None
 
     def build_optimizers(self, model: nn.Module):

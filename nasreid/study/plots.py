@@ -81,13 +81,17 @@ def _plot_triplet(pts: Mapping[str, Sequence[tuple[float, float]]], margin: Opti
 
 
 def _triplet_margin(study: StudyRecipe) -> Optional[float]:
-    """The retrain recipe's triplet margin (``loss.triplet_margin``, after the study's ``retrain.set``), or None
+    """The retrain recipe's triplet margin (``loss.kwargs.triplet_margin``, after the study's ``retrain.set``), or None
     where it has no triplet term or cannot be loaded (a report rebuilt away from its recipes)."""
     try:
         rec = _load_with(study.retrain.recipe, list(study.retrain.set.items()), where="retrain.recipe")
     except (RecipeError, OSError):  # the plot's margin line is optional
         return None
-    return float(rec.loss.triplet_margin) if rec.loss.triplet_weight > 0 else None
+    from nasreid.methods.base import reid_loss_setting
+
+    if rec.loss.name != "reid" or not float(reid_loss_setting(rec, "triplet_weight")) > 0:
+        return None
+    return float(reid_loss_setting(rec, "triplet_margin"))
 
 
 def _plot_entropy(runs: Mapping[str, Sequence[Path]], path: Path) -> Optional[Path]:

@@ -437,8 +437,8 @@ class _Report:
                  f"{num(r['train_triplet'])} / {num(r['train_acc'], '{:.2f}')}", r["genotype"]] for r in self.done]
         L = ["## All points\n",
              "\"train triplet / acc\": the retrain's training loss terms at its last epoch (the triplet margin is "
-             "the recipe's `loss.triplet_margin`; a value at about the margin means the training features do not "
-             "separate the identities by the margin).\n"]
+             "the recipe's `loss.kwargs.triplet_margin`; a value at about the margin means the training features do "
+             "not separate the identities by the margin).\n"]
         pts = {s: [(r["train_triplet"], r["same_mAP"]) for r in self.done if r["source"] == s
                    and math.isfinite(r["train_triplet"]) and math.isfinite(r["same_mAP"])] for s in self.sources}
         tm = [xy for v in pts.values() for xy in v]
