@@ -40,37 +40,39 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class RSAConfig(_Strict):
-    """Random shifting augmentation (Wang et al., "Receptive Multi-granularity Representation for Person
-    Re-Identification", TIP 2020, Sec. III-D, Fig. 6): with probability ``p`` crop (probability ``p_c``) to a
-    height ratio ``r_c ~ U(r_c_min, 1)``, rescale by ``r_h ~ U(r_h_min, 1/r_c)``, ``r_w ~ U(r_w_min, 1)`` and
-    place the patch at a random position in the original box filled with 0.5 (float) / 127 (uint8).
-    Defaults: the paper's Sec. IV-A (``p`` itself is not given there; 0.5 here)."""
+class AugmentConfig(BaseModel):
+    """Training augmentation (torchvision v2): four built-in switches, and any registered augmentation by its
+    name (``nasreid list augmentations``) with its settings, e.g. ``rsa: {p: 0.5}`` (random shifting, RMGL
+    Sec. III-D) or ``random_block: {p: 0.5, max_ratio: 0.8}`` (QAConv Sec. 5.1); ``null`` switches one off.
 
-    p: float = Field(0.5, ge=0, le=1)
-    p_c: float = Field(0.5, ge=0, le=1)
-    r_c_min: float = Field(0.7, gt=0, le=1)
-    r_h_min: float = Field(0.5, gt=0, le=1)
-    r_w_min: float = Field(0.5, gt=0, le=1)
+    Each named augmentation is validated by its registered ``Config`` (an unknown name or key is an error naming
+    it) and stored with its defaults filled in.
+    """
 
-
-class RandomBlockConfig(_Strict):
-    """Random Block (QAConv, Liao & Shao, ECCV 2020, Sec. 5.1): with probability ``p`` a white square of side
-    drawn up to ``max_ratio`` x image width, fully inside the image."""
-
-    p: float = Field(0.5, ge=0, le=1)
-    max_ratio: float = Field(0.8, gt=0, le=1)
-
-
-class AugmentConfig(_Strict):
-    """Training augmentation (torchvision v2)."""
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     flip: bool = True
     color_jitter: bool = False
     random_erasing: bool = False
     pad: int = Field(0, ge=0)
-    rsa: Optional[RSAConfig] = Field(None, description="random shifting augmentation (RMGL Sec. III-D); None: off")
-    random_block: Optional[RandomBlockConfig] = Field(None, description="Random Block (QAConv Sec. 5.1); None: off")
+
+    @model_validator(mode="after")
+    def _registered(self):
+        from nasreid.registry import AUGMENTATIONS
+
+        extra = self.__pydantic_extra__ or {}
+        for name, kwargs in list(extra.items()):
+            if kwargs is None:
+                continue
+            if name not in AUGMENTATIONS:
+                raise ValueError(f"unknown augmentation {name!r}; known: {', '.join(AUGMENTATIONS.names())} "
+                                 f"(and flip, color_jitter, random_erasing, pad)")
+            if not isinstance(kwargs, dict):
+                raise ValueError(f"{name}: give the augmentation's settings as a mapping, or null to switch it "
+                                 f"off, got {kwargs!r}")
+            cfg = AUGMENTATIONS.validate(name, kwargs, f"data.augment.{name}")
+            extra[name] = cfg.model_dump() if cfg is not None else dict(kwargs)
+        return self
 
 
 class DatasetRef(_Strict):
@@ -282,6 +284,8 @@ def _format_errors(path: str, err: ValidationError) -> str:
             lines.append(f"{path}: unknown key {loc!r}")
         elif e["type"] == "missing":
             lines.append(f"{path}: missing required key {loc!r}")
+        elif e["type"] == "value_error":  # a validator's own message names the key and the value
+            lines.append(f"{path}: {loc}: {str(e['msg']).removeprefix('Value error, ')}")
         else:
             lines.append(f"{path}: {loc}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
@@ -307,6 +311,14 @@ def load_recipe(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
         raise RecipeError(f"{p}: YAML syntax error: {e}") from e
     if not isinstance(raw, dict):
         raise RecipeError(f"{p}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    if isinstance(raw.get("plugins"), list) and raw["plugins"]:
+        # a plugin may register what the schema validates by name (an augmentation under data.augment)
+        from nasreid.registry import RegistryError, load_plugins
+
+        try:
+            load_plugins([str(e) for e in raw["plugins"]], p.parent)
+        except RegistryError as e:
+            raise RecipeError(f"{p}: plugins: {e}") from None
     moved_sets = []
     for key, value in (overrides or {}).items():
         new = _moved_key(raw, key)

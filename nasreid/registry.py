@@ -2,7 +2,8 @@
 
 Registries: ``SPACES`` (search spaces), ``STRATEGIES`` (search strategies), ``DATASETS`` (dataset layouts),
 ``LOSSES`` (training losses), ``MATCHERS`` (query/gallery scorers for evaluation), ``POSTPROCESSORS``
-(row post-processors after a matcher: re-ranking, TLift) and ``METHODS`` (training methods of a retrain).
+(row post-processors after a matcher: re-ranking, TLift), ``METHODS`` (training methods of a retrain) and
+``AUGMENTATIONS`` (training-image augmentations named under ``data.augment``: RSA, Random Block).
 
 A registry knows which package fills it and imports that package on the first lookup, so importing the
 engine pulls in no concrete space or strategy until a recipe names one. Names are case-insensitive; a name
@@ -36,7 +37,7 @@ from nasreid.errors import RegistryError
 
 __all__ = [
     "Registry", "RegistryError", "SPACES", "STRATEGIES", "DATASETS", "LOSSES", "MATCHERS", "POSTPROCESSORS",
-    "METHODS", "ALL_REGISTRIES", "register_space", "register_strategy", "get_space", "get_strategy",
+    "METHODS", "AUGMENTATIONS", "ALL_REGISTRIES", "register_space", "register_strategy", "get_space", "get_strategy",
     "load_plugins", "check_kwargs", "space_presets",
 ]
 
@@ -237,6 +238,7 @@ MATCHERS: Registry[Callable] = Registry("matcher", ("nasreid.evaluation.matchers
 POSTPROCESSORS: Registry[Callable] = Registry("post-processor", ("nasreid.evaluation.matchers",
                                                                  "nasreid.evaluation.rerank",
                                                                  "nasreid.evaluation.tlift"))
+AUGMENTATIONS: Registry[Callable] = Registry("augmentation", ("nasreid.data.transforms", "nasreid.data.random_block"))
 METHODS: Registry[Callable] = Registry("training method", ("nasreid.methods.supervised",
                                                             "nasreid.methods.qaconv",
                                                             "nasreid.methods.domainmix"))
@@ -244,7 +246,7 @@ METHODS: Registry[Callable] = Registry("training method", ("nasreid.methods.supe
 #: every registry by the plural name ``nasreid list`` prints
 ALL_REGISTRIES: dict[str, Registry] = {
     "spaces": SPACES, "strategies": STRATEGIES, "datasets": DATASETS, "losses": LOSSES,
-    "matchers": MATCHERS, "postprocessors": POSTPROCESSORS, "methods": METHODS,
+    "matchers": MATCHERS, "postprocessors": POSTPROCESSORS, "methods": METHODS, "augmentations": AUGMENTATIONS,
 }
 
 

@@ -127,3 +127,70 @@ def cli_list_names(kind):
     from nasreid.registry import ALL_REGISTRIES
 
     return ALL_REGISTRIES[kind].names()
+
+
+AUG_PLUGIN = textwrap.dedent('''
+    """A user's augmentation: paint the top rows grey (registered by name, used under data.augment)."""
+    import torch
+    from pydantic import BaseModel, ConfigDict, Field
+    from torchvision.transforms import v2
+
+    from nasreid.registry import AUGMENTATIONS
+
+
+    @AUGMENTATIONS.register("grey_top")
+    class GreyTop(v2.Transform):
+        """Rows ``[0, rows)`` set to 128 on the uint8 image."""
+
+        stage = "pixel"
+
+        class Config(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+            rows: int = Field(4, ge=1)
+
+        def __init__(self, rows: int = 4):
+            super().__init__()
+            self.rows = rows
+
+        def transform(self, inpt, params):
+            out = inpt.clone()
+            out[..., : self.rows, :] = 128
+            return out
+''')
+
+
+def test_a_users_augmentation_is_named_under_data_augment(tmp_path, cuhk01_dir):
+    """RSA and Random Block are registry entries, not schema fields: a plugin's augmentation is configured the
+    same way, validated by its Config, and runs at its stage on real images."""
+    import torch
+
+    from nasreid.config import RecipeError, load_recipe
+    from nasreid.data import build_dataset
+    from nasreid.data.transforms import build_transforms
+    from nasreid.registry import AUGMENTATIONS
+
+    (tmp_path / "grey_top.py").write_text(AUG_PLUGIN)
+    base = {"name": "aug", "plugins": ["grey_top.py"], "space": {"name": "osnet_ain"},
+            "data": {"dataset": {"name": "cuhk01", "root": str(cuhk01_dir.parent)}, "height": 64, "width": 32,
+                     "augment": {"flip": False, "grey_top": {"rows": 8}, "rsa": None}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(base))
+    try:  # load_recipe imports the recipe's plugins before it validates data.augment
+        recipe = load_recipe(tmp_path / "r.yaml")
+        aug = recipe.data.augment.model_dump()
+        assert aug["grey_top"] == {"rows": 8} and aug["rsa"] is None
+        tf = build_transforms(64, 32, is_train=True, **{k: v for k, v in aug.items()})
+        assert [type(op).__name__ for op in tf.transforms].index("GreyTop") < \
+            [type(op).__name__ for op in tf.transforms].index("ToDtype")  # before normalisation
+        ds = build_dataset("cuhk01", cuhk01_dir.parent, split_seed=0, max_ids=4)
+        x = tf(ds.read_image(ds.train[0]))
+        grey = (128 / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+        torch.testing.assert_close(x[:, :8, :], grey.view(3, 1, 1).expand(3, 8, 32), atol=1e-5, rtol=0)
+        assert not torch.allclose(x[:, 8:, :], grey.view(3, 1, 1).expand(3, 56, 32))
+        for bad, msg in (({"grey_top": {"rows": 0}}, r"data.augment.grey_top.rows"),
+                         ({"grey_tops": {}}, r"unknown augmentation 'grey_tops'; known: grey_top, random_block, rsa"),
+                         ({"rsa": {"p": 2}}, r"data.augment.rsa.p")):
+            (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**base, "data": {**base["data"], "augment": bad}}))
+            with pytest.raises(RecipeError, match=msg):
+                load_recipe(tmp_path / "bad.yaml")
+    finally:
+        AUGMENTATIONS.unregister("grey_top")

@@ -191,8 +191,8 @@ def build_train_loader(
         num_replicas, rank: data-parallel share (:class:`PKSampler`): ``batch_size`` stays the global batch, the
             loader yields ``batch_size / num_replicas`` images per step.
         **aug: forwarded to :func:`build_transforms` (``flip``, ``color_jitter``, ``random_erasing``, ``pad``,
-            ``mean``, ``std``, ``rsa``: ``None`` or a dict of :class:`~nasreid.data.transforms.RandomShift`
-            arguments — the recipe's ``data.augment.rsa``, random shifting augmentation, RMGL Sec. III-D).
+            ``mean``, ``std``, and registered augmentations by name: ``None`` or a dict of their arguments, e.g.
+            ``rsa``, random shifting augmentation, RMGL Sec. III-D -- the recipe's ``data.augment``).
 
     Returns:
         ``DataLoader`` with ``drop_last=True`` yielding dicts with ``img`` ``[B, 3, H, W]`` float32, ``pid``,

@@ -12,8 +12,11 @@ from typing import Any
 
 import PIL.Image
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from nasreid.registry import AUGMENTATIONS
 
 __all__ = ["RandomBlock"]
 
@@ -34,6 +37,7 @@ def _check(name: str, value: Any, *, open_low: bool) -> float:
     return v
 
 
+@AUGMENTATIONS.register("random_block")
 class RandomBlock(v2.Transform):
     """Random Block (QAConv, ECCV 2020, Sec. 5.1): with probability ``p`` paint one white square inside the image.
 
@@ -61,6 +65,16 @@ class RandomBlock(v2.Transform):
         ValueError: (constructor) ``p`` or ``max_ratio`` outside its interval.
         TypeError: (call) another PIL mode (palette, YCbCr ...), or a tensor dtype other than uint8 / floating point.
     """
+
+    stage = "pixel"
+
+    class Config(BaseModel):
+        """``data.augment.random_block``: a white square of side up to ``max_ratio`` x image width with
+        probability ``p`` (Sec. 5.1)."""
+
+        model_config = ConfigDict(extra="forbid")
+        p: float = Field(0.5, ge=0, le=1)
+        max_ratio: float = Field(0.8, gt=0, le=1)
 
     def __init__(self, p: float = 0.5, max_ratio: float = 0.8):
         super().__init__()

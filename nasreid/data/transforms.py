@@ -14,11 +14,14 @@ from typing import Any, Mapping, Sequence
 
 import PIL.Image
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["build_transforms", "RandomShift", "IMAGENET_MEAN", "IMAGENET_STD"]
+from nasreid.registry import AUGMENTATIONS
+
+__all__ = ["build_transforms", "RandomShift", "IMAGENET_MEAN", "IMAGENET_STD", "STAGES"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,6 +40,13 @@ def _check_unit(name: str, value: Any, *, open_low: bool) -> float:
     return v
 
 
+#: where a registered augmentation runs in :func:`build_transforms` (its class attribute ``stage``):
+#: ``"geometric"`` on the uint8 image right after resize and flip (before pad/crop), ``"pixel"`` after the geometric
+#: and colour augmentations, before normalisation
+STAGES = ("geometric", "pixel")
+
+
+@AUGMENTATIONS.register("rsa")
 class RandomShift(v2.Transform):
     """Random shifting augmentation (RSA): Wang et al., "Receptive Multi-granularity Representation for Person
     Re-Identification", TIP 2020, Sec. III-D, Fig. 6.
@@ -69,6 +79,18 @@ class RandomShift(v2.Transform):
         ValueError: (constructor) an argument outside its interval; the message names the argument.
         TypeError: (call) a PIL image (convert with ``v2.ToImage()`` first) or a dtype other than uint8/float.
     """
+
+    stage = "geometric"
+
+    class Config(BaseModel):
+        """``data.augment.rsa``: the paper's Sec. IV-A defaults (``p`` itself is not given there; 0.5 here)."""
+
+        model_config = ConfigDict(extra="forbid")
+        p: float = Field(0.5, ge=0, le=1)
+        p_c: float = Field(0.5, ge=0, le=1)
+        r_c_min: float = Field(0.7, gt=0, le=1)
+        r_h_min: float = Field(0.5, gt=0, le=1)
+        r_w_min: float = Field(0.5, gt=0, le=1)
 
     def __init__(self, p: float = 0.5, p_c: float = 0.5, r_c_min: float = 0.7, r_h_min: float = 0.5,
                  r_w_min: float = 0.5, antialias: bool = True):
@@ -183,8 +205,7 @@ def build_transforms(
     pad: int = 0,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    rsa: Mapping[str, float] | None = None,
-    random_block: Mapping[str, float] | None = None,
+    **augmentations: Mapping[str, Any] | None,
 ) -> v2.Compose:
     """Build the train or test transform pipeline.
 
@@ -196,21 +217,21 @@ def build_transforms(
         random_erasing: random erasing (p=0.5, ImageNet-mean-free value 0 after normalisation), train only.
         pad: zero padding in pixels before a random crop back to H×W (0 disables), train only.
         mean, std: per-channel normalisation (RGB, in [0, 1] units).
-        rsa: random shifting augmentation (:class:`RandomShift`; RMGL, TIP 2020, Sec. III-D), train only:
-            ``None`` disables it, a mapping (keys ``p``, ``p_c``, ``r_c_min``, ``r_h_min``, ``r_w_min``, the
-            recipe's ``data.augment.rsa``) adds ``RandomShift(**rsa)`` on the uint8 image right after resize
-            and flip (before pad/crop, colour jitter and normalisation).
-        random_block: Random Block (QAConv, Liao & Shao ECCV 2020, Sec. 5.1: a white square of side up to
-            ``max_ratio`` x width; :class:`~nasreid.data.random_block.RandomBlock`), train only: ``None`` disables
-            it, a mapping (``p``, ``max_ratio``: the recipe's ``data.augment.random_block``) adds it on the uint8
-            image after the geometric augmentations, before normalisation (so "white" is 255).
+        **augmentations: registered augmentations (``nasreid list augmentations``; the recipe's
+            ``data.augment.<name>``), train only: ``name=None`` disables one, a mapping of its arguments adds it
+            at its ``stage`` (:data:`STAGES`), in the order given. Built in: ``rsa`` (:class:`RandomShift`, RMGL,
+            TIP 2020, Sec. III-D: on the uint8 image right after resize and flip, before pad/crop, colour jitter
+            and normalisation) and ``random_block`` (:class:`~nasreid.data.random_block.RandomBlock`, QAConv,
+            ECCV 2020, Sec. 5.1: after the geometric augmentations, before normalisation, so "white" is 255).
 
     Returns:
         ``v2.Compose`` mapping an RGB ``PIL.Image`` to a ``torch.float32`` tensor ``[3, height, width]``.
 
     Raises:
-        ValueError: non-positive size, negative pad, mean/std not of length 3, or an ``rsa`` value out of range.
-        TypeError: ``rsa`` not a mapping, or with an unknown key.
+        ValueError: non-positive size, negative pad, mean/std not of length 3, or an augmentation's value out of
+            range.
+        TypeError: an augmentation's settings that are not a mapping, or with an unknown key.
+        RegistryError: an unknown augmentation name (lists the known ones).
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive, got height={height}, width={width}")
@@ -218,22 +239,28 @@ def build_transforms(
         raise ValueError(f"pad must be >= 0, got {pad}")
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values (RGB), got mean={tuple(mean)}, std={tuple(std)}")
-    if rsa is not None and not isinstance(rsa, Mapping):
-        raise TypeError(f"rsa must be a mapping of RandomShift arguments or None, got {type(rsa).__name__}")
+    staged: dict[str, list] = {s: [] for s in STAGES}
+    for name, kwargs in augmentations.items():
+        if kwargs is None:
+            continue
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"{name} must be a mapping of the augmentation's arguments or None, got "
+                            f"{type(kwargs).__name__}")
+        cls = AUGMENTATIONS.get(name)
+        stage = getattr(cls, "stage", "pixel")
+        if stage not in STAGES:
+            raise ValueError(f"augmentation {name!r} declares stage {stage!r}; expected one of {list(STAGES)}")
+        staged[stage].append(cls(**kwargs))
     ops: list = [v2.ToImage(), v2.Resize((height, width), antialias=True)]
     if is_train:
         if flip:
             ops.append(v2.RandomHorizontalFlip(p=0.5))
-        if rsa is not None:
-            ops.append(RandomShift(**rsa))
+        ops += staged["geometric"]
         if pad > 0:
             ops += [v2.Pad(pad), v2.RandomCrop((height, width))]
         if color_jitter:
             ops.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0))
-        if random_block is not None:
-            from .random_block import RandomBlock
-
-            ops.append(RandomBlock(**random_block))
+        ops += staged["pixel"]
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
     if is_train and random_erasing:
         ops.append(v2.RandomErasing(p=0.5, value=0))
