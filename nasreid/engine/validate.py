@@ -60,23 +60,22 @@ def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = fro
                           f"implementation), the recipe's device is {recipe.device!r}")
     if recipe.distributed.backend == "nccl" and not recipe.device.startswith("cuda"):
         raise RecipeError(f"{src}: distributed.backend: nccl needs device cuda; use gloo on {recipe.device!r}")
-    space = _lookup(SPACES, recipe.space.name, f"{src}: space.name")
-    check_kwargs(space, recipe.space.kwargs, f"{src}: space.kwargs", f"search space {recipe.space.name!r}",
-                 reserved=("num_classes",))
-    ds = _lookup(DATASETS, recipe.data.dataset.name, f"{src}: data.dataset.name")
-    check_kwargs(ds, recipe.data.dataset.kwargs, f"{src}: data.dataset.kwargs",
-                 f"dataset {recipe.data.dataset.name!r}", reserved=("root",))
+    # one validation path for every registered component (Registry.validate: its Config, else its signature)
+    _lookup(SPACES, recipe.space.name, f"{src}: space.name")
+    SPACES.validate(recipe.space.name, recipe.space.kwargs, f"{src}: space.kwargs", reserved=("num_classes",))
+    _lookup(DATASETS, recipe.data.dataset.name, f"{src}: data.dataset.name")
+    DATASETS.validate(recipe.data.dataset.name, recipe.data.dataset.kwargs, f"{src}: data.dataset.kwargs",
+                      reserved=("root",))
     for i, t in enumerate(recipe.eval.targets):
-        tcls = _lookup(DATASETS, t.name, f"{src}: eval.targets[{i}].name")
-        check_kwargs(tcls, t.kwargs, f"{src}: eval.targets[{i}].kwargs", f"dataset {t.name!r}",
-                     reserved=("root", "eval_only"))
+        _lookup(DATASETS, t.name, f"{src}: eval.targets[{i}].name")
+        DATASETS.validate(t.name, t.kwargs, f"{src}: eval.targets[{i}].kwargs", reserved=("root", "eval_only"))
     if recipe.eval.matcher is not None:
         m = recipe.eval.matcher
-        check_kwargs(_lookup(MATCHERS, m.name, f"{src}: eval.matcher.name"), m.kwargs, f"{src}: eval.matcher.kwargs",
-                     f"matcher {m.name!r}")
+        _lookup(MATCHERS, m.name, f"{src}: eval.matcher.name")
+        MATCHERS.validate(m.name, m.kwargs, f"{src}: eval.matcher.kwargs")
     for i, pp in enumerate(recipe.eval.postprocessors):
-        check_kwargs(_lookup(POSTPROCESSORS, pp.name, f"{src}: eval.postprocessors[{i}].name"), pp.kwargs,
-                     f"{src}: eval.postprocessors[{i}].kwargs", f"post-processor {pp.name!r}")
+        _lookup(POSTPROCESSORS, pp.name, f"{src}: eval.postprocessors[{i}].name")
+        POSTPROCESSORS.validate(pp.name, pp.kwargs, f"{src}: eval.postprocessors[{i}].kwargs")
     _lookup(LOSSES, recipe.loss.name, f"{src}: loss.name")
     LOSSES.validate(recipe.loss.name, recipe.loss.kwargs, f"{src}: loss.kwargs", reserved=("num_classes",))
     method = _lookup(METHODS, recipe.training.method, f"{src}: training.method")
@@ -87,11 +86,8 @@ def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = fro
                           f"(it would be ignored); remove it" + (f" (also: {', '.join(refused[1:])})"
                                                                    if refused[1:] else ""))
     if recipe.strategy is not None:
-        strat = _lookup(STRATEGIES, recipe.strategy.name, f"{src}: strategy.name")
-        try:
-            strat.validate_kwargs(recipe.strategy.kwargs)
-        except NasreidError as e:
-            raise RecipeError(f"{src}: {e}") from None
+        _lookup(STRATEGIES, recipe.strategy.name, f"{src}: strategy.name")
+        STRATEGIES.validate(recipe.strategy.name, recipe.strategy.kwargs, f"{src}: strategy.kwargs")
     elif search:
         raise RecipeError(f"{src}: a search recipe needs a 'strategy' section")
     if recipe.model and recipe.model.preset:
