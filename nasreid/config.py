@@ -211,6 +211,9 @@ class ModelConfig(_Strict):
     genotype: Optional[str] = None
     preset: Optional[str] = None
     pretrained: Optional[str] = None
+    pretrained_format: Literal["auto", "nasreid", "torchreid", "torchvision"] = Field(
+        "auto", description="naming of the pretrained file: torchreid's OSNet family (translated exactly onto "
+        "the osnet / osnet_ibn / osnet_ain_torchreid presets), torchvision, nasreid; auto: detected")
     pretrained_skip: list[str] = Field(default_factory=lambda: ["head.classifier"])
 
 

@@ -68,6 +68,11 @@ PRESET_GENOTYPES: dict[str, dict[str, Any]] = {
     # ``os_in_in`` keeps conv3's BN before the IN (BN then IN on the same channels is redundant up to the
     # sign of BN's scale; it adds 2 * C parameters and running statistics per block).
     "osnet_ain_released": {"choices": dict(_AIN_CHOICES), "space_kwargs": {"conv1_in": True}},
+    # torchreid's osnet_ain_x* exactly (deep-person-reid, torchreid/models/osnet_ain.py): the released choices,
+    # conv1 with affine IN, and OSBlockINin's last 1x1 conv without BN (its IN replaces it). Its pool2/pool3
+    # transitions (1x1 conv-BN-ReLU + 2x2 average pool) are this space's trans2/trans3. torchreid's files load
+    # into it with every tensor placed (nasreid.models.torchreid).
+    "osnet_ain_torchreid": {"choices": dict(_AIN_CHOICES), "space_kwargs": {"conv1_in": True, "in_in_bn": False}},
     # Ablations for the IN regression at CPU scale (issue: every IN variant halves same-domain mAP at 128x64,
     # width x0.25, from scratch). Not published designs. ``osnet_ain_shallow``: the paper's OSNet-AIN with IN
     # kept only where the maps are large (conv2, 32x16 at a 128x64 input), conv3/conv4 plain (their IN layers
@@ -115,6 +120,8 @@ class OSNetAINSpace(ModelSpace, ReIDNetwork):
             and own only their IN layers (a deviation from Fig. 5, see above). ``False``: four
             independent blocks per layer, as in Fig. 5.
         in_affine: affine IN layers in the OS blocks (default, as released); ``False``: plain IN.
+        in_in_bn: ``os_in_in`` blocks keep the BN of their last 1x1 conv before the IN (default); ``False``: no
+            BN there, as torchreid's ``OSBlockINin`` (preset ``osnet_ain_torchreid``).
 
     Forward: ``[B, 3, H, W]`` (H, W multiples of 16) -> training ``dict(feat=[B, D], logits=[B, C])``,
     eval ``[B, D]``.
@@ -125,7 +132,7 @@ class OSNetAINSpace(ModelSpace, ReIDNetwork):
 
     def __init__(self, num_classes: int = 0, width_mult: float = 1.0, feature_dim: int = 512,
                  conv1_in: bool = False, head: str = "fc", streams: int = 4, share_weights: bool = True,
-                 in_affine: bool = True):
+                 in_affine: bool = True, in_in_bn: bool = True):
         super().__init__()
         c0, c1, c2, c3 = (_scale(c, width_mult) for c in BASE_CHANNELS)
         self.conv1 = ConvBNReLU(3, c0, 7, stride=2, padding=3, instance_norm=conv1_in)
@@ -137,10 +144,12 @@ class OSNetAINSpace(ModelSpace, ReIDNetwork):
                 # building a fixed network (freeze / Genotype.build): only the chosen block, with its own
                 # non-memoising residual branch, whatever share_weights says -- so both settings give the
                 # same modules and draw the same random numbers (same initial weights from one seed)
-                return LayerChoice({frozen: OSBlock(cin, cout, frozen, streams=streams, in_affine=in_affine)},
+                return LayerChoice({frozen: OSBlock(cin, cout, frozen, streams=streams, in_affine=in_affine,
+                                                    in_in_bn=in_in_bn)},
                                    label=label)
             shared = OSResidual(cin, cout, streams, memoize=True) if share_weights else None
-            return LayerChoice({v: OSBlock(cin, cout, v, streams=streams, residual=shared, in_affine=in_affine)
+            return LayerChoice({v: OSBlock(cin, cout, v, streams=streams, residual=shared, in_affine=in_affine,
+                                           in_in_bn=in_in_bn)
                                 for v in IN_VARIANTS}, label=label)
 
         self.conv2 = nn.Sequential(choice("conv2_1", c0, c1), choice("conv2_2", c1, c1))

@@ -28,6 +28,17 @@ def missing(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
+def shared_weights() -> Path:
+    """Path to the real torchreid model-zoo files (``../shared/weights`` from the repo root, or
+    ``$NASREID_WEIGHTS``); under CI a missing folder fails the tests that need it."""
+    env = os.environ.get("NASREID_WEIGHTS")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "weights"
+    if not (path / "osnet_x0_25_msmt17").is_dir():
+        missing(f"pretrained weights not found at {path} (set NASREID_WEIGHTS)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def cuhk01_dir(shared_data) -> Path:
     d = shared_data / "cuhk01" / "campus"
     if not d.is_dir():

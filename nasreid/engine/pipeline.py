@@ -233,7 +233,8 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
     if recipe.model and recipe.model.pretrained and not (run / "checkpoints" / "last.pt").is_file():
         from nasreid.models.pretrained import load_pretrained
 
-        report = load_pretrained(net, recipe.model.pretrained, skip=tuple(recipe.model.pretrained_skip))
+        report = load_pretrained(net, recipe.model.pretrained, skip=tuple(recipe.model.pretrained_skip),
+                                 format=recipe.model.pretrained_format)
         log.info("loaded %d tensors from %s (skipped %d)", report["loaded"], recipe.model.pretrained,
                  len(report["skipped"]))
     model = ctx.device.model(net)

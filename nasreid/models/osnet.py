@@ -99,7 +99,9 @@ class OSResidual(nn.Module):
     """The residual branch of an OS block, ``conv3(sum_t G(F^t(conv1(x))))`` (OSNet Eq. 2-3), and its
     shortcut (identity, or 1x1-BN projection when channels differ).
 
-    Forward: ``[B, in_ch, H, W] -> (residual [B, out_ch, H, W], shortcut [B, out_ch, H, W])``.
+    Forward: ``[B, in_ch, H, W] -> (residual [B, out_ch, H, W], shortcut [B, out_ch, H, W], conv3 output before
+    its BN [B, out_ch, H, W])``; with ``conv3_bn=False`` conv3 has no BN (torchreid's ``OSBlockINin``, whose IN
+    replaces it) and the first and last entries are the same tensor.
 
     With ``memoize=True`` the last result is reused when called again on the *same* input tensor
     (same object, same version, same train/eval mode; a result computed with grad is also served, detached,
@@ -108,7 +110,7 @@ class OSResidual(nn.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, streams: int = 4, bottleneck_reduction: int = 4,
-                 gate_reduction: int = 16, memoize: bool = False):
+                 gate_reduction: int = 16, memoize: bool = False, conv3_bn: bool = True):
         super().__init__()
         mid = max(out_ch // bottleneck_reduction, 1)
         self.conv1 = ConvBNReLU(in_ch, mid, 1)
@@ -116,7 +118,7 @@ class OSResidual(nn.Module):
             nn.Sequential(*[LiteConv3x3(mid, mid) for _ in range(t)]) for t in range(1, streams + 1)
         )
         self.gate = AggregationGate(mid, gate_reduction)
-        self.conv3 = Conv1x1BN(mid, out_ch)
+        self.conv3 = Conv1x1BN(mid, out_ch) if conv3_bn else nn.Sequential(nn.Conv2d(mid, out_ch, 1, bias=False))
         self.downsample = Conv1x1BN(in_ch, out_ch) if in_ch != out_ch else None
         self.memoize = memoize
         self._cache: tuple | None = None
@@ -125,7 +127,7 @@ class OSResidual(nn.Module):
         """Drop the memoised result (called by the space at the end of every forward pass)."""
         self._cache = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self._cache
         grad = torch.is_grad_enabled()
         if c is not None and c[0] is x and c[1] == x._version and c[3] == self.training:
@@ -139,7 +141,8 @@ class OSResidual(nn.Module):
         for stream in self.streams:
             s = self.gate(stream(h))
             res = s if res is None else res + s
-        out = (self.conv3(res), identity)
+        pre = self.conv3[0](res)
+        out = (self.conv3[1](pre) if len(self.conv3) > 1 else pre, identity, pre)
         if self.memoize:
             self._cache = (x, x._version, grad, self.training, out)
         return out
@@ -150,7 +153,9 @@ class OSBlock(nn.Module):
 
     ``y = ReLU(IN_out(x' + IN_in(conv3(sum_t G(F^t(conv1(x)))))))`` where ``F^t`` stacks t Lite 3x3,
     ``x'`` is ``x`` or a 1x1-BN projection when channels differ, and ``IN_in`` / ``IN_out`` are affine
-    ``InstanceNorm2d`` present according to ``variant`` (see :data:`IN_VARIANTS`).
+    ``InstanceNorm2d`` present according to ``variant`` (see :data:`IN_VARIANTS`). ``conv3`` ends with a BN,
+    except in an ``IN_in`` block built with ``in_in_bn=False`` (torchreid's ``OSBlockINin``: the IN replaces the BN;
+    a shared residual branch keeps its BN for the other candidates, this block reads conv3's output before it).
 
     Args:
         in_ch, out_ch: channels; the bottleneck width is ``out_ch // 4``.
@@ -160,6 +165,8 @@ class OSBlock(nn.Module):
             variants of one layer then differ only in their IN layers); a new one by default.
         in_affine: the IN layers learn a per-channel scale and shift (default, as the released OSNet-AIN);
             ``False``: plain IN (an ablation of the IN implementation).
+        in_in_bn: with an ``IN_in`` layer, keep the BN of conv3 before it (default, this space's original
+            ``os_in_in``); ``False``: no BN there, as torchreid's released OSNet-AIN (``OSBlockINin``).
 
     Shapes: ``[B, in_ch, H, W] -> [B, out_ch, H, W]``.
 
@@ -169,19 +176,22 @@ class OSBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, variant: str = "os", streams: int = 4,
                  bottleneck_reduction: int = 4, gate_reduction: int = 16, residual: OSResidual | None = None,
-                 in_affine: bool = True):
+                 in_affine: bool = True, in_in_bn: bool = True):
         super().__init__()
         if variant not in IN_VARIANTS:
             raise ValueError(f"unknown OS block variant {variant!r}; expected one of {list(IN_VARIANTS)}")
         self.variant = variant
-        self.residual = residual if residual is not None else OSResidual(
-            in_ch, out_ch, streams, bottleneck_reduction, gate_reduction)
         in_in, in_out = IN_VARIANTS[variant]
+        self.skip_conv3_bn = in_in and not in_in_bn
+        self.residual = residual if residual is not None else OSResidual(
+            in_ch, out_ch, streams, bottleneck_reduction, gate_reduction, conv3_bn=not self.skip_conv3_bn)
         self.in_in = nn.InstanceNorm2d(out_ch, affine=in_affine) if in_in else None
         self.in_out = nn.InstanceNorm2d(out_ch, affine=in_affine) if in_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        res, identity = self.residual(x)
+        res, identity, pre_bn = self.residual(x)
+        if self.skip_conv3_bn:
+            res = pre_bn
         if self.in_in is not None:
             res = self.in_in(res)
         out = res + identity

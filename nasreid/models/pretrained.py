@@ -16,8 +16,9 @@ Accepted files: a plain state dict (``{name: tensor}``), or a dict holding one u
 ``weights_only=False`` as that file holds NumPy RNG states too) or ``"model_state_dict"``. A ``module.``
 prefix (``nn.DataParallel`` / DDP) is removed from every key.
 
-Module names must match the model's. The authors' released torchreid files name their modules differently
-(``conv1.conv.weight`` where nasreid has ``conv1.0.weight``); pass ``rename`` to translate such names.
+Module names must match the model's, or be translated: torchreid's OSNet-family files (``conv1.conv.weight``
+where nasreid has ``conv1.0.weight``) are recognised and translated exactly (:mod:`nasreid.models.torchreid`,
+``format="torchreid"``); ``rename`` translates any other naming.
 
 Example::
 
@@ -41,7 +42,7 @@ from torch import nn
 from nasreid.errors import NasreidError
 
 __all__ = ["PretrainedWeightsError", "load_pretrained", "read_state_dict", "backbone_and_head_parameters",
-           "under_prefixes"]
+           "under_prefixes", "FORMATS"]
 
 #: keys under which checkpoints of torchreid (``state_dict``), nasreid (``model``) and the PyTorch tutorials
 #: (``model_state_dict``) keep the network's state dict, tried in this order
@@ -122,9 +123,13 @@ def _find_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
         "model.state_dict() instead")
 
 
+#: the weight-file layouts :func:`load_pretrained` reads (``model.pretrained_format``)
+FORMATS = ("auto", "nasreid", "torchreid", "torchvision")
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str] = ("head.classifier",),
                     strict: bool = True, rename: Callable[[str], str | None] | None = None,
-                    weights_only: bool = True) -> dict[str, Any]:
+                    weights_only: bool = True, format: str = "auto") -> dict[str, Any]:
     """Copy the tensors of a ``torch.save`` d file into ``model`` (in place, via ``load_state_dict``).
 
     Keys are matched by name after removing a ``module.`` prefix and applying ``rename``. Keys of the
@@ -143,6 +148,12 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
         rename: maps a file key (after the ``module.`` removal) to the model's name for it, or to ``None``
             to drop it; e.g. a translation of another code base's module names.
         weights_only: see :func:`read_state_dict`.
+        format: the file's naming: ``"nasreid"`` (names as the model's), ``"torchreid"`` (torchreid's OSNet /
+            OSNet-IBN / OSNet-AIN files, translated by :mod:`nasreid.models.torchreid` into the ``osnet`` /
+            ``osnet_ibn`` / ``osnet_ain_torchreid`` presets), ``"torchvision"`` (a torchvision ResNet-50 state dict
+            into a model whose modules are torchvision's, e.g. RMGL's ``resnet50`` trunk: names kept, ``fc.*``
+            dropped), or ``"auto"`` (torchreid when the keys are torchreid's, else names as they are).
+            Ignored when ``rename`` is given.
 
     Returns:
         ``{"loaded": n, "skipped": [...], "missing": [...], "unexpected": [...], "mismatched": [...]}``:
@@ -160,8 +171,28 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
     """
     skip = tuple(skip)
     path = Path(path)
+    if format not in FORMATS:
+        raise PretrainedWeightsError(f"unknown weights format {format!r}; expected one of {', '.join(FORMATS)}")
     file_sd = read_state_dict(path, weights_only=weights_only)
     model_sd = model.state_dict()
+    hint = ""
+    if rename is None:
+        from nasreid.models import torchreid as TR
+
+        if format == "torchreid" or (format == "auto" and TR.is_torchreid(file_sd)):
+            if not TR.is_torchreid(file_sd):
+                raise PretrainedWeightsError(f"{path}: format torchreid, but its keys are not torchreid's OSNet "
+                                             f"names (first keys: {_few(list(file_sd))})")
+            names = TR.rename_map(file_sd)
+            rename = names.get
+            flavour = TR.detect_flavour(file_sd)
+            width = file_sd["conv1.conv.weight"].shape[0] / 64
+            hint = (f" (a torchreid {flavour} file of width x{width:g}: it is the osnet_ain space's preset "
+                    f"{'osnet_ain_torchreid' if flavour == 'osnet_ain' else 'osnet or osnet_ibn'} with "
+                    f"space.kwargs.width_mult {width:g})")
+        elif format == "torchvision":
+            def rename(key: str) -> str | None:
+                return None if key.startswith("fc.") else key
 
     kept: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
@@ -186,14 +217,14 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
         raise PretrainedWeightsError(
             f"pretrained weights {path} do not match the model ({type(model).__name__}): " + "; ".join(parts)
             + f". Skipped prefixes: {list(skip)}; pass skip=... to leave layers out, or strict=False to load "
-              "the keys that match")
+              f"the keys that match{hint}")
     if strict and mismatched:
         key, fs, ms = mismatched[0]
         more = f" (and {len(mismatched) - 1} more key(s) with other shapes)" if len(mismatched) > 1 else ""
         raise PretrainedWeightsError(
             f"pretrained weights {path}: {key!r} has shape {list(fs)} in the file but {list(ms)} in the model"
             f"{more}; a different width multiplier / number of classes? Put the layer in skip=... or pass "
-            "strict=False")
+            f"strict=False{hint}")
 
     bad = {k for k, _, _ in mismatched}
     load = {k: v for k, v in kept.items() if k in model_sd and k not in bad}
