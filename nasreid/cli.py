@@ -133,8 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--nproc", type=int, metavar="N", help="data-parallel over N processes (see search --nproc)")
 
-    e = sub.add_parser("evaluate", parents=[plugin], help="CMC / mAP of a retrained run, same- and cross-domain")
-    e.add_argument("run")
+    e = sub.add_parser("evaluate", parents=[plugin], help="CMC / mAP of a retrained run, same- and cross-domain; "
+                       "or of a weights file with no run folder (--weights, zero-shot)")
+    e.add_argument("run", nargs="?", help="a retrain run folder (omit with --weights)")
+    e.add_argument("--weights", help="zero-shot: a weights file (a torchreid model-zoo file, nasreid's model.pt, "
+                   "...) evaluated with --genotype on the --target datasets, no run folder")
+    e.add_argument("--genotype", help="with --weights: genotype.json or preset:NAME (e.g. preset:osnet)")
+    e.add_argument("--space", default="osnet_ain", help="with --weights: the space of a preset (osnet_ain)")
+    e.add_argument("--format", dest="weights_format", default="auto",
+                   choices=["auto", "nasreid", "torchreid", "torchvision"], help="with --weights: the file's naming")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --weights: evaluation settings, e.g. space.kwargs.width_mult=0.25, data.height=128, "
+                   "data.width=64, eval.metric=cosine (defaults 256x128, euclidean)")
+    e.add_argument("--out", help="with --weights: folder for recipe.yaml and metrics.json")
     e.add_argument("--target", action="append", default=[], metavar="NAME[=ROOT][:k=v,...]",
                    help="cross-domain dataset (repeatable); default: the recipe's eval.targets")
     e.add_argument("--no-same-domain", action="store_true", help="skip the training dataset's test split")
@@ -365,7 +376,21 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from nasreid.evaluation.runner import run_evaluate
+    from nasreid.config import RecipeError
+    from nasreid.evaluation.runner import run_evaluate, run_evaluate_weights
+
+    if args.weights:
+        if args.run or not args.genotype:
+            raise RecipeError("nasreid evaluate --weights FILE needs --genotype (genotype.json or preset:NAME) and "
+                              "no run folder")
+        run = run_evaluate_weights(args.weights, args.genotype, targets=_targets(args.target), space=args.space,
+                                   overrides=_overrides(args.set), out=args.out, weights_format=args.weights_format,
+                                   device=args.device)
+        print(f"zero-shot run: {run}")
+        print(json.dumps(json.loads((run / "metrics.json").read_text())["evaluation"], indent=2))
+        return 0
+    if not args.run:
+        raise RecipeError("nasreid evaluate: give a run folder, or --weights FILE --genotype G --target ...")
 
     res = run_evaluate(args.run, targets=_targets(args.target) or None, device=args.device,
                        same_domain=not args.no_same_domain,

@@ -86,12 +86,26 @@ def _describe(x: Any) -> str:
 
 def _state_dict(weights: Any) -> tuple[dict[str, torch.Tensor], int | None, str, Any]:
     """``(state_dict, num_classes or None, source, the checkpoint's genotype dict or None)`` from a checkpoint
-    path or a (checkpoint) mapping."""
-    from nasreid.engine.checkpoint import CheckpointError, load_checkpoint
+    path or a (checkpoint) mapping. A file is read with ``torch.load(weights_only=True)`` (tensors and plain
+    containers only: safe for files from others; nasreid's ``model.pt`` reads so too). torchreid's OSNet-family
+    files are translated to nasreid's names (:mod:`nasreid.models.torchreid`)."""
+    import pickle
+
+    from nasreid.engine.checkpoint import CheckpointError
+    from nasreid.models.torchreid import is_torchreid, rename_map
 
     if isinstance(weights, (str, os.PathLike)):
         src = str(weights)
-        st = load_checkpoint(weights)
+        if not Path(weights).is_file():
+            raise CheckpointError(f"weights file not found: {src}")
+        try:
+            st = torch.load(weights, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{src}: holds Python objects other than tensors (a training checkpoint such as "
+                                  f"checkpoints/last.pt? use the run's model.pt or FeatureExtractor.from_run): "
+                                  f"{str(e).splitlines()[0]}") from None
+        except Exception as e:  # noqa: BLE001 - any failure to read is the file's fault; re-raised naming it
+            raise CheckpointError(f"cannot read weights {src}: {type(e).__name__}: {e}") from None
     elif isinstance(weights, Mapping):
         src, st = "the given state_dict", weights
     else:
@@ -107,6 +121,12 @@ def _state_dict(weights: Any) -> tuple[dict[str, torch.Tensor], int | None, str,
     for prefix in ("module.", "_orig_mod."):  # DataParallel / torch.compile wrappers
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
+    if is_torchreid(state):  # a torchreid model-zoo file: the presets osnet / osnet_ibn / osnet_ain_torchreid
+        names = rename_map(state)
+        unknown = [k for k, v in names.items() if v is None]
+        if unknown:
+            raise CheckpointError(f"{src}: torchreid keys outside the OSNet family's name map: {unknown[:5]}")
+        state = {str(names[k]): v for k, v in state.items()}
     geno = st.get("genotype") if "model" in st else None
     return state, (int(num_classes) if num_classes is not None else None), src, geno
 
@@ -121,7 +141,9 @@ class FeatureExtractor:
             ``None``: the genotype stored in the ``weights`` checkpoint (``model.pt`` written by ``nasreid train``
             holds it).
         weights: ``model.pt`` / a checkpoint path (a dict with a ``"model"`` state_dict, as training writes), a
-            plain state_dict file, or a state_dict / checkpoint mapping. Loaded strictly. ``None``: the
+            plain state_dict file (a torchreid model-zoo file too: its names are translated, e.g.
+            ``FeatureExtractor("preset:osnet", "osnet_x0_25_msmt17.pth", space="osnet_ain",
+            space_kwargs={"width_mult": 0.25})``), or a state_dict / checkpoint mapping. Loaded strictly. ``None``: the
             network's own (for a genotype, random) weights -- only meaningful for tests.
         space: the search space of a ``"preset:<name>"`` genotype (e.g. ``"osnet_ain"``).
         space_kwargs: constructor arguments of the space for a preset (e.g. ``{"width_mult": 0.25}``); they

@@ -105,3 +105,56 @@ def test_the_name_map_round_trips_every_width(preset, flavour, width, shared_wei
         assert set(theirs) == set(read_state_dict(shared_weights / name))
     if preset == "osnet_ibn":  # torchreid's osnet_ibn_x1_0: IN in conv1 and after the addition of the conv2 blocks
         assert {t for t in theirs if ".IN." in t} == {f"conv2.{i}.IN.{p}" for i in (0, 1) for p in ("weight", "bias")}
+
+
+def test_cuhk01_all_ids_protocol(shared_data):
+    ds = build_dataset("cuhk01", shared_data / "cuhk01", protocol="all_ids")
+    assert (len(ds.train), len(ds.query), len(ds.gallery)) == (0, 971, 1942)
+    assert all(r.path.endswith("001.png") and r.camid == 0 for r in ds.query)
+    assert {r.path[-7:-4] for r in ds.gallery} == {"003", "004"} and {r.camid for r in ds.gallery} == {1}
+    assert sorted({r.pid for r in ds.query}) == sorted({r.pid for r in ds.gallery}) == list(range(1, 972))
+    from nasreid.data.datasets.base import DatasetLayoutError
+
+    with pytest.raises(DatasetLayoutError, match="protocol must be 'split' or 'all_ids'"):
+        build_dataset("cuhk01", shared_data / "cuhk01", protocol="all")
+
+
+def test_zero_shot_evaluate_of_a_zoo_file_with_no_run_folder(tmp_path, shared_weights, shared_data, capsys):
+    """``nasreid evaluate --weights``: the MSMT17 model, never trained on CUHK01, ranks most of 60 CUHK01
+    identities first; an untrained network of the same genotype does not."""
+    import json
+
+    from nasreid import cli
+
+    zoo = shared_weights / "osnet_x0_25_msmt17/osnet_x0_25_msmt17.pth"
+    target = f"cuhk01={shared_data / 'cuhk01'}:protocol=all_ids,max_ids=60"
+    args = ["evaluate", "--weights", str(zoo), "--genotype", "preset:osnet", "--set", "space.kwargs.width_mult=0.25",
+            "--target", target, "--out", str(tmp_path / "zs")]
+    assert cli.main(args) == 0
+    m = json.loads((tmp_path / "zs" / "metrics.json").read_text())
+    assert m["kind"] == "zero_shot" and m["load_report"]["loaded"] == 565 and m["input"] == [256, 128]
+    (r,) = m["evaluation"].values()
+    assert (r["num_query"], r["num_gallery"]) == (60, 120)
+    assert r["rank1"] >= 60 and r["mAP"] >= 50, r
+    scratch = tmp_path / "scratch.pt"
+    torch.save(preset_genotype("osnet_ain", "osnet", width_mult=0.25).build(num_classes=0).state_dict(), scratch)
+    assert cli.main([*args[:2], str(scratch), *args[3:-1], str(tmp_path / "zs_random")]) == 0
+    (rr,) = json.loads((tmp_path / "zs_random" / "metrics.json").read_text())["evaluation"].values()
+    assert rr["rank1"] < r["rank1"] - 30
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--weights", str(zoo), "--target", target]) == 2  # no genotype
+    assert "needs --genotype" in capsys.readouterr().err
+
+
+def test_the_feature_extractor_takes_a_zoo_file(shared_weights, shared_data):
+    from nasreid.extractor import FeatureExtractor
+
+    fx = FeatureExtractor("preset:osnet", shared_weights / "osnet_x0_25_msmt17/osnet_x0_25_msmt17.pth",
+                          space="osnet_ain", space_kwargs={"width_mult": 0.25})
+    campus = shared_data / "cuhk01" / "campus"
+    same, other = [], []
+    for pid in range(1, 21):
+        f = fx([campus / f"{pid:04d}001.png", campus / f"{pid:04d}003.png", campus / f"{pid % 20 + 1:04d}003.png"])
+        same.append(float(f[0] @ f[1]))
+        other.append(float(f[0] @ f[2]))
+    assert np.mean(same) > np.mean(other) + 0.15  # a person is closer to themself in the other camera

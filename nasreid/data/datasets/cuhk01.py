@@ -9,6 +9,10 @@ Layout::
 split at random (``split_seed``); train holds all images of train ids (relabelled 0..N-1); query holds the
 camera-``query_cam`` images of the test ids (both of them) and gallery the other camera's images. Query and
 gallery keep the original pid. 13 id/camera pairs hold two byte-identical images; they are kept as they are.
+
+``protocol="all_ids"`` is an evaluation-only protocol over all 971 identities (for models trained elsewhere,
+e.g. torchreid's zoo used zero-shot): no train split; query = the first camera-A image of every id
+(``PPPP001``), gallery = both camera-B images (``PPPP003``, ``PPPP004``): 971 queries, 1,942 gallery images.
 """
 from __future__ import annotations
 
@@ -63,6 +67,9 @@ class CUHK01(ReIDDataset):
         query_cam: ``"A"`` (default) or ``"B"``: camera whose images form the query; the other is the gallery.
         max_ids: if set, use only this many identities (chosen with ``split_seed``), scaling ``num_train_ids``
             by the same ratio (``round(max_ids * num_train_ids / #ids)``, at least 1 train and 1 test id).
+        protocol: ``"split"`` (default: the seeded train/test split above) or ``"all_ids"`` (evaluation only,
+            every identity: query ``PPPP001``, gallery ``PPPP003`` + ``PPPP004``; ``num_train_ids``, ``split_seed``,
+            ``query_cam`` do not apply, ``max_ids`` takes the first ids in order).
         strict: raise on a non-matching image name (default) instead of warning and skipping.
 
     Raises:
@@ -80,6 +87,7 @@ class CUHK01(ReIDDataset):
         query_cam: str = "A",
         max_ids: int | None = None,
         strict: bool = True,
+        protocol: str = "split",
     ):
         root = resolve_root(root, self.default_subdir, "cuhk01")
         img_dir = root / "campus"
@@ -102,6 +110,16 @@ class CUHK01(ReIDDataset):
             raise DatasetLayoutError(f"cuhk01: no images found in {img_dir}")
         pids = np.array(sorted(by_pid))
         n_total = len(pids)
+        if protocol not in ("split", "all_ids"):
+            raise DatasetLayoutError(f"cuhk01: protocol must be 'split' or 'all_ids', got {protocol!r}")
+        if protocol == "all_ids":
+            ids = [int(p) for p in pids[: max_ids or n_total]]
+            query = [r for p in ids for r in by_pid[p] if os.path.basename(r.path)[4:7] == "001"]
+            gallery = [r for p in ids for r in by_pid[p] if os.path.basename(r.path)[4:7] in ("003", "004")]
+            self.train_pids, self.test_pids = [], ids
+            self.split_seed, self.query_cam, self.protocol = None, "A", protocol
+            super().__init__("cuhk01", [], query, gallery, root=root, allow_empty=("train",))
+            return
         if not 1 <= num_train_ids < n_total:
             raise DatasetLayoutError(
                 f"cuhk01: num_train_ids must be in 1..{n_total - 1} (found {n_total} ids), got {num_train_ids}"
@@ -124,5 +142,5 @@ class CUHK01(ReIDDataset):
         query = [r for p in test_pids for r in by_pid[p] if r.camid == q_camid]
         gallery = [r for p in test_pids for r in by_pid[p] if r.camid != q_camid]
         self.train_pids, self.test_pids = train_pids, test_pids
-        self.split_seed, self.query_cam = split_seed, query_cam
+        self.split_seed, self.query_cam, self.protocol = split_seed, query_cam, protocol
         super().__init__("cuhk01", train, query, gallery, root=root)
