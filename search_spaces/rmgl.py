@@ -79,7 +79,7 @@ from torch import nn
 
 from nasreid.models.interface import ReIDNetwork
 from nasreid.models.osnet import ConvBNReLU, OSBlock, Transition, init_reid_weights
-from nasreid.models.pretrained import PretrainedWeightsError, read_state_dict
+from nasreid.models.pretrained import PretrainedWeightsError
 from nasreid.models.rmgl import ABP_POOLS, RMGLBranch
 from nasreid.mutables import Categorical, ModelSpace, Numerical, ensure_frozen
 from nasreid.registry import register_space
@@ -177,27 +177,13 @@ def load_resnet50_weights(net: nn.Module, path: str | os.PathLike) -> int:
         PretrainedWeightsError: the file is missing or unreadable, or its keys / shapes are not those of a
             ResNet-50 (the message names the file and a few of the keys concerned).
     """
-    file_sd = {k: v for k, v in read_state_dict(path).items() if not k.startswith("fc.")}
-    model_sd = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
-    missing = [k for k in model_sd if k not in file_sd]
-    unexpected = [k for k in file_sd if k not in model_sd]
-    mismatched = [f"{k} {list(file_sd[k].shape)} vs {list(v.shape)}" for k, v in model_sd.items()
-                  if k in file_sd and file_sd[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        def few(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f", ... ({len(keys) - 5} more)" if len(keys) > 5 else "")
+    from nasreid.models.pretrained import load_pretrained
 
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} ResNet-50 key(s) missing from the file: {few(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} key(s) of the file not in ResNet-50: {few(unexpected)}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es) (file vs ResNet-50): {few(mismatched)}")
-        raise PretrainedWeightsError(
-            f"imagenet_weights {os.fspath(path)} is not a torchvision ResNet-50 state dict: " + "; ".join(parts))
-    net.load_state_dict(file_sd, strict=False)
-    return len(file_sd)
+    try:  # one loader for every weights file: torchvision's names kept, its ImageNet classifier fc.* dropped
+        report = load_pretrained(net, path, skip=("fc",), format="torchvision")
+    except PretrainedWeightsError as e:
+        raise PretrainedWeightsError(f"imagenet_weights (a torchvision ResNet-50 state dict): {e}") from None
+    return int(report["loaded"])
 
 
 @register_space("rmgl", presets=PRESET_GENOTYPES)

@@ -214,6 +214,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
             parts.append(f"{len(missing)} key(s) of the model missing from the file: {_few(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} key(s) of the file not in the model: {_few(unexpected)}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es) (file vs model): "
+                         f"{_few([f'{k} {list(fs)} vs {list(ms)}' for k, fs, ms in mismatched])}")
         raise PretrainedWeightsError(
             f"pretrained weights {path} do not match the model ({type(model).__name__}): " + "; ".join(parts)
             + f". Skipped prefixes: {list(skip)}; pass skip=... to leave layers out, or strict=False to load "
