@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_supernet import time_steps  # the timing loop of the supernet benchmarks
 from nasreid.engine.trainer import device_context
 from nasreid.genotype import preset_genotype
 from nasreid.losses import build_reid_loss
@@ -66,17 +68,8 @@ def main(argv=None) -> int:
         with ctx.autocast():
             model(x)
 
-    def timed(fn, x) -> float:
-        for _ in range(a.warmup):
-            fn(x)
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(a.iters):
-            fn(x)
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        return a.iters * a.batch / (time.perf_counter() - t0)
+    def timed(fn, x) -> float:  # images per second, the supernet benchmark's timing loop
+        return a.batch / time_steps(lambda: fn(x), a.warmup, a.iters, ctx.device)
 
     sizes = {"256x128": (256, 128), "128x64": (128, 64)}
     best = {f"{k} {w}": 0.0 for k in sizes for w in ("train", "eval")}

@@ -38,7 +38,7 @@ from nasreid.errors import RegistryError
 __all__ = [
     "Registry", "RegistryError", "SPACES", "STRATEGIES", "DATASETS", "LOSSES", "MATCHERS", "POSTPROCESSORS",
     "METHODS", "AUGMENTATIONS", "ALL_REGISTRIES", "register_space", "register_strategy", "get_space", "get_strategy",
-    "load_plugins", "check_kwargs", "space_presets",
+    "load_plugins", "check_kwargs", "space_presets", "config_error",
 ]
 
 T = TypeVar("T")
@@ -163,14 +163,7 @@ class Registry(Generic[T]):
             try:
                 return config.model_validate(dict(kwargs))
             except ValidationError as e:
-                first = e.errors()[0]
-                loc = ".".join(str(x) for x in first["loc"])
-                key = f"{where}.{loc}" if loc else where
-                if first["type"] == "extra_forbidden":
-                    accepted = ", ".join(getattr(config, "model_fields", {})) or "(none)"
-                    raise RecipeError(f"{key}: unknown argument of {self.kind} {name!r}; accepted: {accepted}") \
-                        from None
-                raise RecipeError(f"{key}: {first['msg']} (got {first.get('input')!r})") from None
+                raise config_error(e, where, f"{self.kind} {name!r}", config) from None
         check_kwargs(obj, kwargs, where, f"{self.kind} {name!r}", reserved=reserved)
         return None
 
@@ -186,6 +179,24 @@ class Registry(Generic[T]):
         self.validate(name, kwargs, where, reserved=fixed)
         factory: Any = self.get(name)
         return factory(**fixed, **kwargs)
+
+
+def config_error(err: Any, where: str, what: str, config: Any) -> Exception:
+    """A pydantic ``ValidationError`` of a component's ``Config`` as one :class:`~nasreid.config.RecipeError`
+    naming the first offending key (``where.<key>``): an unknown key with the accepted ones, a model validator's
+    own message (which starts with its key), or pydantic's message with the value."""
+    from nasreid.config import RecipeError
+
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"])
+    key = f"{where}.{loc}" if loc else where
+    if first["type"] == "extra_forbidden":
+        accepted = ", ".join(getattr(config, "model_fields", {})) or "(none)"
+        return RecipeError(f"{key}: unknown argument of {what}; accepted: {accepted}")
+    msg = str(first["msg"]).removeprefix("Value error, ")
+    if not loc and first["type"] == "value_error":
+        return RecipeError(f"{where}.{msg}")
+    return RecipeError(f"{key}: {msg} (got {first.get('input')!r})")
 
 
 def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], where: str, what: str,

@@ -40,8 +40,9 @@ from torch import nn
 from nasreid.config import Recipe, RecipeError
 from nasreid.engine.hooks import FreezeBackboneHook, ModuleStateHook
 from nasreid.engine.trainer import Hook, Trainer, backward, optimizer_step
+from nasreid.registry import config_error
 
-__all__ = ["TrainingMethod", "COMMON_KEYS", "unhonoured_keys", "param_groups_by_lr_mult", "validation_error",
+__all__ = ["TrainingMethod", "COMMON_KEYS", "unhonoured_keys", "param_groups_by_lr_mult",
            "reid_loss_setting"]
 
 
@@ -92,20 +93,6 @@ def unhonoured_keys(method: type, recipe: Recipe) -> list[str]:
     if honours is None:
         return []
     return [k for k, is_set in COMMON_KEYS.items() if k not in honours and is_set(recipe)]
-
-
-def validation_error(err: ValidationError, where: str) -> RecipeError:
-    """A pydantic ``ValidationError`` of a component's ``Config`` as a one-line :class:`RecipeError` naming the
-    first offending key (``where.<key>``) and, for an unknown key, calling it so."""
-    first = err.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"])
-    key = f"{where}.{loc}" if loc else where
-    if first["type"] == "extra_forbidden":
-        return RecipeError(f"{key}: unknown key")
-    msg = str(first["msg"]).removeprefix("Value error, ")
-    if not loc and first["type"] == "value_error":  # a model validator's message starts with its key
-        return RecipeError(f"{where}.{msg}")
-    return RecipeError(f"{key}: {msg} (got {first.get('input')!r})")
 
 
 def param_groups_by_lr_mult(model: nn.Module, base_lr: float,
@@ -190,7 +177,7 @@ class TrainingMethod:
         try:
             self.cfg = self.Config.model_validate(kwargs)
         except ValidationError as e:
-            raise validation_error(e, "training.kwargs") from None
+            raise config_error(e, "training.kwargs", f"training method {type(self).__name__}", self.Config) from None
 
     @property
     def name(self) -> str:
