@@ -215,6 +215,11 @@ class ModelConfig(_Strict):
         "auto", description="naming of the pretrained file: torchreid's OSNet family (translated exactly onto "
         "the osnet / osnet_ibn / osnet_ain_torchreid presets), torchvision, nasreid; auto: detected")
     pretrained_skip: list[str] = Field(default_factory=lambda: ["head.classifier"])
+    warm_start: bool = Field(
+        False, description="the pretrained file may be of another genotype of the space: every tensor at the same "
+        "place is taken, normalisation layers the file lacks (IN of another genotype) start at identity "
+        "(nasreid.models.pretrained.warm_start); false: the file must be this network exactly. A search "
+        "recipe's model.pretrained always warm-starts the supernet this way")
 
 
 class TrainingConfig(_Strict):

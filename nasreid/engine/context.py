@@ -171,10 +171,26 @@ class RunContext:
 
     # ---- model, loss, optimisation ---------------------------------------------------------------
     def build_space(self, num_classes: int | None = None, **overrides: Any) -> nn.Module:
-        """The recipe's search space with its ``space.kwargs`` (``num_classes`` defaults to the dataset's)."""
+        """The recipe's search space with its ``space.kwargs`` (``num_classes`` defaults to the dataset's),
+        warm-started from ``model.pretrained`` when the recipe names a file
+        (:func:`~nasreid.models.pretrained.warm_start`: every candidate takes the file's block at its place, IN
+        layers the file lacks start at identity).
+
+        Raises:
+            PretrainedWeightsError: a ``model.pretrained`` file that does not fit the space (another width ...).
+        """
         cls = SPACES.get(self.recipe.space.name)
         n = self.dataset.num_train_pids if num_classes is None else num_classes
-        return cls(num_classes=n, **{**self.recipe.space.kwargs, **overrides})
+        space = cls(num_classes=n, **{**self.recipe.space.kwargs, **overrides})
+        m = self.recipe.model
+        if m is not None and m.pretrained:
+            from nasreid.models.pretrained import warm_start
+
+            report = warm_start(space, m.pretrained, skip=tuple(m.pretrained_skip), format=m.pretrained_format)
+            log.info("supernet warm-started from %s: %d tensors loaded, %d normalisation layers at identity, "
+                     "%d file tensors unused", m.pretrained, report["loaded"], len(report["identity"]),
+                     len(report["unused"]))
+        return space
 
     def build_loss(self, num_classes: int | None = None) -> nn.Module:
         """The recipe's loss (``loss.name`` from the loss registry) for ``num_classes`` identities."""

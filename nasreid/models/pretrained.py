@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,15 @@ from torch import nn
 
 from nasreid.errors import NasreidError
 
-__all__ = ["PretrainedWeightsError", "load_pretrained", "read_state_dict", "backbone_and_head_parameters",
-           "under_prefixes", "FORMATS"]
+__all__ = ["PretrainedWeightsError", "load_pretrained", "warm_start", "fixed_name", "file_naming", "read_state_dict",
+           "backbone_and_head_parameters", "under_prefixes", "FORMATS"]
 
 #: keys under which checkpoints of torchreid (``state_dict``), nasreid (``model``) and the PyTorch tutorials
 #: (``model_state_dict``) keep the network's state dict, tried in this order
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 _SHOW = 5  # keys named in a message
+#: the weight-file layouts :func:`load_pretrained` reads (``model.pretrained_format``)
+FORMATS = ("auto", "nasreid", "torchreid", "torchvision")
 
 
 class PretrainedWeightsError(NasreidError, ValueError):
@@ -123,8 +126,39 @@ def _find_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
         "model.state_dict() instead")
 
 
-#: the weight-file layouts :func:`load_pretrained` reads (``model.pretrained_format``)
-FORMATS = ("auto", "nasreid", "torchreid", "torchvision")
+def file_naming(file_sd: Mapping[str, torch.Tensor], path: str | os.PathLike, format: str = "auto"
+                ) -> tuple[Callable[[str], str | None] | None, str]:
+    """How a weights file's keys become nasreid module names, by ``format`` (see :func:`load_pretrained`).
+
+    Returns:
+        ``(rename, hint)``: ``rename`` maps a file key to the fixed network's name (``None``: drop it), or is
+        ``None`` when the names are kept as they are; ``hint`` is a sentence for error messages naming the
+        preset a torchreid file is (empty otherwise).
+
+    Raises:
+        PretrainedWeightsError: an unknown ``format``, or ``format="torchreid"`` for a file whose keys are not
+            torchreid's OSNet names.
+    """
+    if format not in FORMATS:
+        raise PretrainedWeightsError(f"unknown weights format {format!r}; expected one of {', '.join(FORMATS)}")
+    from nasreid.models import torchreid as TR
+
+    if format == "torchreid" or (format == "auto" and TR.is_torchreid(file_sd)):
+        if not TR.is_torchreid(file_sd):
+            raise PretrainedWeightsError(f"{path}: format torchreid, but its keys are not torchreid's OSNet "
+                                         f"names (first keys: {_few(list(file_sd))})")
+        names = TR.rename_map(file_sd)
+        flavour = TR.detect_flavour(file_sd)
+        width = file_sd["conv1.conv.weight"].shape[0] / 64
+        hint = (f" (a torchreid {flavour} file of width x{width:g}: it is the osnet_ain space's preset "
+                f"{'osnet_ain_torchreid' if flavour == 'osnet_ain' else 'osnet or osnet_ibn'} with "
+                f"space.kwargs.width_mult {width:g})")
+        return names.get, hint
+    if format == "torchvision":
+        def drop_fc(key: str) -> str | None:
+            return None if key.startswith("fc.") else key
+        return drop_fc, ""
+    return None, ""
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str] = ("head.classifier",),
@@ -171,28 +205,11 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
     """
     skip = tuple(skip)
     path = Path(path)
-    if format not in FORMATS:
-        raise PretrainedWeightsError(f"unknown weights format {format!r}; expected one of {', '.join(FORMATS)}")
     file_sd = read_state_dict(path, weights_only=weights_only)
     model_sd = model.state_dict()
     hint = ""
     if rename is None:
-        from nasreid.models import torchreid as TR
-
-        if format == "torchreid" or (format == "auto" and TR.is_torchreid(file_sd)):
-            if not TR.is_torchreid(file_sd):
-                raise PretrainedWeightsError(f"{path}: format torchreid, but its keys are not torchreid's OSNet "
-                                             f"names (first keys: {_few(list(file_sd))})")
-            names = TR.rename_map(file_sd)
-            rename = names.get
-            flavour = TR.detect_flavour(file_sd)
-            width = file_sd["conv1.conv.weight"].shape[0] / 64
-            hint = (f" (a torchreid {flavour} file of width x{width:g}: it is the osnet_ain space's preset "
-                    f"{'osnet_ain_torchreid' if flavour == 'osnet_ain' else 'osnet or osnet_ibn'} with "
-                    f"space.kwargs.width_mult {width:g})")
-        elif format == "torchvision":
-            def rename(key: str) -> str | None:
-                return None if key.startswith("fc.") else key
+        rename, hint = file_naming(file_sd, path, format)
 
     kept: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
@@ -239,6 +256,146 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
     model.load_state_dict(load, strict=False)  # `load` holds model keys only; the modules' loading hooks run
     return {"loaded": len(load), "skipped": skipped, "missing": missing, "unexpected": unexpected,
             "mismatched": mismatched}
+
+
+#: normalisation layers: where the file has none of the same kind, :func:`warm_start` sets them to identity
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def fixed_name(key: str) -> str:
+    """The fixed network's name of a supernet key: every ``candidates.<choice>`` segment of a
+    :class:`~nasreid.mutables.LayerChoice` removed (``conv2.0.candidates.os_in_in.in_in.weight`` ->
+    ``conv2.0.in_in.weight``), which is the name the chosen block has once the genotype is frozen."""
+    return re.sub(r"(^|\.)candidates\.[^.]+(?=\.)", "", key)
+
+
+def _norm_kind(m: nn.Module) -> str:
+    return "batch" if isinstance(m, nn.modules.batchnorm._BatchNorm) else type(m).__name__
+
+
+def _identity_norm(m: nn.Module) -> None:
+    """gamma = 1, beta = 0, running mean 0 / variance 1: the layer only normalises."""
+    with torch.no_grad():
+        if getattr(m, "weight", None) is not None:
+            m.weight.fill_(1.0)
+        if getattr(m, "bias", None) is not None:
+            m.bias.zero_()
+        if getattr(m, "running_mean", None) is not None:
+            m.reset_running_stats()
+
+
+def warm_start(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str] = ("head.classifier",),
+               format: str = "auto", weights_only: bool = True) -> dict[str, Any]:
+    """Initialise a supernet, or a fixed network of another genotype, from a fixed network's weights file.
+
+    The OSNet-AIN search of Zhou et al. (TPAMI 2021, Sec. 3.3, Fig. 5) grows IN layers into a pretrained
+    OSNet; Sec. 4.1 fine-tunes from pretrained weights. Here every tensor of the model takes the file's tensor
+    at the same place of the *fixed* network: a supernet key's place is its name with the
+    :class:`~nasreid.mutables.LayerChoice` segments removed (:func:`fixed_name`), so the residual branch of
+    every candidate of a block (shared or not) takes the file's OS block, and an IN candidate's
+    ``in_in`` / ``in_out`` takes the file's IN at that place when the file has one. A normalisation layer the
+    file lacks at that place (an IN the file's genotype does not have) starts at identity: gamma 1, beta 0
+    (running mean 0 and variance 1 for a BN). One the file has of another kind (a BN where the model has an
+    IN, e.g. OSNet-IBN's and the released OSNet-AIN's conv1 from a plain OSNet file) takes the file's gamma and
+    beta, the statistics of the file's BN being dropped (a BN replacing an IN starts with mean 0 / variance 1),
+    so that the scale and shift the next layer was trained on are kept. Every other
+    tensor must be in the file with the same shape; a normalisation layer of the file the model does not have
+    (a BN, or an OS block's IN, e.g. the BN of a plain OS block's last 1x1 conv that torchreid's ``OSBlockINin``
+    lacks) is reported as unused. The file is read with ``weights_only`` and named by
+    ``format`` as in :func:`load_pretrained` (torchreid files translated exactly).
+
+    With a file of exactly the model's architecture this loads the same tensors as :func:`load_pretrained`.
+
+    Args:
+        model: a supernet (e.g. ``OSNetAINSpace(num_classes=485, width_mult=0.25)``) or a fixed network.
+        path: a weights file (:func:`read_state_dict`).
+        skip: module-path prefixes (fixed-network names) left at the model's own initialisation, in the file and
+            in the model (default: the identity classifier, whose class count is the training data's).
+        format: ``auto`` / ``nasreid`` / ``torchreid`` / ``torchvision`` (:func:`load_pretrained`).
+        weights_only: see :func:`read_state_dict`.
+
+    Returns:
+        ``{"loaded": n, "identity": [norm-layer paths set to identity], "converted": [norm-layer paths whose
+        gamma / beta came from a norm of another kind], "unused": [file keys of
+        normalisation layers the model lacks, or statistics of one it has of another kind], "skipped": [file
+        keys dropped by skip / format]}``; ``loaded`` counts the model's tensors that took a file tensor (a
+        supernet's candidates count once each).
+
+    Raises:
+        PretrainedWeightsError: the file cannot be read; a model tensor other than a normalisation layer's is
+            not in the file, or has another shape there; a file tensor has no place in the model (a file of
+            another architecture or width). The message names the keys and the file.
+    """
+    skip = tuple(skip)
+    path = Path(path)
+    file_sd = read_state_dict(path, weights_only=weights_only)
+    rename, hint = file_naming(file_sd, path, format)
+    src: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for key, value in file_sd.items():
+        new = rename(key) if rename is not None else key
+        if new is None or under_prefixes(new, skip):
+            skipped.append(key)
+        else:
+            src[new] = value
+    modules = dict(model.named_modules())
+    load: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    identity: dict[str, nn.Module] = {}
+    converted: set[str] = set()
+    missing: list[str] = []
+    mismatched: list[str] = []
+    for key, value in model.state_dict().items():
+        place = fixed_name(key)
+        if under_prefixes(place, skip):
+            continue
+        owner_path, _, leaf = key.rpartition(".")
+        owner = modules.get(owner_path)
+        if isinstance(owner, _NORMS):
+            prefix = fixed_name(owner_path)
+            file_kind = ("batch" if f"{prefix}.running_mean" in src
+                         else "other" if f"{prefix}.weight" in src or f"{prefix}.bias" in src else None)
+            model_kind = "batch" if _norm_kind(owner) == "batch" else "other"
+            if file_kind is None:
+                identity[owner_path] = owner
+                continue
+            if file_kind != model_kind:  # replaced norm: its affine from the file's, statistics reset
+                converted.add(owner_path)
+                if leaf not in ("weight", "bias"):
+                    continue
+        if place not in src:
+            missing.append(key)
+        elif tuple(src[place].shape) != tuple(value.shape):
+            mismatched.append(f"{key} {list(src[place].shape)} in the file vs {list(value.shape)}")
+        else:
+            load[key] = src[place]
+            used.add(place)
+    def file_norm(prefix: str) -> bool:  # a BN (running statistics) or one of the OS blocks' IN layers
+        return f"{prefix}.running_mean" in src or prefix.rpartition(".")[2] in ("in_in", "in_out")
+
+    norm_places = {fixed_name(p) for p in (*identity, *converted)}
+    left = [k for k in src if k not in used]
+    unused = [k for k in left if k.rpartition(".")[0] in norm_places or file_norm(k.rpartition(".")[0])]
+    unplaced = [k for k in left if k not in set(unused)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) of the model not in the file: {_few(missing)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_few(mismatched)}")
+    if unplaced:
+        problems.append(f"{len(unplaced)} tensor(s) of the file with no place in the model: {_few(unplaced)}")
+    if problems:
+        raise PretrainedWeightsError(
+            f"cannot warm-start {type(model).__name__} from {path}: " + "; ".join(problems)
+            + f" (only normalisation layers may be absent; skipped prefixes: {list(skip)}){hint}")
+    for p in converted:  # a BN that replaced the file's IN: running statistics start at mean 0 / variance 1
+        if getattr(modules[p], "running_mean", None) is not None:
+            modules[p].reset_running_stats()
+    model.load_state_dict(load, strict=False)
+    for m in identity.values():
+        _identity_norm(m)
+    return {"loaded": len(load), "identity": sorted(identity), "converted": sorted(converted), "unused": unused,
+            "skipped": skipped}
 
 
 def backbone_and_head_parameters(model: nn.Module, head_prefixes: Iterable[str] = ("head",)
