@@ -90,6 +90,15 @@ def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = fro
         STRATEGIES.validate(recipe.strategy.name, recipe.strategy.kwargs, f"{src}: strategy.kwargs")
     elif search:
         raise RecipeError(f"{src}: a search recipe needs a 'strategy' section")
+    if search and recipe.model:
+        # a search warm-starts its supernet from model.pretrained (RunContext.build_space); the rest of the
+        # section chooses or loads a fixed network, which a search does not train
+        given = recipe.model.model_fields_set
+        wrong = [k for k in ("genotype", "preset", "warm_start") if k in given]
+        if wrong:
+            raise RecipeError(f"{src}: model.{wrong[0]}: a search recipe does not honour this key (a search trains "
+                              "the space's supernet; model.pretrained warm-starts it, always as a warm start); "
+                              "set it in the then_retrain recipe")
     if recipe.model and recipe.model.preset:
         from nasreid.genotype import preset_genotype
 

@@ -1,0 +1,139 @@
+"""Warm start from a pretrained file (nasreid.models.pretrained.warm_start): the OSNet-AIN supernet and networks
+of other genotypes take the real torchreid MSMT17 OSNet's tensors at their fixed-network place; IN layers the file
+lacks start at identity; a search recipe's model.pretrained warm-starts the supernet it searches."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nasreid.config import load_recipe
+from nasreid.engine.context import SearchContext
+from nasreid.engine.runs import build_context
+from nasreid.genotype import preset_genotype
+from nasreid.models.pretrained import PretrainedWeightsError, fixed_name, load_pretrained, read_state_dict, warm_start
+from nasreid.models.torchreid import to_nasreid
+from nasreid.mutables import LayerChoice
+from nasreid.registry import SPACES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MSMT = "osnet_x0_25_msmt17/osnet_x0_25_msmt17.pth"
+BLOCKS = ("conv2", "conv3", "conv4")
+
+
+def _file(shared_weights) -> dict[str, torch.Tensor]:
+    """The MSMT17 file under nasreid's fixed-network names (classifier left out)."""
+    sd = read_state_dict(shared_weights / MSMT)
+    return {to_nasreid(k, "osnet"): v for k, v in sd.items() if not k.startswith("classifier.")}
+
+
+def test_fixed_name_drops_the_choice_segments():
+    assert fixed_name("conv2.0.candidates.os_in_in.in_in.weight") == "conv2.0.in_in.weight"
+    assert fixed_name("conv2.0.candidates.os.residual.conv1.0.weight") == "conv2.0.residual.conv1.0.weight"
+    assert fixed_name("head.embed.0.weight") == "head.embed.0.weight"
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_every_candidate_of_the_supernet_takes_the_file_block(shared_weights, share):
+    src = _file(shared_weights)
+    space = SPACES.get("osnet_ain")(num_classes=485, width_mult=0.25, share_weights=share)
+    report = warm_start(space, shared_weights / MSMT)
+    sd = space.state_dict()
+    assert report["unused"] == [] and report["converted"] == []
+    assert report["skipped"] == ["classifier.weight", "classifier.bias"]
+    placed = 0
+    for key, value in sd.items():
+        place = fixed_name(key)
+        if place in src:
+            assert torch.equal(value, src[place]), key
+            placed += 1
+    assert placed == report["loaded"]
+    # each of the 6 blocks x 4 candidates holds the whole pretrained OS block (shared or its own copy)
+    per_block = sum(1 for k in src if k.startswith("conv2.0."))
+    assert sum(1 for k in sd if k.startswith("conv2.0.") and fixed_name(k) in src) == 4 * per_block
+    ins = [m for m in space.modules() if isinstance(m, torch.nn.InstanceNorm2d)]
+    assert len(ins) == 6 * 4 and len(report["identity"]) == 24  # os_in_in 1, os_in_out 1, os_in_in_out 2 each
+    for m in ins:
+        assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
+
+
+def test_the_supernet_os_path_is_the_pretrained_network(shared_weights):
+    """Frozen at the all-``os`` genotype, the warm-started supernet computes the exactly loaded OSNet."""
+    torch.manual_seed(0)
+    space = SPACES.get("osnet_ain")(num_classes=485, width_mult=0.25)
+    warm_start(space, shared_weights / MSMT)
+    fixed = space.freeze({f"{s}_{i}": "os" for s in BLOCKS for i in (1, 2)})
+    ref = preset_genotype("osnet_ain", "osnet", width_mult=0.25).build(num_classes=485)
+    load_pretrained(ref, shared_weights / MSMT)
+    x = torch.randn(2, 3, 256, 128)
+    with torch.no_grad():
+        assert torch.allclose(fixed.eval()(x), ref.eval()(x), atol=1e-6)
+    assert not any(isinstance(m, LayerChoice) and len(m.candidates) > 1 for m in fixed.modules())
+
+
+def test_other_genotypes_from_a_plain_osnet_file(shared_weights):
+    src = _file(shared_weights)
+    ibn = preset_genotype("osnet_ain", "osnet_ibn", width_mult=0.25).build(num_classes=485)
+    r = warm_start(ibn, shared_weights / MSMT)
+    # conv1: the file's BN becomes OSNet-IBN's affine IN: gamma / beta kept, the BN statistics reported unused
+    assert r["converted"] == ["conv1.1"] and isinstance(ibn.conv1[1], torch.nn.InstanceNorm2d)
+    assert torch.equal(ibn.conv1[1].weight, src["conv1.1.weight"])
+    assert r["unused"] == ["conv1.1.running_mean", "conv1.1.running_var", "conv1.1.num_batches_tracked"]
+    assert r["identity"] == ["conv2.0.in_out", "conv2.1.in_out"]
+    assert torch.equal(ibn.conv2[0].residual.conv1[0].weight, src["conv2.0.residual.conv1.0.weight"])
+    ain = preset_genotype("osnet_ain", "osnet_ain_torchreid", width_mult=0.25).build(num_classes=485)
+    r = warm_start(ain, shared_weights / MSMT)
+    # torchreid's OSBlockINin has no BN after its last 1x1 conv: the file's BN there is reported, not placed
+    assert {k.rsplit(".", 1)[0] for k in r["unused"]} == {"conv1.1", *(f"{b}.residual.conv3.1" for b in (
+        "conv2.0", "conv2.1", "conv3.1", "conv4.0"))}
+    assert r["identity"] == ["conv2.0.in_in", "conv2.1.in_in", "conv3.1.in_in", "conv4.0.in_in"]
+    # with a file of exactly its architecture, warm_start is load_pretrained
+    a = preset_genotype("osnet_ain", "osnet", width_mult=0.25).build(num_classes=485)
+    b = preset_genotype("osnet_ain", "osnet", width_mult=0.25).build(num_classes=485)
+    assert warm_start(a, shared_weights / MSMT)["identity"] == []
+    load_pretrained(b, shared_weights / MSMT)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items() if "classifier" not in k)
+
+
+def test_warm_start_refuses_what_does_not_fit(shared_weights, tmp_path):
+    wide = SPACES.get("osnet_ain")(num_classes=10, width_mult=0.5)
+    with pytest.raises(PretrainedWeightsError, match=r"shape mismatch.*osnet_x0_25_msmt17\.pth|x0\.25"):
+        warm_start(wide, shared_weights / MSMT)
+    src = _file(shared_weights)
+    del src["conv3.0.residual.gate.fc1.weight"]  # a file lacking a convolution: only norms may be absent
+    torch.save(src, tmp_path / "cut.pt")
+    net = preset_genotype("osnet_ain", "osnet", width_mult=0.25).build(num_classes=10)
+    with pytest.raises(PretrainedWeightsError, match=r"conv3\.0\.residual\.gate\.fc1\.weight.*only normalisation"):
+        warm_start(net, tmp_path / "cut.pt")
+    src = _file(shared_weights)
+    src["conv9.0.weight"] = torch.zeros(3)  # a layer the model does not have
+    torch.save(src, tmp_path / "extra.pt")
+    with pytest.raises(PretrainedWeightsError, match=r"no place in the model: conv9\.0\.weight"):
+        warm_start(net, tmp_path / "extra.pt")
+
+
+def test_a_search_recipe_warm_starts_its_supernet(tmp_path):
+    """``model.pretrained`` in a search recipe: the space the strategy gets holds the file's blocks (here a
+    nasreid fixed network saved on the quickstart recipe's synthetic data)."""
+    torch.manual_seed(1)
+    recipe = load_recipe("recipes/quickstart.yaml")
+    net = preset_genotype("osnet_ain", "osnet", **recipe.space.kwargs).build(num_classes=7)
+    torch.save({"model": net.state_dict()}, tmp_path / "osnet.pt")
+    recipe = load_recipe("recipes/quickstart.yaml", {"model.pretrained": str(tmp_path / "osnet.pt")})
+    ctx = build_context(SearchContext, recipe, tmp_path / "run", False)
+    space = ctx.build_space()
+    want = net.state_dict()["conv3.1.residual.streams.2.1.1.weight"]
+    for v in ("os", "os_in_in", "os_in_out", "os_in_in_out"):
+        assert torch.equal(space.state_dict()[f"conv3.1.candidates.{v}.residual.streams.2.1.1.weight"], want)
+    assert space.num_classes_now == ctx.dataset.num_train_pids != 7  # the classifier stays new
+
+
+def test_a_search_recipe_refuses_the_fixed_network_keys():
+    from nasreid.config import RecipeError
+    from nasreid.engine.validate import check_recipe
+
+    for key, value in (("model.preset", "osnet"), ("model.warm_start", True)):
+        recipe = load_recipe("recipes/quickstart.yaml", {key: value})
+        with pytest.raises(RecipeError, match=rf"{key}: a search recipe does not honour this key"):
+            check_recipe(recipe, search=True)
+        check_recipe(recipe)  # a train recipe takes it
