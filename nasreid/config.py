@@ -214,7 +214,13 @@ class ModelConfig(_Strict):
     pretrained_format: Literal["auto", "nasreid", "torchreid", "torchvision"] = Field(
         "auto", description="naming of the pretrained file: torchreid's OSNet family (translated exactly onto "
         "the osnet / osnet_ibn / osnet_ain_torchreid presets), torchvision, nasreid; auto: detected")
-    pretrained_skip: list[str] = Field(default_factory=lambda: ["head.classifier"])
+    pretrained_skip: list[str] = Field(
+        default_factory=lambda: ["head.classifier"],
+        description="module prefixes left at their initialisation (the classifier: its class count is the "
+        "training data's), unless pretrained_keep_fitting and the file's tensors there fit exactly")
+    pretrained_keep_fitting: bool = Field(
+        True, description="load a pretrained_skip prefix all the same when the file has it with the network's "
+        "shapes (a classifier whose class count fits); false: always leave it")
     warm_start: bool = Field(
         False, description="the pretrained file may be of another genotype of the space: every tensor at the same "
         "place is taken, normalisation layers the file lacks (IN of another genotype) start at identity "

@@ -104,7 +104,7 @@ def test_pickled_objects_need_weights_only_false(tmp_path, source):
     torch.save({"model": source.state_dict(), "rng": np.random.get_state()}, p)
     with pytest.raises(PretrainedWeightsError, match="last.pt.*weights_only=False"):
         load_pretrained(ain(10, 1), p)
-    assert load_pretrained(ain(10, 1), p, weights_only=False)["loaded"] == len(source.state_dict()) - 2
+    assert load_pretrained(ain(10, 1), p, weights_only=False)["loaded"] == len(source.state_dict())  # 10 classes fit
 
 
 def test_key_mismatch_names_keys_and_counts(tmp_path, source):
@@ -125,7 +125,7 @@ def test_key_mismatch_names_keys_and_counts(tmp_path, source):
     # strict=False loads what matches and reports the rest
     report = load_pretrained(target, p, strict=False)
     assert report["missing"] == ["conv1.0.weight"] and report["unexpected"] == ["extra.layer.weight"]
-    assert report["loaded"] == len(sd) - 1 - 2
+    assert report["loaded"] == len(sd) - 1  # all but the extra key: the 10-class classifier fits
     assert torch.equal(target.conv5[0].weight, source.conv5[0].weight)
 
 
@@ -163,7 +163,7 @@ def test_rename_translates_names(tmp_path, source):
     torch.save({"backbone." + k: v for k, v in source.state_dict().items()}, p)
     target = ain(10, 1)
     report = load_pretrained(target, p, rename=lambda k: k[len("backbone."):])
-    assert report["loaded"] == len(source.state_dict()) - 2
+    assert report["loaded"] == len(source.state_dict())  # the 10-class classifier fits
     x = torch.randn(2, 3, 64, 32)
     assert torch.equal(features(target, x), features(source, x))
 
@@ -194,3 +194,19 @@ def test_frozen_backbone_warm_start_trains_only_the_head():
     assert all(p.grad is None for p in backbone)
     assert all(torch.equal(a, b) for a, b in zip(before, backbone))
     assert net.head.classifier.weight.grad is not None
+
+
+def test_a_classifier_whose_class_count_fits_is_loaded(tmp_path, source):
+    """The classifier is dropped unless its class count fits (``keep_fitting``); ``keep_fitting=False`` always
+    leaves it."""
+    path = tmp_path / "w.pt"
+    torch.save(source.state_dict(), path)
+    n = source.head.classifier.out_features
+    same = ain(n, seed=1)
+    report = load_pretrained(same, path)
+    assert report["skipped"] == [] and torch.equal(same.head.classifier.weight, source.head.classifier.weight)
+    fresh = ain(n, seed=1)
+    before = fresh.head.classifier.weight.clone()
+    report = load_pretrained(fresh, path, keep_fitting=False)
+    assert sorted(report["skipped"]) == ["head.classifier.bias", "head.classifier.weight"]
+    assert torch.equal(fresh.head.classifier.weight, before)

@@ -137,3 +137,13 @@ def test_a_search_recipe_refuses_the_fixed_network_keys():
         with pytest.raises(RecipeError, match=rf"{key}: a search recipe does not honour this key"):
             check_recipe(recipe, search=True)
         check_recipe(recipe)  # a train recipe takes it
+
+
+def test_warm_start_keeps_a_classifier_that_fits(shared_weights):
+    space = SPACES.get("osnet_ain")(num_classes=1041, width_mult=0.25)  # MSMT17's 1,041 training identities
+    report = warm_start(space, shared_weights / MSMT)
+    assert report["skipped"] == []
+    file_clf = read_state_dict(shared_weights / MSMT)["classifier.weight"]
+    assert torch.equal(space.head.classifier.weight, file_clf)
+    assert warm_start(space, shared_weights / MSMT, keep_fitting=False)["skipped"] == [
+        "classifier.weight", "classifier.bias"]

@@ -186,7 +186,8 @@ class RunContext:
         if m is not None and m.pretrained:
             from nasreid.models.pretrained import warm_start
 
-            report = warm_start(space, m.pretrained, skip=tuple(m.pretrained_skip), format=m.pretrained_format)
+            report = warm_start(space, m.pretrained, skip=tuple(m.pretrained_skip), format=m.pretrained_format,
+                                keep_fitting=m.pretrained_keep_fitting)
             log.info("supernet warm-started from %s: %d tensors loaded, %d normalisation layers at identity, "
                      "%d file tensors unused", m.pretrained, report["loaded"], len(report["identity"]),
                      len(report["unused"]))

@@ -235,7 +235,7 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
 
         load = warm_start if recipe.model.warm_start else load_pretrained
         report = load(net, recipe.model.pretrained, skip=tuple(recipe.model.pretrained_skip),
-                      format=recipe.model.pretrained_format)
+                      format=recipe.model.pretrained_format, keep_fitting=recipe.model.pretrained_keep_fitting)
         log.info("loaded %d tensors from %s (skipped %d%s)", report["loaded"], recipe.model.pretrained,
                  len(report["skipped"]), f"; normalisation layers at identity: {report['identity']}"
                  if report.get("identity") else "")

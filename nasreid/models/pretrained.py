@@ -42,8 +42,8 @@ from torch import nn
 
 from nasreid.errors import NasreidError
 
-__all__ = ["PretrainedWeightsError", "load_pretrained", "warm_start", "fixed_name", "file_naming", "read_state_dict",
-           "backbone_and_head_parameters", "under_prefixes", "FORMATS"]
+__all__ = ["PretrainedWeightsError", "load_pretrained", "warm_start", "fixed_name", "file_naming", "fitting_prefixes",
+           "read_state_dict", "backbone_and_head_parameters", "under_prefixes", "FORMATS"]
 
 #: keys under which checkpoints of torchreid (``state_dict``), nasreid (``model``) and the PyTorch tutorials
 #: (``model_state_dict``) keep the network's state dict, tried in this order
@@ -161,15 +161,30 @@ def file_naming(file_sd: Mapping[str, torch.Tensor], path: str | os.PathLike, fo
     return None, ""
 
 
+def fitting_prefixes(skip: Iterable[str], file_keys: Mapping[str, torch.Tensor],
+                     model_sd: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    """The ``skip`` prefixes whose every model tensor is in the file (model names) with the model's shape: a
+    classifier whose class count is the file's. :func:`load_pretrained` and :func:`warm_start` load these all the
+    same with ``keep_fitting``."""
+    out = []
+    for p in skip:
+        mine = {k: v for k, v in model_sd.items() if under_prefixes(k, (p,))}
+        theirs = {k for k in file_keys if under_prefixes(k, (p,))}
+        if mine and theirs == set(mine) and all(tuple(file_keys[k].shape) == tuple(v.shape) for k, v in mine.items()):
+            out.append(p)
+    return tuple(out)
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str] = ("head.classifier",),
                     strict: bool = True, rename: Callable[[str], str | None] | None = None,
-                    weights_only: bool = True, format: str = "auto") -> dict[str, Any]:
+                    weights_only: bool = True, format: str = "auto", keep_fitting: bool = True) -> dict[str, Any]:
     """Copy the tensors of a ``torch.save`` d file into ``model`` (in place, via ``load_state_dict``).
 
     Keys are matched by name after removing a ``module.`` prefix and applying ``rename``. Keys of the
     file *and* of the model under a ``skip`` prefix are left alone: the model keeps its own (random)
     initialisation there -- by default the identity classifier, whose number of classes differs from the
-    pretraining data's.
+    pretraining data's -- unless ``keep_fitting`` and the file holds every tensor under that prefix with the
+    model's shapes (a classifier whose class count fits is loaded).
 
     Args:
         model: the network to initialise, e.g. ``Genotype.build(num_classes=...)``.
@@ -182,6 +197,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
         rename: maps a file key (after the ``module.`` removal) to the model's name for it, or to ``None``
             to drop it; e.g. a translation of another code base's module names.
         weights_only: see :func:`read_state_dict`.
+        keep_fitting: load a ``skip`` prefix all the same when the file's tensors there fit the model exactly
+            (:func:`fitting_prefixes`); ``False``: always leave it.
         format: the file's naming: ``"nasreid"`` (names as the model's), ``"torchreid"`` (torchreid's OSNet /
             OSNet-IBN / OSNet-AIN files, translated by :mod:`nasreid.models.torchreid` into the ``osnet`` /
             ``osnet_ibn`` / ``osnet_ain_torchreid`` presets), ``"torchvision"`` (a torchvision ResNet-50 state dict
@@ -211,10 +228,14 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
     if rename is None:
         rename, hint = file_naming(file_sd, path, format)
 
+    named = {k: (rename(k) if rename is not None else k) for k in file_sd}
+    if keep_fitting:
+        fits = fitting_prefixes(skip, {n: file_sd[k] for k, n in named.items() if n is not None}, model_sd)
+        skip = tuple(p for p in skip if p not in fits)
     kept: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     for key, value in file_sd.items():
-        new = rename(key) if rename is not None else key
+        new = named[key]
         if new is None or under_prefixes(new, skip):
             skipped.append(key)
         else:
@@ -285,7 +306,7 @@ def _identity_norm(m: nn.Module) -> None:
 
 
 def warm_start(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str] = ("head.classifier",),
-               format: str = "auto", weights_only: bool = True) -> dict[str, Any]:
+               format: str = "auto", weights_only: bool = True, keep_fitting: bool = True) -> dict[str, Any]:
     """Initialise a supernet, or a fixed network of another genotype, from a fixed network's weights file.
 
     The OSNet-AIN search of Zhou et al. (TPAMI 2021, Sec. 3.3, Fig. 5) grows IN layers into a pretrained
@@ -310,9 +331,11 @@ def warm_start(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str]
         model: a supernet (e.g. ``OSNetAINSpace(num_classes=485, width_mult=0.25)``) or a fixed network.
         path: a weights file (:func:`read_state_dict`).
         skip: module-path prefixes (fixed-network names) left at the model's own initialisation, in the file and
-            in the model (default: the identity classifier, whose class count is the training data's).
+            in the model (default: the identity classifier, whose class count is the training data's), unless
+            ``keep_fitting`` and the file's tensors there fit exactly (:func:`fitting_prefixes`).
         format: ``auto`` / ``nasreid`` / ``torchreid`` / ``torchvision`` (:func:`load_pretrained`).
         weights_only: see :func:`read_state_dict`.
+        keep_fitting: see :func:`load_pretrained`.
 
     Returns:
         ``{"loaded": n, "identity": [norm-layer paths set to identity], "converted": [norm-layer paths whose
@@ -330,10 +353,15 @@ def warm_start(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str]
     path = Path(path)
     file_sd = read_state_dict(path, weights_only=weights_only)
     rename, hint = file_naming(file_sd, path, format)
+    named = {k: (rename(k) if rename is not None else k) for k in file_sd}
+    if keep_fitting:
+        fixed_sd = {fixed_name(k): v for k, v in model.state_dict().items()}
+        fits = fitting_prefixes(skip, {n: file_sd[k] for k, n in named.items() if n is not None}, fixed_sd)
+        skip = tuple(p for p in skip if p not in fits)
     src: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     for key, value in file_sd.items():
-        new = rename(key) if rename is not None else key
+        new = named[key]
         if new is None or under_prefixes(new, skip):
             skipped.append(key)
         else:
