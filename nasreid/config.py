@@ -226,6 +226,10 @@ class ModelConfig(_Strict):
         "place is taken, normalisation layers the file lacks (IN of another genotype) start at identity "
         "(nasreid.models.pretrained.warm_start); false: the file must be this network exactly. A search "
         "recipe's model.pretrained always warm-starts the supernet this way")
+    calibrate_norms: int = Field(
+        64, ge=0, description="warm start: the IN layers the file lacks start at gamma = mean per-image std, "
+        "beta = mean per-image mean of their input over this many training images (IN(x) ~ x for an average "
+        "image; nasreid.models.pretrained.calibrate_instance_norms); 0: gamma 1, beta 0")
 
 
 class TrainingConfig(_Strict):

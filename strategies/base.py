@@ -269,10 +269,20 @@ class OneShotStrategy(Strategy):
         raise NotImplementedError
 
     # ---- the shared loop -------------------------------------------------------------------------
+    #: the shared loop below honours ``training.freeze_backbone_epochs`` / ``open_layers`` (a subclass with its
+    #: own ``search`` sets False, and a search recipe that sets them is refused)
+    honours_freeze = True
+
     def search(self, ctx) -> Genotype:
         """Train the supernet for ``optim.epochs`` on the training split (resuming from the run's
-        checkpoint), logging ``alphas.csv`` every epoch; return the argmax genotype."""
-        from nasreid.engine.hooks import ArchitectureLogHook, StrategyStateHook
+        checkpoint), logging ``alphas.csv`` every epoch; return the argmax genotype.
+
+        With ``training.freeze_backbone_epochs`` (a supernet warm-started from pretrained weights,
+        ``model.pretrained``), the first epochs train only ``training.open_layers`` (default: the network's head;
+        the architecture weights stay frozen too), as the OSNet-AIN fine-tune does (Sec. 4.1): a new classifier's
+        random gradients would otherwise wash out the pretrained blocks before the architecture weights learn
+        anything."""
+        from nasreid.engine.hooks import ArchitectureLogHook, FreezeBackboneHook, StrategyStateHook
 
         model = ctx.device.model(self.attach())
         optimizer = ctx.build_optimizer(self.param_groups(ctx.recipe.optim.lr, ctx.recipe.optim.weight_decay))
@@ -285,6 +295,10 @@ class OneShotStrategy(Strategy):
                                    autocast=ctx.device.autocast)
 
         hooks = [*self.hooks(), ArchitectureLogHook(self, ctx.run_dir / "alphas.csv"), StrategyStateHook(self)]
+        t = ctx.recipe.training
+        if t.freeze_backbone_epochs:  # a warm-started supernet: the new classifier learns first (OSNet-AIN Sec. 4.1)
+            opened = t.open_layers if t.open_layers is not None else getattr(self.space, "head_prefixes", ("head",))
+            hooks.insert(0, FreezeBackboneHook(t.freeze_backbone_epochs, opened))
         trainer = ctx.trainer(model, step, loader=ctx.loader(), optimizer=optimizer, scheduler=scheduler,
                               hooks=hooks)
         self.forward_model = trainer.forward_model

@@ -404,6 +404,8 @@ class DartsTCMStrategy(OneShotStrategy):
         return parts
 
     # ---- the search loop -------------------------------------------------------------------------
+    honours_freeze = False  # its own bilevel loop (below) has no frozen warm start
+
     def search(self, ctx) -> Genotype:
         """Split the identities, build the supernet, memories and the two optimisers, and alternate the
         omega / alpha updates for ``optim.epochs`` epochs over the search-train loader (resuming from

@@ -182,16 +182,36 @@ class RunContext:
         cls = SPACES.get(self.recipe.space.name)
         n = self.dataset.num_train_pids if num_classes is None else num_classes
         space = cls(num_classes=n, **{**self.recipe.space.kwargs, **overrides})
-        m = self.recipe.model
-        if m is not None and m.pretrained:
-            from nasreid.models.pretrained import warm_start
-
-            report = warm_start(space, m.pretrained, skip=tuple(m.pretrained_skip), format=m.pretrained_format,
-                                keep_fitting=m.pretrained_keep_fitting)
-            log.info("supernet warm-started from %s: %d tensors loaded, %d normalisation layers at identity, "
-                     "%d file tensors unused", m.pretrained, report["loaded"], len(report["identity"]),
-                     len(report["unused"]))
+        if self.recipe.model is not None and self.recipe.model.pretrained:
+            self.warm_start(space)
         return space
+
+    def warm_start(self, net: nn.Module) -> dict[str, Any]:
+        """Initialise ``net`` (a supernet or a fixed network of any genotype) from ``model.pretrained``
+        (:func:`~nasreid.models.pretrained.warm_start`), then set the IN layers the file lacks from
+        ``model.calibrate_norms`` training images (:func:`~nasreid.models.pretrained.calibrate_instance_norms`;
+        evenly spaced over the training split, test transform, on the CPU); returns the report.
+
+        Raises:
+            PretrainedWeightsError: a file that does not fit ``net``.
+        """
+        from nasreid.models.pretrained import calibrate_instance_norms, warm_start
+
+        m = self.recipe.model
+        report = warm_start(net, m.pretrained, skip=tuple(m.pretrained_skip), format=m.pretrained_format,
+                            keep_fitting=m.pretrained_keep_fitting)
+        report["calibrated"] = []
+        if m.calibrate_norms and report["identity"]:
+            train = list(self.dataset.train)
+            records = train[:: max(1, len(train) // m.calibrate_norms)][: m.calibrate_norms]
+            images = (b["img"] for b in self.feature_loader(records, batch_size=32))
+            report["calibrated"] = calibrate_instance_norms(net, report["identity"], images)
+        log.info("warm start from %s: %d tensors loaded; IN layers the file lacks: %d calibrated on %d training "
+                 "images, %d at gamma 1 / beta 0; %d norm layers converted; %d file tensors unused", m.pretrained,
+                 report["loaded"], len(report["calibrated"]), m.calibrate_norms if report["calibrated"] else 0,
+                 len(report["identity"]) - len(report["calibrated"]), len(report["converted"]),
+                 len(report["unused"]))
+        return report
 
     def build_loss(self, num_classes: int | None = None) -> nn.Module:
         """The recipe's loss (``loss.name`` from the loss registry) for ``num_classes`` identities."""

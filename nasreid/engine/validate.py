@@ -90,6 +90,11 @@ def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = fro
         STRATEGIES.validate(recipe.strategy.name, recipe.strategy.kwargs, f"{src}: strategy.kwargs")
     elif search:
         raise RecipeError(f"{src}: a search recipe needs a 'strategy' section")
+    if search and recipe.strategy is not None and recipe.training.freeze_backbone_epochs:
+        cls = STRATEGIES.get(recipe.strategy.name)
+        if not getattr(cls, "honours_freeze", True):
+            raise RecipeError(f"{src}: training.freeze_backbone_epochs: strategy {recipe.strategy.name!r} does not "
+                              "honour this key (it would be ignored); remove it")
     if search and recipe.model:
         # a search warm-starts its supernet from model.pretrained (RunContext.build_space); the rest of the
         # section chooses or loads a fixed network, which a search does not train

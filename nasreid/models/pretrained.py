@@ -42,8 +42,9 @@ from torch import nn
 
 from nasreid.errors import NasreidError
 
-__all__ = ["PretrainedWeightsError", "load_pretrained", "warm_start", "fixed_name", "file_naming", "fitting_prefixes",
-           "read_state_dict", "backbone_and_head_parameters", "under_prefixes", "FORMATS"]
+__all__ = ["PretrainedWeightsError", "load_pretrained", "warm_start", "calibrate_instance_norms", "fixed_name",
+           "file_naming", "fitting_prefixes", "read_state_dict", "backbone_and_head_parameters", "under_prefixes",
+           "FORMATS"]
 
 #: keys under which checkpoints of torchreid (``state_dict``), nasreid (``model``) and the PyTorch tutorials
 #: (``model_state_dict``) keep the network's state dict, tried in this order
@@ -424,6 +425,73 @@ def warm_start(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str]
         _identity_norm(m)
     return {"loaded": len(load), "identity": sorted(identity), "converted": sorted(converted), "unused": unused,
             "skipped": skipped}
+
+
+def calibrate_instance_norms(model: nn.Module, paths: Iterable[str], images: Iterable[torch.Tensor]) -> list[str]:
+    """Data-dependent start of affine IN layers grown into a pretrained network: ``gamma_c = E[sigma_c(x)]``,
+    ``beta_c = E[mu_c(x)]``, the per-image spatial standard deviation and mean of channel ``c`` of the layer's
+    input averaged over ``images``, measured with every such layer bypassed (the pretrained network's own
+    activations). Then ``IN(x) = (x - mu(x)) / sigma(x) * E[sigma] + E[mu]`` equals ``x`` for an image whose
+    statistics are the average and only removes each image's deviation from them -- the style statistics that
+    IN is added to remove (Zhou et al., TPAMI 2021, Sec. 3.2; Pan et al., IBN-Net, ECCV 2018) -- where
+    gamma 1 / beta 0 would rescale every channel to unit variance (measured on the MSMT17 OSNet warm-started
+    supernet: embedding norm 222 instead of 19, the loss at chance for 3 epochs).
+
+    In a supernet every candidate of each :class:`~nasreid.mutables.LayerChoice` runs on the block's input (the
+    first candidate's output goes on), so every candidate's IN layers are measured.
+
+    Args:
+        model: the warm-started network or supernet (left in its train / eval mode afterwards).
+        paths: module paths of the IN layers to set (e.g. :func:`warm_start`'s ``identity`` list; other kinds
+            of module are ignored).
+        images: batches ``[B, 3, H, W]`` on the model's device (normalised as for the network), e.g. 64
+            training images with the test transform.
+
+    Returns:
+        the paths of the layers set (those the images reached).
+    """
+    from nasreid.mutables import LayerChoice
+
+    targets = {p: m for p, m in model.named_modules() if p in set(paths)
+               and isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.affine}
+    stats: dict[str, list] = {p: [] for p in targets}
+
+    def bypass(path: str):
+        def hook(module, args, out):
+            x = args[0].detach().float()
+            mu = x.mean(dim=(2, 3))
+            sd = (x.var(dim=(2, 3), unbiased=False) + module.eps).sqrt()
+            stats[path].append((mu.sum(0), sd.sum(0), x.shape[0]))
+            return args[0]  # identity while measuring: later layers see the pretrained activations
+        return hook
+
+    def all_candidates(module, args, out):
+        for c in list(module.candidates.values())[1:]:
+            c(*args)
+        return out
+
+    handles = [m.register_forward_hook(bypass(p)) for p, m in targets.items()]
+    handles += [m.register_forward_hook(all_candidates) for m in model.modules()
+                if isinstance(m, LayerChoice) and len(m.candidates) > 1]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in images:
+                model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    done = []
+    with torch.no_grad():
+        for p, m in targets.items():
+            if stats[p]:
+                n = sum(k for _, _, k in stats[p])
+                m.bias.copy_(sum(mu for mu, _, _ in stats[p]) / n)
+                m.weight.copy_(sum(sd for _, sd, _ in stats[p]) / n)
+                done.append(p)
+    return done
 
 
 def backbone_and_head_parameters(model: nn.Module, head_prefixes: Iterable[str] = ("head",)
