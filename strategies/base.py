@@ -278,10 +278,10 @@ class OneShotStrategy(Strategy):
         checkpoint), logging ``alphas.csv`` every epoch; return the argmax genotype.
 
         With ``training.freeze_backbone_epochs`` (a supernet warm-started from pretrained weights,
-        ``model.pretrained``), the first epochs train only ``training.open_layers`` (default: the network's head;
-        the architecture weights stay frozen too), as the OSNet-AIN fine-tune does (Sec. 4.1): a new classifier's
-        random gradients would otherwise wash out the pretrained blocks before the architecture weights learn
-        anything."""
+        ``model.pretrained``), the first epochs train only ``training.open_layers`` (default: the network's head)
+        and the architecture weights (which are the strategy's, not the network's), as the OSNet-AIN fine-tune
+        does (Sec. 4.1): a new classifier's random gradients would otherwise wash out the pretrained blocks
+        (measured: loss at chance after 3 epochs of the warm-started CPU search without it)."""
         from nasreid.engine.hooks import ArchitectureLogHook, FreezeBackboneHook, StrategyStateHook
 
         model = ctx.device.model(self.attach())
