@@ -309,6 +309,24 @@ def _format_errors(path: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str = "recipe") -> dict[str, Any]:
+    """The mapping a YAML ``what`` file (``"recipe"``, ``"study recipe"``) holds.
+
+    Raises:
+        RecipeError: the file is missing, is not valid YAML, or does not hold a mapping; the message names it.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{what} file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p}: YAML syntax error: {e}") from e
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{p}: a {what} must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
 def load_recipe(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None) -> Recipe:
     """Read and validate a YAML recipe.
 
@@ -321,14 +339,7 @@ def load_recipe(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
             missing ``then_retrain`` file -- the message names the file and the key.
     """
     p = Path(path)
-    if not p.is_file():
-        raise RecipeError(f"recipe file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{p}: YAML syntax error: {e}") from e
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{p}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    raw = read_yaml_mapping(p, "recipe")
     if isinstance(raw.get("plugins"), list) and raw["plugins"]:
         # a plugin may register what the schema validates by name (an augmentation under data.augment)
         from nasreid.registry import RegistryError, load_plugins

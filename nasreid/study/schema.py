@@ -215,7 +215,7 @@ def load_study(path: Union[str, os.PathLike], overrides: Optional[Mapping[str, A
         RecipeError: missing file, YAML error, unknown/missing key, wrong type, a recipe file not found, or a
             failed check; the message names the study file and the dotted key (or the recipe file and key).
     """
-    from nasreid.config import _set_dotted
+    from nasreid.config import _set_dotted, read_yaml_mapping
 
     p = Path(path)
     if p.is_dir() and (p / "study.yaml").is_file():
@@ -224,14 +224,7 @@ def load_study(path: Union[str, os.PathLike], overrides: Optional[Mapping[str, A
         raise RecipeError(f"{p} is a folder without study.yaml (the resolved recipe a study run writes there; it is "
                           f"not committed with results): pass the study recipe instead, with --set output_root=<the "
                           f"folder's parent>")
-    if not p.is_file():
-        raise RecipeError(f"study recipe file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{p}: YAML syntax error: {e}") from e
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{p}: a study recipe must be a mapping of keys, got {type(raw).__name__}")
+    raw = read_yaml_mapping(p, "study recipe")
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     try:
