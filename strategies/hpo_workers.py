@@ -83,8 +83,8 @@ def run_hpo(recipe: Recipe, workers: int = 1, run_dir: Optional[str | os.PathLik
 
 def run_hpo_worker(run_dir: str | os.PathLike, worker: int = 0, threads: Optional[int] = None) -> int:
     """One worker of :func:`run_hpo` on the run folder's study (``nasreid hpo-worker RUN``): the strategy's
-    ``work`` loop with ``threads`` CPU threads (or GPU ``worker % device_count`` on CUDA); returns the
-    number of trials it finished.
+    ``work`` loop with ``threads`` CPU threads (or GPU ``worker % device_count`` on CUDA; the process's thread
+    count is restored on return); returns the number of trials it finished.
 
     Raises:
         RunFolderError / RecipeError: not a run folder, or its recipe is invalid or names a strategy that is not
@@ -99,8 +99,18 @@ def run_hpo_worker(run_dir: str | os.PathLike, worker: int = 0, threads: Optiona
     if not issubclass(cls, SamplingStrategy):
         raise RecipeError(f"{run / 'recipe.yaml'}: strategy.name: {recipe.strategy.name!r} is not a sampling "
                           "strategy with workers (nasreid hpo-worker runs optuna studies)")
+    old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
+    try:
+        return _work(run, recipe, cls, worker)
+    finally:  # called in-process (tests, notebooks): the caller's thread count is its own again
+        torch.set_num_threads(old_threads)
+
+
+def _work(run: Path, recipe, cls, worker: int) -> int:
+    import torch
+
     if recipe.device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         recipe = recipe.model_copy(update={"device": f"cuda:{worker % torch.cuda.device_count()}"})
     setup_logging(None)

@@ -11,6 +11,7 @@ import time
 
 import optuna
 import pytest
+import torch
 import yaml
 
 from nasreid.config import load_recipe
@@ -203,9 +204,11 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(hpo_recipe, tmp_
     done_before = len(load_checkpoint(ckpt)["history"])
     assert done_before < 6
     # a new worker: after the grace period it fails trial 0 and runs its retry from the checkpoint
+    threads_before = torch.get_num_threads()
     with caplog.at_level(logging.INFO, logger="nasreid"):
         n = pipeline.run_hpo_worker(run, worker=1, threads=1)
     assert n == 1
+    assert torch.get_num_threads() == threads_before  # in-process: the caller's thread count is restored
     cfg = OptunaStrategy.validate_kwargs(recipe.strategy.kwargs)
     study = open_study(cfg, run, "tinyhpo", create=False)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
