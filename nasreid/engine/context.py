@@ -205,7 +205,7 @@ class RunContext:
             train = list(self.dataset.train)
             records = train[:: max(1, len(train) // m.calibrate_norms)][: m.calibrate_norms]
             images = (b["img"] for b in self.feature_loader(records, batch_size=32))
-            report["calibrated"] = calibrate_instance_norms(net, report["identity"], images)
+            report["calibrated"] = calibrate_instance_norms(net, report["identity"], images, report["folds"])
         log.info("warm start from %s: %d tensors loaded; IN layers the file lacks: %d calibrated on %d training "
                  "images, %d at gamma 1 / beta 0; %d norm layers converted; %d file tensors unused", m.pretrained,
                  report["loaded"], len(report["calibrated"]), m.calibrate_norms if report["calibrated"] else 0,

@@ -187,6 +187,10 @@ class OSBlock(nn.Module):
             in_ch, out_ch, streams, bottleneck_reduction, gate_reduction, conv3_bn=not self.skip_conv3_bn)
         self.in_in = nn.InstanceNorm2d(out_ch, affine=in_affine) if in_in else None
         self.in_out = nn.InstanceNorm2d(out_ch, affine=in_affine) if in_out else None
+        #: IN layers that stand where a plain OS block has a BN (``{IN child: that BN's path in a plain block}``):
+        #: a warm start from a plain block folds the file's BN into the IN's calibration
+        #: (:func:`~nasreid.models.pretrained.calibrate_instance_norms`)
+        self.replaced_norms = {"in_in": "residual.conv3.1"} if self.skip_conv3_bn else {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         res, identity, pre_bn = self.residual(x)

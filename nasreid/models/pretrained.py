@@ -342,8 +342,10 @@ def warm_start(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str]
         ``{"loaded": n, "identity": [norm-layer paths set to identity], "converted": [norm-layer paths whose
         gamma / beta came from a norm of another kind], "unused": [file keys of
         normalisation layers the model lacks, or statistics of one it has of another kind], "skipped": [file
-        keys dropped by skip / format]}``; ``loaded`` counts the model's tensors that took a file tensor (a
-        supernet's candidates count once each).
+        keys dropped by skip / format], "folds": {IN path: the file's BN tensors}}``; ``loaded`` counts the
+        model's tensors that took a file tensor (a supernet's candidates count once each). ``folds`` names the
+        added IN layers that stand where the file has a BN (a module's ``replaced_norms``: torchreid's
+        ``OSBlockINin`` from a plain OSNet file), for :func:`calibrate_instance_norms`.
 
     Raises:
         PretrainedWeightsError: the file cannot be read; a model tensor other than a normalisation layer's is
@@ -417,6 +419,12 @@ def warm_start(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str]
         raise PretrainedWeightsError(
             f"cannot warm-start {type(model).__name__} from {path}: " + "; ".join(problems)
             + f" (only normalisation layers may be absent; skipped prefixes: {list(skip)}){hint}")
+    folds: dict[str, dict[str, torch.Tensor]] = {}  # an added IN where the file has a BN (OSBlockINin)
+    for path, m in modules.items():
+        for child, bn in (getattr(m, "replaced_norms", None) or {}).items():
+            in_path, bn_place = f"{path}.{child}" if path else child, fixed_name(f"{path}.{bn}" if path else bn)
+            if in_path in identity and f"{bn_place}.running_var" in src:
+                folds[in_path] = {k: src[f"{bn_place}.{k}"] for k in ("weight", "bias", "running_mean", "running_var")}
     for p in converted:  # a BN that replaced the file's IN: running statistics start at mean 0 / variance 1
         if getattr(modules[p], "running_mean", None) is not None:
             modules[p].reset_running_stats()
@@ -424,10 +432,11 @@ def warm_start(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str]
     for m in identity.values():
         _identity_norm(m)
     return {"loaded": len(load), "identity": sorted(identity), "converted": sorted(converted), "unused": unused,
-            "skipped": skipped}
+            "skipped": skipped, "folds": folds}
 
 
-def calibrate_instance_norms(model: nn.Module, paths: Iterable[str], images: Iterable[torch.Tensor]) -> list[str]:
+def calibrate_instance_norms(model: nn.Module, paths: Iterable[str], images: Iterable[torch.Tensor],
+                             folds: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> list[str]:
     """Data-dependent start of affine IN layers grown into a pretrained network: ``gamma_c = E[sigma_c(x)]``,
     ``beta_c = E[mu_c(x)]``, the per-image spatial standard deviation and mean of channel ``c`` of the layer's
     input averaged over ``images``, measured with every such layer bypassed (the pretrained network's own
@@ -446,6 +455,10 @@ def calibrate_instance_norms(model: nn.Module, paths: Iterable[str], images: Ite
             of module are ignored).
         images: batches ``[B, 3, H, W]`` on the model's device (normalised as for the network), e.g. 64
             training images with the test transform.
+        folds: ``{IN path: {"weight", "bias", "running_mean", "running_var"}}`` of a BN the pretrained network
+            applies where this IN stands (:func:`warm_start`'s ``folds``): the IN then reproduces that BN for an
+            average image, ``gamma = a * E[sigma]``, ``beta = a * E[mu] + b`` with the BN's eval-mode
+            ``a = weight / sqrt(running_var + eps)``, ``b = bias - a * running_mean``.
 
     Returns:
         the paths of the layers set (those the images reached).
@@ -456,13 +469,25 @@ def calibrate_instance_norms(model: nn.Module, paths: Iterable[str], images: Ite
                and isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.affine}
     stats: dict[str, list] = {p: [] for p in targets}
 
+    def bn_affine(path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        bn = (folds or {}).get(path)
+        if bn is None:
+            return None
+        a = bn["weight"] / (bn["running_var"] + 1e-5).sqrt()
+        return a, bn["bias"] - a * bn["running_mean"]
+
     def bypass(path: str):
+        fold = bn_affine(path)
+
         def hook(module, args, out):
             x = args[0].detach().float()
             mu = x.mean(dim=(2, 3))
             sd = (x.var(dim=(2, 3), unbiased=False) + module.eps).sqrt()
             stats[path].append((mu.sum(0), sd.sum(0), x.shape[0]))
-            return args[0]  # identity while measuring: later layers see the pretrained activations
+            if fold is None:  # while measuring, later layers see the pretrained network's activations:
+                return args[0]  # an added IN is left out,
+            a, b = (t.to(args[0]) for t in fold)  # one standing for the file's BN applies that BN (eval mode)
+            return args[0] * a.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
         return hook
 
     def all_candidates(module, args, out):
@@ -488,8 +513,14 @@ def calibrate_instance_norms(model: nn.Module, paths: Iterable[str], images: Ite
         for p, m in targets.items():
             if stats[p]:
                 n = sum(k for _, _, k in stats[p])
-                m.bias.copy_(sum(mu for mu, _, _ in stats[p]) / n)
-                m.weight.copy_(sum(sd for _, sd, _ in stats[p]) / n)
+                mu = sum(mu for mu, _, _ in stats[p]) / n
+                sd = sum(sd for _, sd, _ in stats[p]) / n
+                fold = bn_affine(p)
+                if fold is not None:  # IN(x) ~ BN(x): fold the replaced BN's eval-mode affine in
+                    a, b = fold
+                    mu, sd = a * mu + b, a * sd
+                m.bias.copy_(mu)
+                m.weight.copy_(sd)
                 done.append(p)
     return done
 
