@@ -176,6 +176,25 @@ def fitting_prefixes(skip: Iterable[str], file_keys: Mapping[str, torch.Tensor],
     return tuple(out)
 
 
+def _select(file_sd: Mapping[str, torch.Tensor], rename: Callable[[str], str | None] | None, skip: tuple[str, ...],
+            fit_to: Mapping[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], list[str], tuple[str, ...]]:
+    """The file's tensors under the model's names, the file keys dropped (by ``rename`` or ``skip``), and the
+    ``skip`` prefixes still in force: those whose tensors fit ``fit_to`` exactly are lifted (``keep_fitting``)."""
+    named = {k: (rename(k) if rename is not None else k) for k in file_sd}
+    if fit_to is not None:
+        fits = fitting_prefixes(skip, {n: file_sd[k] for k, n in named.items() if n is not None}, fit_to)
+        skip = tuple(p for p in skip if p not in fits)
+    kept: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for key, value in file_sd.items():
+        new = named[key]
+        if new is None or under_prefixes(new, skip):
+            skipped.append(key)
+        else:
+            kept[new] = value
+    return kept, skipped, skip
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str] = ("head.classifier",),
                     strict: bool = True, rename: Callable[[str], str | None] | None = None,
                     weights_only: bool = True, format: str = "auto", keep_fitting: bool = True) -> dict[str, Any]:
@@ -229,18 +248,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
     if rename is None:
         rename, hint = file_naming(file_sd, path, format)
 
-    named = {k: (rename(k) if rename is not None else k) for k in file_sd}
-    if keep_fitting:
-        fits = fitting_prefixes(skip, {n: file_sd[k] for k, n in named.items() if n is not None}, model_sd)
-        skip = tuple(p for p in skip if p not in fits)
-    kept: dict[str, torch.Tensor] = {}
-    skipped: list[str] = []
-    for key, value in file_sd.items():
-        new = named[key]
-        if new is None or under_prefixes(new, skip):
-            skipped.append(key)
-        else:
-            kept[new] = value
+    kept, skipped, skip = _select(file_sd, rename, skip, model_sd if keep_fitting else None)
     wanted = [k for k in model_sd if not under_prefixes(k, skip)]
     missing = [k for k in wanted if k not in kept]
     unexpected = [k for k in kept if k not in model_sd]
@@ -356,19 +364,8 @@ def warm_start(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str]
     path = Path(path)
     file_sd = read_state_dict(path, weights_only=weights_only)
     rename, hint = file_naming(file_sd, path, format)
-    named = {k: (rename(k) if rename is not None else k) for k in file_sd}
-    if keep_fitting:
-        fixed_sd = {fixed_name(k): v for k, v in model.state_dict().items()}
-        fits = fitting_prefixes(skip, {n: file_sd[k] for k, n in named.items() if n is not None}, fixed_sd)
-        skip = tuple(p for p in skip if p not in fits)
-    src: dict[str, torch.Tensor] = {}
-    skipped: list[str] = []
-    for key, value in file_sd.items():
-        new = named[key]
-        if new is None or under_prefixes(new, skip):
-            skipped.append(key)
-        else:
-            src[new] = value
+    fixed_sd = {fixed_name(k): v for k, v in model.state_dict().items()} if keep_fitting else None
+    src, skipped, skip = _select(file_sd, rename, skip, fixed_sd)
     modules = dict(model.named_modules())
     load: dict[str, torch.Tensor] = {}
     used: set[str] = set()
