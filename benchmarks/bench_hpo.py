@@ -79,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("NASREID_NO_PROGRESS", "1")
     from nasreid.config import data_dir, load_recipe
-    from nasreid.engine import pipeline
+    from nasreid.strategies import hpo_workers
     from nasreid.strategies.optuna_hpo import read_trial_records
 
     data_root = str(data_dir() / "cuhk01")
@@ -93,7 +93,7 @@ def main() -> None:
         recipe = load_recipe(p)
         run = work / f"run_w{workers}"
         t0 = time.time()
-        pipeline.run_hpo(recipe, workers=workers, run_dir=run, threads=max(1, cores // workers), progress=False)
+        hpo_workers.run_hpo(recipe, workers=workers, run_dir=run, threads=max(1, cores // workers), progress=False)
         wall = time.time() - t0
         recs = read_trial_records(run)
         arms[workers] = {"workers": workers, "threads_per_worker": max(1, cores // workers), "wall_s": wall,

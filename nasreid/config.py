@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nasreid.errors import NasreidError
+from nasreid.errors import RecipeError  # re-exported: defined in the leaf errors module
 
 __all__ = [
     "RecipeError",
@@ -30,10 +30,6 @@ __all__ = [
     "apply_overrides",
     "resolve_data_root",
 ]
-
-
-class RecipeError(NasreidError, ValueError):
-    """A recipe cannot be read or validated; the message names the file and the key."""
 
 
 class _Strict(BaseModel):

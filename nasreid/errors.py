@@ -17,11 +17,19 @@ Example::
 """
 from __future__ import annotations
 
-__all__ = ["NasreidError", "RegistryError", "NonFiniteLossError", "RunFolderError"]
+__all__ = ["NasreidError", "RecipeError", "RegistryError", "NonFiniteLossError", "RunFolderError"]
 
 
 class NasreidError(Exception):
     """Base class of every error caused by the user's input (recipe, genotype, data, checkpoint, run)."""
+
+
+class RecipeError(NasreidError, ValueError):
+    """A recipe cannot be read or validated; the message names the file and the key.
+
+    Defined here (a leaf module) so that :mod:`nasreid.registry` raises it without importing
+    :mod:`nasreid.config`; ``from nasreid.config import RecipeError`` keeps working.
+    """
 
 
 class RegistryError(NasreidError, KeyError, ValueError):

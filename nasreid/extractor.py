@@ -396,7 +396,7 @@ class FeatureExtractor:
         if os.environ.get("NASREID_NO_PROGRESS") or self.progress is False or n <= self.batch_size:
             return False
         if self.progress is None:
-            from nasreid.engine.context import progress_enabled
+            from nasreid.engine.progress import progress_enabled
 
             return progress_enabled()
         return True

@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Optional, TypeVar
 
-from nasreid.errors import RegistryError
+from nasreid.errors import NasreidError, RecipeError, RegistryError
 
 __all__ = [
     "Registry", "RegistryError", "SPACES", "STRATEGIES", "DATASETS", "LOSSES", "MATCHERS", "POSTPROCESSORS",
@@ -141,9 +141,6 @@ class Registry(Generic[T]):
             RecipeError: an unknown name (lists the known ones), an unknown, reserved or invalid key, a missing
                 required argument -- named as ``where.<key>``.
         """
-        from nasreid.config import RecipeError
-        from nasreid.errors import NasreidError
-
         try:
             obj: Any = self.get(name)
         except RegistryError as e:
@@ -168,25 +165,38 @@ class Registry(Generic[T]):
         return None
 
     def build(self, name: str, kwargs: Mapping[str, Any] | None = None, where: str = "kwargs", /,
-              **fixed: Any) -> Any:
-        """``self.get(name)(**fixed, **kwargs)`` after :meth:`validate` (``fixed``: the arguments nasreid fills,
-        e.g. ``num_classes``; the recipe may not set them).
+              *args: Any, **fixed: Any) -> Any:
+        """``self.get(name)(*args, **fixed, **kwargs)`` after :meth:`validate`: the one way nasreid builds a
+        registered component from a recipe section.
+
+        Args:
+            kwargs: the recipe's arguments (e.g. ``loss.kwargs``), validated.
+            where: recipe location for messages, e.g. ``"recipes/x.yaml: loss.kwargs"``.
+            *args: arguments nasreid passes positionally, e.g. the search space of a strategy.
+            **fixed: arguments nasreid fills by keyword, e.g. ``num_classes``.
+
+        ``args`` and ``fixed`` are not validated: they fill the component's parameters, which the recipe may
+        not set (the parameters that ``args`` bind, read from the signature, count as reserved like ``fixed``).
 
         Raises:
             RecipeError: see :meth:`validate`.
         """
         kwargs = dict(kwargs or {})
-        self.validate(name, kwargs, where, reserved=fixed)
+        reserved = set(fixed)
+        if args:
+            try:
+                reserved |= set(_positional_names(self.get(name), len(args)))
+            except RegistryError:
+                pass  # validate names the unknown entry
+        self.validate(name, kwargs, where, reserved=reserved)
         factory: Any = self.get(name)
-        return factory(**fixed, **kwargs)
+        return factory(*args, **fixed, **kwargs)
 
 
 def config_error(err: Any, where: str, what: str, config: Any) -> Exception:
-    """A pydantic ``ValidationError`` of a component's ``Config`` as one :class:`~nasreid.config.RecipeError`
+    """A pydantic ``ValidationError`` of a component's ``Config`` as one :class:`~nasreid.errors.RecipeError`
     naming the first offending key (``where.<key>``): an unknown key with the accepted ones, a model validator's
     own message (which starts with its key), or pydantic's message with the value."""
-    from nasreid.config import RecipeError
-
     first = err.errors()[0]
     loc = ".".join(str(x) for x in first["loc"])
     key = f"{where}.{loc}" if loc else where
@@ -214,8 +224,6 @@ def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], where: str, what: str,
     """
     import inspect
 
-    from nasreid.config import RecipeError
-
     reserved = set(reserved)
     params = inspect.signature(fn).parameters
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -230,6 +238,19 @@ def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], where: str, what: str,
     missing = [n for n in accepted if params[n].default is inspect.Parameter.empty and n not in kwargs]
     if missing:
         raise RecipeError(f"{where}: {what} needs {', '.join(missing)}")
+
+
+def _positional_names(fn: Callable, n: int) -> list[str]:
+    """The names of the first ``n`` positional parameters of ``fn`` (a function or a class; ``self`` left out),
+    empty when its signature cannot be read."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds and p.name != "self"][:n]
 
 
 def _same_definition(a: Any, b: Any) -> bool:

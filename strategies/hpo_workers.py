@@ -103,19 +103,20 @@ def run_hpo_worker(run_dir: str | os.PathLike, worker: int = 0, threads: Optiona
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _work(run, recipe, cls, worker)
+        return _work(run, recipe, worker)
     finally:  # called in-process (tests, notebooks): the caller's thread count is its own again
         torch.set_num_threads(old_threads)
 
 
-def _work(run: Path, recipe, cls, worker: int) -> int:
+def _work(run: Path, recipe, worker: int) -> int:
     import torch
 
     if recipe.device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         recipe = recipe.model_copy(update={"device": f"cuda:{worker % torch.cuda.device_count()}"})
     setup_logging(None)
     ctx = build_context(SearchContext, recipe, run, progress=False)
-    strategy = cls(ctx.build_space(), **pipeline.strategy_kwargs(recipe))
+    strategy = STRATEGIES.build(recipe.strategy.name, pipeline.strategy_kwargs(recipe),
+                                f"{recipe.source or '<recipe>'}: strategy.kwargs", ctx.build_space())
     try:
         return strategy.work(ctx, worker=worker)
     finally:

@@ -18,6 +18,7 @@ from nasreid.config import load_recipe
 from nasreid.engine import pipeline
 from nasreid.genotype import Genotype
 from nasreid.mutables import Categorical, LayerChoice, ModelSpace, Numerical
+from nasreid.strategies import hpo_workers
 from nasreid.strategies.base import StrategyConfigError
 from nasreid.strategies.optuna_hpo import OptunaStrategy, open_study, pick_pareto, query_gallery_split, suggest_sample
 
@@ -118,7 +119,7 @@ def test_query_gallery_split_has_cross_camera_matches(shared_data):
 
 def test_hpo_searches_osnet_ain_and_resumes_from_storage(hpo_recipe, tmp_path):
     recipe = load_recipe(hpo_recipe(trials=2))
-    run = pipeline.run_hpo(recipe, workers=1, run_dir=tmp_path / "run")
+    run = hpo_workers.run_hpo(recipe, workers=1, run_dir=tmp_path / "run")
     g = Genotype.load(run / "genotype.json")
     assert g.space == "osnet_ain" and set(g.choices) == {f"conv{i}_{j}" for i in (2, 3, 4) for j in (1, 2)}
     net = g.build(num_classes=5)  # a valid fixed network
@@ -134,7 +135,7 @@ def test_hpo_searches_osnet_ain_and_resumes_from_storage(hpo_recipe, tmp_path):
     first = [json.loads(p.read_text())["sample"] for p in recs]
     # resume with a larger budget: the study continues from its storage (trial numbers 2, 3 are new)
     resumed = load_recipe(run / "recipe.yaml", {"strategy.kwargs.trials": 4})
-    pipeline.run_hpo(resumed, workers=1, run_dir=run, resume=True)
+    hpo_workers.run_hpo(resumed, workers=1, run_dir=run, resume=True)
     study = open_study(OptunaStrategy.validate_kwargs(resumed.strategy.kwargs), run, "tinyhpo", create=False)
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     recs = sorted((run / "trials").glob("trial_*/record.json"))
@@ -150,14 +151,13 @@ def test_hpo_searches_osnet_ain_and_resumes_from_storage(hpo_recipe, tmp_path):
 def test_sampling_strategies_are_told_apart_by_class():
     """The engine and the CLI ask the class (SamplingStrategy, Strategy.plot_run), never a strategy's name."""
     from nasreid.registry import STRATEGIES
-    from nasreid.strategies import hpo_workers
     from nasreid.strategies.base import SamplingStrategy, Strategy
 
     kinds = {name: issubclass(cls, SamplingStrategy) for name, cls in STRATEGIES.items()}
     assert kinds["optuna"] and not kinds["gumbel"] and not kinds["random"] and not kinds["darts_tcm"]
     assert STRATEGIES.get("optuna").plot_run.__func__ is not Strategy.plot_run.__func__
     assert STRATEGIES.get("gumbel").plot_run.__func__ is Strategy.plot_run.__func__
-    assert pipeline.run_hpo is hpo_workers.run_hpo and pipeline.run_hpo_worker is hpo_workers.run_hpo_worker
+    assert not hasattr(pipeline, "run_hpo")  # hpo_workers imports the pipeline: no re-export (no import circle)
 
 
 def test_hpo_refuses_a_one_shot_strategy(hpo_recipe, capsys):
@@ -174,7 +174,7 @@ def test_hpo_refuses_a_one_shot_strategy(hpo_recipe, capsys):
 
 def test_two_workers_share_one_journal(hpo_recipe, tmp_path):
     recipe = load_recipe(hpo_recipe(trials=4))
-    run = pipeline.run_hpo(recipe, workers=2, run_dir=tmp_path / "run2", threads=1)
+    run = hpo_workers.run_hpo(recipe, workers=2, run_dir=tmp_path / "run2", threads=1)
     cfg = OptunaStrategy.validate_kwargs(recipe.strategy.kwargs)
     study = open_study(cfg, run, "tinyhpo", create=False)
     states = [t.state for t in study.trials]
@@ -206,7 +206,7 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(hpo_recipe, tmp_
     # a new worker: after the grace period it fails trial 0 and runs its retry from the checkpoint
     threads_before = torch.get_num_threads()
     with caplog.at_level(logging.INFO, logger="nasreid"):
-        n = pipeline.run_hpo_worker(run, worker=1, threads=1)
+        n = hpo_workers.run_hpo_worker(run, worker=1, threads=1)
     assert n == 1
     assert torch.get_num_threads() == threads_before  # in-process: the caller's thread count is restored
     cfg = OptunaStrategy.validate_kwargs(recipe.strategy.kwargs)
@@ -229,7 +229,7 @@ def test_hpo_on_rmgl_then_train_applies_the_searched_rsa(hpo_recipe, tmp_path):
     d["loss"] = {"name": "rmgl", "kwargs": {"margin": 0.6}}
     p = tmp_path / "rmgl_hpo.yaml"
     p.write_text(yaml.safe_dump(d))
-    run = pipeline.run_hpo(load_recipe(p), workers=1, run_dir=tmp_path / "rmgl_run")
+    run = hpo_workers.run_hpo(load_recipe(p), workers=1, run_dir=tmp_path / "rmgl_run")
     g = Genotype.load(run / "genotype.json")
     assert g.space == "rmgl" and g.choices["rsa.p"] != 0.5  # a sampled value, not the default
     assert g.provenance["trial"] in (0, 1) and g.provenance["rule"].startswith("best trial")
@@ -250,7 +250,7 @@ def test_multi_objective_study_derives_a_pareto_point(hpo_recipe, tmp_path):
     """mAP vs inference parameters with NSGA-II: derive picks a point of the Pareto front by pareto_rule."""
     recipe = load_recipe(hpo_recipe(trials=3, epochs=1, pruner="none", objectives=["mAP", "params"],
                                     pareto_rule="cheapest"))
-    run = pipeline.run_hpo(recipe, workers=1, run_dir=tmp_path / "mo")
+    run = hpo_workers.run_hpo(recipe, workers=1, run_dir=tmp_path / "mo")
     cfg = OptunaStrategy.validate_kwargs(recipe.strategy.kwargs)
     study = open_study(cfg, run, "tinyhpo", create=False)
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
@@ -271,7 +271,7 @@ def test_a_trial_that_always_fails_stops_the_worker_with_a_clear_error(hpo_recip
     recipe = load_recipe(hpo_recipe(trials=5, epochs=1, max_failures=2))
     recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"batch_size": 64})})
     with pytest.raises(HPOError, match="2 trials in a row failed"):
-        pipeline.run_hpo(recipe, workers=1, run_dir=tmp_path / "fail")
+        hpo_workers.run_hpo(recipe, workers=1, run_dir=tmp_path / "fail")
     recs = sorted((tmp_path / "fail" / "trials").glob("trial_*/record.json"))
     assert len(recs) == 2 and all(json.loads(p.read_text())["state"] == "FAIL" for p in recs)
     assert "error" in json.loads(recs[0].read_text())

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +33,9 @@ from .checkpoint import read_json, write_json
 from .hooks import CheckpointHook
 from .trainer import DeviceContext, Hook, Trainer, build_optimizer, build_scheduler
 
-__all__ = ["RunContext", "SearchContext", "progress_enabled"]
+__all__ = ["RunContext", "SearchContext"]
 
 log = logging.getLogger("nasreid")
-
-
-def progress_enabled() -> bool:
-    """Progress bars on a terminal unless ``NASREID_NO_PROGRESS`` is set."""
-    return sys.stderr.isatty() and not os.environ.get("NASREID_NO_PROGRESS")
 
 
 @dataclass
@@ -179,9 +172,9 @@ class RunContext:
         Raises:
             PretrainedWeightsError: a ``model.pretrained`` file that does not fit the space (another width ...).
         """
-        cls = SPACES.get(self.recipe.space.name)
         n = self.dataset.num_train_pids if num_classes is None else num_classes
-        space = cls(num_classes=n, **{**self.recipe.space.kwargs, **overrides})
+        space = SPACES.build(self.recipe.space.name, {**self.recipe.space.kwargs, **overrides},
+                             f"{self.recipe.source or '<recipe>'}: space.kwargs", num_classes=n)
         if self.recipe.model is not None and self.recipe.model.pretrained:
             self.warm_start(space)
         return space
@@ -217,7 +210,7 @@ class RunContext:
         """The recipe's loss (``loss.name`` from the loss registry) for ``num_classes`` identities."""
         L = self.recipe.loss
         n = self.dataset.num_train_pids if num_classes is None else num_classes
-        return LOSSES.get(L.name)(n, **L.kwargs)
+        return LOSSES.build(L.name, L.kwargs, f"{self.recipe.source or '<recipe>'}: loss.kwargs", num_classes=n)
 
     def build_optimizer(self, params_or_groups, cfg=None):
         """Optimiser of the recipe's ``optim`` section (or ``cfg``) over parameters or parameter groups."""
@@ -265,7 +258,8 @@ class RunContext:
             RegistryError: unknown training method.
             NonFiniteLossError: the loss diverged (the last good checkpoint is kept).
         """
-        method = METHODS.get(self.recipe.training.method)(**self.recipe.training.kwargs)
+        method = METHODS.build(self.recipe.training.method, self.recipe.training.kwargs,
+                               f"{self.recipe.source or '<recipe>'}: training.kwargs")
         return method.fit(self, net, epochs=epochs or self.recipe.optim.epochs, hooks=list(hooks),
                           records=records, run_dir=run_dir)
 

@@ -8,8 +8,9 @@ The other jobs live beside it and are re-exported here (``__all__``) for existin
   :func:`setup_logging`; the folder layout): :mod:`nasreid.engine.runs`;
 * evaluation (:func:`evaluate_dataset`, :func:`evaluate_run_model`, :func:`run_evaluate`):
   :mod:`nasreid.evaluation.runner`;
-* ``nasreid hpo`` worker processes (:func:`run_hpo`, :func:`run_hpo_worker`): :mod:`nasreid.strategies.hpo_workers`,
-  imported on first use of those names (it lives in the strategies package).
+
+``nasreid hpo``'s worker processes (``run_hpo``, ``run_hpo_worker``) live in :mod:`nasreid.strategies.hpo_workers`,
+which imports this module; they are not re-exported here (that would be an import circle).
 
 Importing this module imports no concrete search space or strategy: they are looked up by name in the
 registries when a recipe names them.
@@ -28,6 +29,7 @@ from nasreid.config import DatasetRef, Recipe, RecipeError, apply_overrides, loa
 from nasreid.errors import RunFolderError
 from nasreid.evaluation.runner import evaluate_dataset, evaluate_run_model, run_evaluate
 from nasreid.genotype import Genotype, GenotypeError, preset_genotype
+from nasreid.models.interface import classifiers_of
 from nasreid.registry import STRATEGIES
 
 from .checkpoint import load_checkpoint, new_run_dir, read_json, save_checkpoint, write_json
@@ -36,26 +38,12 @@ from .hooks import EvalHook
 from .runs import build_context, dist_setup, load_run_model, load_run_recipe, prepare_run, setup_logging
 from .validate import check_recipe
 
-__all__ = ["run_search", "run_hpo", "run_hpo_worker",  # noqa: F822 (run_hpo*: provided lazily by __getattr__ below)
-           "derive", "run_train", "run_evaluate", "setup_logging", "load_run_recipe",
+__all__ = ["run_search", "derive", "run_train", "run_evaluate", "setup_logging", "load_run_recipe",
            "evaluate_dataset", "evaluate_run_model", "load_run_model", "strategy_kwargs", "DatasetRef"]
 
 log = logging.getLogger("nasreid")
 
 _prepare_run = prepare_run  # its name when it lived here (tests call ``pipeline._prepare_run``)
-
-_HPO_NAMES = ("run_hpo", "run_hpo_worker")
-
-
-def __getattr__(name: str):
-    """``run_hpo`` / ``run_hpo_worker`` from :mod:`nasreid.strategies.hpo_workers`, imported on first use (an
-    import at the top would load every concrete strategy with this module)."""
-    if name in _HPO_NAMES:
-        from nasreid.strategies import hpo_workers
-
-        return getattr(hpo_workers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 def _is_sampling(name: str) -> bool:
     """Whether the registered strategy ``name`` is a :class:`~nasreid.strategies.base.SamplingStrategy`."""
@@ -100,7 +88,8 @@ def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resu
     sampling = _is_sampling(recipe.strategy.name)  # a study can be extended: never "done"
     if sampling or not (metrics.get("search_done") and (run / "genotype.json").is_file()):
         ctx = build_context(SearchContext, recipe, run, progress)
-        strategy = STRATEGIES.get(recipe.strategy.name)(ctx.build_space(), **strategy_kwargs(recipe))
+        strategy = STRATEGIES.build(recipe.strategy.name, strategy_kwargs(recipe),
+                                    f"{recipe.source or '<recipe>'}: strategy.kwargs", ctx.build_space())
         t_search = time.time()
         geno = strategy.search(ctx)
         t_search = time.time() - t_search
@@ -265,6 +254,6 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
 
 def _num_classes(model: nn.Module, default: int) -> int:
     """Rows of the network's identity classifier (a training method may resize it: DomainMix's pseudo-label
-    classes; :meth:`~nasreid.models.interface.ReIDNetwork.get_classifier`), ``default`` when it has none."""
-    classifiers = model.get_classifier() if hasattr(model, "get_classifier") else {}
+    classes; :func:`~nasreid.models.interface.classifiers_of`), ``default`` when it has none."""
+    classifiers = classifiers_of(model)
     return int(next(iter(classifiers.values())).out_features) if classifiers else int(default)

@@ -34,7 +34,7 @@ from nasreid.genotype import Genotype
 from nasreid.registry import METHODS
 
 from .checkpoint import load_checkpoint, new_run_dir, read_json, seed_everything
-from .context import progress_enabled
+from .progress import progress_enabled
 from .trainer import device_context
 
 __all__ = ["setup_logging", "load_run_recipe", "load_run_model", "prepare_run", "dist_setup", "build_context",

@@ -18,7 +18,7 @@ from torch import nn
 
 from nasreid.config import DatasetRef, Recipe, RecipeError, resolve_data_root
 from nasreid.engine.checkpoint import read_json, write_json
-from nasreid.engine.context import progress_enabled
+from nasreid.engine.progress import progress_enabled
 from nasreid.engine.runs import load_run_model, setup_logging
 from nasreid.engine.trainer import device_context
 from nasreid.engine.validate import check_recipe
@@ -47,8 +47,11 @@ def evaluate_dataset(model: nn.Module, dataset, recipe: Recipe, ctx, progress: b
                               workers=d.workers, on_corrupt=d.on_corrupt)
     from nasreid.registry import MATCHERS, POSTPROCESSORS
 
-    matcher = MATCHERS.get(e.matcher.name)(**e.matcher.kwargs) if e.matcher is not None else None
-    post = [POSTPROCESSORS.get(pp.name)(**pp.kwargs) for pp in e.postprocessors]
+    src = recipe.source or "<recipe>"
+    matcher = MATCHERS.build(e.matcher.name, e.matcher.kwargs, f"{src}: eval.matcher.kwargs") \
+        if e.matcher is not None else None
+    post = [POSTPROCESSORS.build(pp.name, pp.kwargs, f"{src}: eval.postprocessors[{i}].kwargs")
+            for i, pp in enumerate(e.postprocessors)]
     t0 = time.time()
     res = evaluate_model(model, q, g, device=ctx.device, flip=e.flip, metric=e.metric, amp=ctx.amp,
                          ranks=tuple(e.ranks), progress=progress, matcher=matcher, postprocessors=post)

@@ -72,6 +72,7 @@ from torch import nn
 
 from nasreid.config import DatasetRef, RecipeError
 from nasreid.engine.trainer import Hook, backward, optimizer_step
+from nasreid.models.interface import classifiers_of
 from nasreid.registry import METHODS
 
 from .base import COMMON_KEYS, TrainingMethod, reid_loss_setting
@@ -633,7 +634,7 @@ class DomainMixMethod(TrainingMethod):
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
         self.a_records = list(records)
         self.num_a = self.num_classes
-        classifiers = net.get_classifier() if hasattr(net, "get_classifier") else {}
+        classifiers = classifiers_of(net)
         if not classifiers:
             raise RecipeError(f"training.method domainmix needs a network with an identity classifier "
                               f"(OSNet-AIN, MSINet); {type(net).__name__} has none")

@@ -43,7 +43,7 @@ from torch import nn
 
 from nasreid.errors import NasreidError
 
-__all__ = ["FeatureInfo", "ReIDNetwork", "NetworkInterfaceError", "as_stages", "stage_names"]
+__all__ = ["FeatureInfo", "ReIDNetwork", "NetworkInterfaceError", "as_stages", "stage_names", "classifiers_of"]
 
 
 class NetworkInterfaceError(NasreidError, ValueError):
@@ -167,6 +167,12 @@ def stage_names(net: nn.Module) -> list[str]:
     """The stage names of ``net`` (:attr:`ReIDNetwork.feature_info`, or the top-level children of a network
     without the interface, see :func:`as_stages`)."""
     return [n for n, _ in as_stages(net)]
+
+
+def classifiers_of(net: nn.Module) -> dict[str, nn.Linear]:
+    """The identity classifiers of ``net``: :meth:`ReIDNetwork.get_classifier` for a nasreid network, ``{}``
+    for any other (a plugin space without the interface; a timm model's own ``get_classifier`` is not asked)."""
+    return net.get_classifier() if isinstance(net, ReIDNetwork) else {}
 
 
 def as_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
