@@ -9,12 +9,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
-
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
 
 import nasreid
 from _runs import make_untrained_run

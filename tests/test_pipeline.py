@@ -45,8 +45,10 @@ def test_search_derive_train_evaluate_plot_on_cuhk01(tiny_recipe, tmp_path, mark
     for label, probs in geno.probabilities.items():
         assert abs(sum(probs.values()) - 1) < 1e-5
         assert geno.choices[label] == max(probs, key=probs.get)  # derive = argmax pi
-    # pi moved away from uniform (0.25) under training (arch_lr 0.5); measured 0.274 with 2 threads, 0.257 with 1
-    assert max(max(p.values()) for p in geno.probabilities.values()) > 0.255
+    # pi learnt: softmax(pi) left its uniform start (0.25). How far depends on the machine's float reductions
+    # (max p measured 0.274 with 2 threads, 0.257 with 1), so the test asks only that every decision moved
+    # (arch_lr 0.5 moves each pi by ~1e-2 per epoch; an untrained pi stays at 0.25 exactly)
+    assert all(max(abs(v - 0.25) for v in p.values()) > 1e-3 for p in geno.probabilities.values())
     metrics = json.loads((search_run / "metrics.json").read_text())
     assert [h["lambda"] for h in metrics["history"]] == [3.0, 2.0, 1.0]
     assert (search_run / "genotype.graphml").is_file()

@@ -74,7 +74,6 @@ def test_jaccard_equals_dense_reference(k1, k2):
 
 def test_jaccard_distance_scipy_output():
     """The scipy CSR output: canonical (sorted, no duplicates), missing pairs at distance 1, explicit zeros kept."""
-    pytest.importorskip("scipy")
     x = clustered(60)
     x[50:] = x[:10]  # exact duplicates: d_J = 0 off the diagonal
     for k1, k2 in ((30, 6), (5, 1)):
@@ -152,7 +151,8 @@ def test_second_pass_and_bad_inputs():
 def test_dbscan_on_the_sparse_matrix_equals_dense():
     """DBSCAN(metric="precomputed") gives the same labels on the sparse output (with or without max_distance)
     as on the dense matrix; duplicates give explicit zeros, which must stay neighbours."""
-    cluster = pytest.importorskip("sklearn.cluster")
+    from sklearn import cluster
+
     x = clustered(80, clusters=6, spread=0.3, seed=2)
     x[70:] = x[:10]  # exact duplicates: Jaccard distance 0 off the diagonal
     dense = jaccard_distance(x, 30, 6, dense=True)
