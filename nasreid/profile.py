@@ -25,7 +25,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -229,7 +229,8 @@ def profile_network(genotype_or_model: Union[Genotype, str, os.PathLike, nn.Modu
         input_size = default
     if not isinstance(input_size, (list, tuple)) or len(input_size) != 2:
         raise ProfileError(f"input_size must be (height, width), got {input_size!r}")
-    size = tuple(default[i] if v is None else _int_arg(v, "input_size", 1) for i, v in enumerate(input_size))
+    size = cast(tuple[int, int],  # two entries: checked above
+                tuple(default[i] if v is None else _int_arg(v, "input_size", 1) for i, v in enumerate(input_size)))
 
     given = isinstance(genotype_or_model, nn.Module)
     try:

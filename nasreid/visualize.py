@@ -31,7 +31,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union, cast
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -40,6 +40,8 @@ from nasreid.errors import NasreidError, RunFolderError
 
 if TYPE_CHECKING:
     import torch
+
+    from nasreid.data.loaders import ImageDataset
 
 __all__ = ["VisualizeError", "RankLayout", "draw_ranked_list", "render_ranked_list", "visualize_ranks",
            "correspondences", "draw_correspondences", "match_pair",
@@ -391,13 +393,15 @@ def visualize_ranks(run_dir: str | os.PathLike, *, queries: int = 10, topk: int 
 
     q_loader, g_loader = build_test_loaders(ds, height=d.height, width=d.width, batch_size=e.batch_size,
                                             workers=d.workers, on_corrupt=d.on_corrupt)
-    q_records, g_records = q_loader.dataset.records, g_loader.dataset.records
+    # build_test_loaders' datasets are ImageDatasets (their records: the images that load, see on_corrupt)
+    q_records = cast("ImageDataset", q_loader.dataset).records
+    g_records = cast("ImageDataset", g_loader.dataset).records
     chosen = _choose_queries(len(q_records), queries, int(seed), query_ids)
     sub = DataLoader(Subset(q_loader.dataset, chosen), batch_size=e.batch_size, shuffle=False,
                      num_workers=d.workers)
     normalize = e.metric == "cosine"  # as evaluation: cosine compares unit vectors, euclidean the raw features
-    kw = dict(device=ctx.device, flip=e.flip, amp=ctx.amp, normalize=normalize, channels_last=ctx.channels_last,
-              progress=False)
+    kw: dict[str, Any] = dict(device=ctx.device, flip=e.flip, amp=ctx.amp, normalize=normalize,
+                              channels_last=ctx.channels_last, progress=False)
     qf, q_pids, q_camids, _ = extract_features(model, sub, desc="query", **kw)
     gf, g_pids, g_camids, _ = extract_features(model, g_loader, desc="gallery", **kw)
     dist = compute_distance(qf, gf, e.metric).cpu().numpy()

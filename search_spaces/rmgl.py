@@ -289,15 +289,15 @@ class RMGLSpace(ModelSpace, ReIDNetwork):
             self.trunk, stages, channels = self._resnet50(last_stride, imagenet_weights)
         else:
             self.trunk, stages, channels = self._osnet(width_mult)
-        self.branches = nn.ModuleList(
-            RMGLBranch(stages(), channels, n, rp_stage, reduce_dim=reduce_dim, num_classes=num_classes,
-                       abp=abp, abp_pool=abp_pool)
-            for n in stripes)
+        branches = [RMGLBranch(stages(), channels, n, rp_stage, reduce_dim=reduce_dim, num_classes=num_classes,
+                               abp=abp, abp_pool=abp_pool)
+                    for n in stripes]
+        self.branches = nn.ModuleList(branches)
         self.num_classes = num_classes
         self.reduce_dim = reduce_dim
         self.stripes = tuple(stripes)
         self.rp_stage = rp_stage
-        self.feature_dim = sum(b.feature_dim for b in self.branches)
+        self.feature_dim = sum(b.feature_dim for b in branches)
         # the interface: the trunk and branch 0's original path are the chain of stages; each branch's
         # reductions and classifiers are head
         self.head_prefixes = tuple(f"branches.{i}.{part}" for i in range(len(self.branches))
@@ -313,7 +313,7 @@ class RMGLSpace(ModelSpace, ReIDNetwork):
         if backbone == "osnet":
             init_reid_weights(self)
         else:  # torchvision's initialisation (or the ImageNet weights) for the backbone
-            for b in self.branches:
+            for b in branches:
                 init_reid_weights(b.reductions)
                 init_reid_weights(b.classifiers)
 

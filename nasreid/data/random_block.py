@@ -8,7 +8,7 @@ beats RE for QAConv (Market -> Duke rank-1 54.4 vs 51.6).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import PIL.Image
 import torch
@@ -156,7 +156,7 @@ class RandomBlock(v2.Transform):
             out.paste(fill, (left, t, left + s, t + s))
             return out
         img = inpt.as_subclass(torch.Tensor).clone()
-        img[..., t:t + s, left:left + s] = fill
+        img[..., t:t + s, left:left + s] = cast("int | float", fill)  # a tensor's white is a scalar (bands: PIL)
         return tv_tensors.wrap(img, like=inpt) if isinstance(inpt, tv_tensors.Image) else img
 
     # torchvision < 0.21 calls the private names

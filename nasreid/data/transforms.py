@@ -153,7 +153,7 @@ class RandomShift(v2.Transform):
             if isinstance(inpt, torch.Tensor) and inpt.ndim >= 2:
                 H, W = int(inpt.shape[-2]), int(inpt.shape[-1])
                 break
-        if H is None:
+        if H is None or W is None:  # set together
             return {"applied": False}
         return self.get_params(H, W)
 

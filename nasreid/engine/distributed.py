@@ -153,19 +153,19 @@ def average_gradients(params: Iterable[torch.Tensor]) -> None:
         return
     params = list(params)
     W = world_size()
-    by_dtype: dict[tuple, list[torch.Tensor]] = {}
+    by_dtype: dict[tuple, list[torch.Tensor]] = {}  # the grads, by (dtype, device)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        by_dtype.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+        by_dtype.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
     for group in by_dtype.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        flat = torch.cat([g.reshape(-1) for g in group])
         dist.all_reduce(flat)
         flat /= W
         off = 0
-        for p in group:
-            n = p.grad.numel()
-            p.grad.copy_(flat[off:off + n].view_as(p.grad))
+        for g in group:
+            n = g.numel()
+            g.copy_(flat[off:off + n].view_as(g))
             off += n
 
 

@@ -150,7 +150,7 @@ class FeatureDistance(Matcher):
         if metric not in METRICS:
             raise EvaluationError(f"unknown metric {metric!r}; expected one of {METRICS}")
         self.metric = metric
-        self._gallery = None
+        self._gallery: tuple[torch.Tensor, torch.Tensor | None] | None = None  # prepare_features of the gallery
         self._ws = _Workspace()
 
     def features(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -166,7 +166,7 @@ class _Workspace:
 
 
 def _buckets_grid(d: torch.Tensor, pos_sorted: torch.Tensor, pos_cols: torch.Tensor, n_pos: torch.Tensor,
-                  junk_cols: torch.Tensor | None, cells: int, ws: _Workspace) -> torch.Tensor:
+                  junk_cols: torch.Tensor | None, cells: int, ws: _Workspace) -> torch.Tensor | None:
     """Buckets of a whole chunk ``d`` [C, G] (no nan; +-inf allowed) via a per-row uniform grid.
 
     Same values as :func:`_exact_buckets`, except that the ``junk_cols`` columns get bucket ``P + 1`` (a bin

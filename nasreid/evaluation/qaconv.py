@@ -29,6 +29,8 @@ maps (``Ng * d * h * w`` values, float16 on CUDA by default) plus one block of s
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -89,7 +91,8 @@ class QAConvMatcher(Matcher):
                 "nasreid.models.qaconv.attach_qaconv"
             )
         self.head = head
-        target = model.module if getattr(model, "qaconv", None) is not head else model
+        # the head not on the model: found on the network a DataParallel / DDP wrapper holds as .module
+        target = cast(nn.Module, model.module) if getattr(model, "qaconv", None) is not head else model
         return head.extract(target, images)
 
     def _require_head(self) -> QAConvHead:

@@ -70,6 +70,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -232,7 +233,8 @@ def _features_dist_fn(features, metric: str, normalize: bool, device) -> tuple[D
             r = torch.as_tensor(rows[a:a + step], device=x.device)
             c = torch.as_tensor(cols[a:a + step], device=x.device)
             dot = (prepared[0][r] * prepared[0][c]).sum(1)
-            d = 1.0 - dot if metric == "cosine" else (prepared[1][r] + prepared[1][c] - 2.0 * dot).clamp_(min=0)
+            sq = cast(torch.Tensor, prepared[1])  # euclidean: the squared norms (cosine: None, not read)
+            d = 1.0 - dot if metric == "cosine" else (sq[r] + sq[c] - 2.0 * dot).clamp_(min=0)
             out[a:a + step] = d.cpu().double().numpy()
         return out
 
@@ -443,9 +445,9 @@ def k_reciprocal_encoding(source, n: int | None = None, k1: int = 20, k2: int = 
             a ``dist_fn`` returning the wrong shape, bad features or metric.
     """
     t0 = time.perf_counter()
-    for name, v in (("k1", k1), ("k2", k2), ("chunk_size", chunk_size)):
-        if isinstance(v, bool) or int(v) != v or v < 1:
-            raise EvaluationError(f"{name} must be an integer >= 1, got {v!r}")
+    for name, arg in (("k1", k1), ("k2", k2), ("chunk_size", chunk_size)):
+        if isinstance(arg, bool) or int(arg) != arg or arg < 1:
+            raise EvaluationError(f"{name} must be an integer >= 1, got {arg!r}")
     k1, k2, chunk_size = int(k1), int(k2), int(chunk_size)
     if callable(source):
         if n is None or int(n) < 1:
@@ -724,8 +726,8 @@ class KReciprocalRerank(PostProcessor):
             d = d.float()
         if self._incoming:
             d = 1.0 - d
-        jac = enc.jaccard_dense(np.arange(start, end), (nq, enc.n))  # float64 [chunk, Ng], 1 off the support
-        jac = torch.from_numpy(jac).to(device=d.device, dtype=d.dtype)
+        jac_np = enc.jaccard_dense(np.arange(start, end), (nq, enc.n))  # float64 [chunk, Ng], 1 off the support
+        jac = torch.from_numpy(jac_np).to(device=d.device, dtype=d.dtype)
         lam = self.lambda_value
         return jac.mul_(1.0 - lam).add_(d, alpha=lam)
 

@@ -70,7 +70,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -184,7 +184,7 @@ class TLift(PostProcessor):
         self.input_higher_is_better = input_higher_is_better
         self.upstream = list(upstream)
         self.chunk_size = int(chunk_size)
-        self._state = None
+        self._state: dict[str, Any] | None = None
         self._warned_negative = False
 
     def __repr__(self) -> str:
@@ -226,7 +226,8 @@ class TLift(PostProcessor):
         untimed = ~torch.isfinite(gtime)
         members = [torch.nonzero(gcam_idx == c).flatten() for c in range(len(cams))]
         k = self.k
-        cand_val = cand_idx = None
+        cand_val: torch.Tensor | None = None
+        cand_idx: torch.Tensor | None = None
         for s in range(0, nq, self.chunk_size):
             e = min(s + self.chunk_size, nq)
             sc = matcher.score(query, s, e)
@@ -242,6 +243,7 @@ class TLift(PostProcessor):
                 cand_idx = torch.full((nq, len(cams), k), -1, dtype=torch.int64, device=dev)
                 members = [m.to(dev) for m in members]
                 untimed = untimed.to(dev)
+            assert cand_idx is not None  # allocated with cand_val
             # untimed gallery images are never pivots, nor nan scores
             sim = sim.masked_fill(untimed.unsqueeze(0) | sim.isnan(), -math.inf)
             for c, m in enumerate(members):
@@ -265,10 +267,11 @@ class TLift(PostProcessor):
             gcam=gcam, gtime=gtime, order=order, skey=key[order], stime=gtime[order], scam=gcam_idx[order],
             tmin=tmin, band=band, cut=cut,
         )
-        self._moved = None
+        self._moved: tuple[torch.device, dict[str, Any]] | None = None
 
     def _on(self, device: torch.device) -> dict:
         st = self._state
+        assert st is not None  # called after prepare()
         if self._moved is None or self._moved[0] != device:
             self._moved = (device, {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in st.items()})
         return self._moved[1]

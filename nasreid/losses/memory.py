@@ -43,6 +43,9 @@ class ClassMemory(nn.Module):
         ValueError: non-positive sizes, ``temperature <= 0`` or ``momentum`` outside ``[0, 1)``.
     """
 
+    features: torch.Tensor  # buffers (registered in __init__)
+    initialised: torch.Tensor
+
     def __init__(self, num_classes: int, dim: int, temperature: float = 0.05, momentum: float = 0.2):
         super().__init__()
         if num_classes < 1 or dim < 1:

@@ -93,6 +93,7 @@ class MSINetLoss(nn.Module):
     def _tri(self, feat: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
         if self.triplet_normalize:
             feat = F.normalize(feat, p=2, dim=1)
+        assert self.triplet is not None  # called only when the triplet term is on (use_tri)
         return self.triplet(feat, pids)
 
     def forward(self, outputs: dict, batch) -> tuple[torch.Tensor, dict[str, float]]:

@@ -131,6 +131,7 @@ class PositionActivation(nn.Module):
         self.key = nn.Conv2d(self.in_channels, mid, kernel_size=1, bias=True)
         for conv in (self.query, self.key):  # the init the authors' network applies to every conv
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            assert conv.bias is not None  # built with bias=True
             nn.init.zeros_(conv.bias)
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,6 +200,7 @@ class SpatialAlignLoss(nn.Module):
             same = pids.view(-1, 1) == pids.view(1, -1)  # [B, B], diagonal included
             total = x.new_zeros(())
             if self.use_pos:
+                assert self.pam is not None  # built when use_pos
                 a_hat = self.pam(x)  # [B, N]
                 cos_pos = cosine_matrix(a_hat.unsqueeze(1), a).squeeze(1)  # [B, B]: S(a_hat(i), a(i, j))
                 pos = same.to(x.dtype)

@@ -127,8 +127,8 @@ def refine_clusters(labels: Sequence[int], b_l: int, b_h: int) -> tuple[np.ndarr
     keep = {c for c, s in sizes.items() if b_l <= s <= b_h}
     out = np.full(lab.shape, -1, dtype=np.int64)
     mapping: dict[int, int] = {}
-    for i, c in enumerate(lab):
-        c = int(c)
+    for i, c_raw in enumerate(lab):
+        c = int(c_raw)
         if c in keep:
             if c not in mapping:
                 mapping[c] = len(mapping)
@@ -157,12 +157,13 @@ def cluster_pseudo_labels(features: torch.Tensor, cfg: ClusterConfig) -> tuple[n
     k1 = min(cfg.k1, n - 1)
     dist = jaccard_distance(features.float(), k1=max(k1, 1), k2=min(cfg.k2, max(k1, 1)), max_distance=cfg.eps)
     raw = DBSCAN(eps=cfg.eps, min_samples=cfg.min_samples, metric="precomputed", n_jobs=1).fit_predict(dist)
-    labels, stats = refine_clusters(raw, cfg.b_l, cfg.b_h)
+    labels, counts = refine_clusters(raw, cfg.b_l, cfg.b_h)
+    stats: dict[str, Any] = counts
     stats["seconds"] = time.time() - t0
     return labels, stats
 
 
-def cluster_purity(pseudo: Sequence[int], true: Sequence[int]) -> dict[str, float]:
+def cluster_purity(pseudo: Sequence[int] | np.ndarray, true: Sequence[int] | np.ndarray) -> dict[str, float]:
     """Quality of pseudo labels against true identities -- for the report only, never for training.
 
     ``purity``: share of the clustered images (``pseudo >= 0``) whose true identity is their cluster's majority
@@ -398,6 +399,12 @@ class DomainMixMethod(TrainingMethod):
                 raise ValueError("b_labels: true needs an unlabelled dataset B (training.kwargs.unlabelled)")
             return self
 
+    cfg: Config  # the validated ``training.kwargs`` (set by TrainingMethod.__init__)
+    # B, set by setup(): the dataset, its records with labels hidden, its true identities (None: not read)
+    b_dataset: Any
+    b_records: Optional[list]
+    b_true: Optional[list[int]]
+
     honours = frozenset(COMMON_KEYS) - {"loss.name", "loss.kwargs", "loss.kwargs.triplet_weight"}
     distributed = False
 
@@ -474,6 +481,7 @@ class DomainMixMethod(TrainingMethod):
         feats = None
         feats = self._b_features()  # also the centroids that B's classifier rows start from
         if self.b_labels:  # upper-bound baseline: B's true identities, relabelled 0..M-1
+            assert self.b_true is not None  # setup() reads them with b_labels (the Config needs B for it)
             uniq = {p: i for i, p in enumerate(sorted(set(self.b_true)))}
             labels = np.asarray([uniq[p] for p in self.b_true], dtype=np.int64)
             stats = {"clusters": len(uniq), "kept": len(labels), "dropped": 0, "noise": 0}

@@ -64,6 +64,7 @@ class QAConvMethod(TrainingMethod):
         kernel: int = Field(1, ge=1, description="QAConv kernel size s (odd)")
         gamma: float = Field(2.0, ge=0, description="focal parameter of Eq. 1")
 
+    cfg: Config  # the validated ``training.kwargs`` (set by TrainingMethod.__init__)
     honours = frozenset(k for k in COMMON_KEYS if not k.startswith("loss."))
     open_layers = ("qaconv",)
     distributed = False
@@ -108,6 +109,7 @@ class QAConvMethod(TrainingMethod):
         from nasreid.models.qaconv import qaconv_focal_loss
 
         model, memory, head = self.model, self.memory, self.model.qaconv
+        assert trainer.optimizer is not None  # fit() builds it before the steps
         trainer.optimizer.zero_grad(set_to_none=True)
         pids = batch["pid"]
         with trainer.ctx.autocast():

@@ -37,8 +37,8 @@ class ReIDHead(nn.Module):
             raise ValueError(f"unknown head kind {kind!r}; expected 'fc' or 'bnneck'")
         self.kind = kind
         if kind == "fc":
-            self.embed = nn.Sequential(nn.Linear(in_dim, feature_dim), nn.BatchNorm1d(feature_dim),
-                                       nn.ReLU(inplace=True))
+            self.embed: nn.Module = nn.Sequential(nn.Linear(in_dim, feature_dim), nn.BatchNorm1d(feature_dim),
+                                                  nn.ReLU(inplace=True))
             self.neck = None
             self.classifier = nn.Linear(feature_dim, num_classes) if num_classes > 0 else None
         else:

@@ -371,6 +371,9 @@ class QAConvMemory(nn.Module):
         QAConvError: non-positive sizes; (update) shapes that disagree or a pid outside ``[0, c)``.
     """
 
+    maps: torch.Tensor  # buffers (registered in __init__)
+    filled: torch.Tensor
+
     def __init__(self, num_classes: int, dim: int, height: int, width: int):
         super().__init__()
         for name, v in (("num_classes", num_classes), ("dim", dim), ("height", height), ("width", width)):

@@ -266,6 +266,7 @@ class _Report:
         L = ["## Selection rules: each seed as it comes vs best of k\n"]
         if self.sel_col is None:
             return L + ["No `selection` section: only \"each seed as it comes\" is reported.\n"]
+        assert st.selection is not None and st.search is not None  # sel_col: a selection; arms: a search section
         L.append(f"\"Each seed\": every search seed's retrain counts (mean ± std over all). \"Best of k\": per "
                  f"(split, retrain seed) the search seed whose retrain has the highest {st.selection.metric} on the "
                  f"validation domain `{st.selection.validation.name}` (not a test domain) is kept (OSNet-AIN, TPAMI "

@@ -72,7 +72,7 @@ class StudyArm(_Strict):
         return self.strategy or self.name
 
     @property
-    def arm_kind(self) -> str:
+    def arm_kind(self) -> Literal["searched", "random"]:
         """``searched`` or ``random``."""
         return self.kind or ("random" if self.strategy_name == "random" else "searched")
 
@@ -312,6 +312,7 @@ def _search_sets(study: StudyRecipe, arm: StudyArm, seed: int, split: int) -> li
     """Dotted overrides of one search job, in the order they are applied."""
     from nasreid.registry import STRATEGIES
 
+    assert study.search is not None  # search jobs come from the search section
     base = load_recipe(arm.recipe or study.search.recipe)
     sets: list[tuple[str, Any]] = list(study.search.set.items())
     if base.strategy is None or arm.strategy_name != base.strategy.name:

@@ -112,7 +112,7 @@ class FolderDataset(ReIDDataset):
 
     def __init__(self, root: str | os.PathLike | None = None, *, name: str = "folder", eval_only: bool = False):
         root = resolve_root(root, self.default_subdir, name)
-        splits = {"train": []}
+        splits: dict[str, list[ImageRecord]] = {"train": []}
         for split in SPLITS[1:] if eval_only else SPLITS:
             csv_path, split_dir = root / f"{split}.csv", root / split
             if csv_path.is_file():

@@ -28,7 +28,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -135,7 +135,7 @@ def market1501_times(camids, seqs, frames, fps: float = MARKET1501_FPS) -> np.nd
     return out
 
 
-def _with_market_times(splits: list[list[ImageRecord]], extra: list[tuple[int, int, int]] = ()
+def _with_market_times(splits: list[list[ImageRecord]], extra: Sequence[tuple[int, int, int]] = ()
                        ) -> list[list[ImageRecord]]:
     """``splits`` with ``time`` from :func:`market1501_times` over all their records (plus ``extra``
     ``(camid, seq, frame)`` stamps that only lengthen sessions, e.g. of a train folder that is not loaded)."""

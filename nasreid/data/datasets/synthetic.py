@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import colorsys
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -39,7 +40,7 @@ PATTERNS = ("plain", "stripes", "checks", "logo")
 _ID_STREAM, _CAM_STREAM, _IMG_STREAM, _STYLE_STREAM = 1, 2, 3, 4
 #: Camera style at ``camera_style=1``: ranges of log exposure and log contrast (darker/flatter more than brighter,
 #: to limit clipping), largest per-channel |log cast|, largest haze mix.
-_STYLE_RANGE = {"exposure": (-0.65, 0.25), "contrast": (-0.5, 0.4), "cast": 0.35, "haze": 0.35}
+_STYLE_RANGE: dict[str, Any] = {"exposure": (-0.65, 0.25), "contrast": (-0.5, 0.4), "cast": 0.35, "haze": 0.35}
 _STYLE_STEPS = (0.6180339887, 0.7548776662, 0.5698402910, 0.4142135624)  # 1/phi, 1/rho, 1/rho^2, sqrt(2)-1
 
 
@@ -346,7 +347,8 @@ class SyntheticReID(ReIDDataset):
         train = [
             rec(p, c, i) for p in range(num_train_ids) for c in range(num_cams) for i in range(images_per_id_per_cam)
         ]
-        query, gallery = [], []
+        query: list[ImageRecord] = []
+        gallery: list[ImageRecord] = []
         for p in range(num_train_ids, num_ids):
             for c in range(num_cams):
                 for i in range(images_per_id_per_cam):
