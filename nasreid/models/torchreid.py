@@ -24,6 +24,11 @@ inside a Lite 3x3 ``conv1`` / ``conv2`` / ``bn`` -> ``0`` / ``1`` / ``2``; ``gat
 ``pool2.0`` / ``pool3.0`` (osnet_ain.py) -> ``trans2.0`` / ``trans3.0``; ``conv5.{conv,bn}`` -> ``conv5.{0,1}``;
 ``fc.{0,1}`` -> ``head.embed.{0,1}``; ``classifier`` -> ``head.classifier``.
 
+The correspondence is one table, :data:`NAME_MAP`: ``(flavours, torchreid pattern, nasreid pattern)`` rows whose
+``{slot}`` placeholders (:data:`SLOTS`) are matched on one side and written on the other, so the same rows drive
+:func:`to_nasreid` and :func:`to_torchreid`. The ``torchreid`` weights format (:mod:`nasreid.models.weights`) is
+registered here: it recognises torchreid's keys (:func:`is_torchreid`) and renames them (:func:`rename_map`).
+
 Example::
 
     >>> from nasreid.models.torchreid import to_nasreid, to_torchreid
@@ -38,22 +43,85 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Literal, Optional
 
-__all__ = ["Flavour", "detect_flavour", "is_torchreid", "to_nasreid", "to_torchreid", "PRESET_OF"]
+from nasreid.models.weights import register_format
+
+__all__ = ["Flavour", "detect_flavour", "is_torchreid", "to_nasreid", "to_torchreid", "rename_map", "PRESET_OF",
+           "NAME_MAP", "SLOTS"]
 
 #: torchreid's two OSNet model files: ``osnet`` (osnet.py: OSNet, OSNet-IBN) and ``osnet_ain`` (osnet_ain.py)
 Flavour = Literal["osnet", "osnet_ain"]
+FLAVOURS: tuple[Flavour, ...] = ("osnet", "osnet_ain")
 
 #: the nasreid preset that is each torchreid model (``width_mult`` from the name: x1_0 -> 1.0 ...)
 PRESET_OF = {"osnet": "osnet", "osnet_ibn": "osnet_ibn", "osnet_ain": "osnet_ain_torchreid"}
 
-_LITE = {"conv1": "0", "conv2": "1", "bn": "2"}
-_LITE_BACK = {v: k for k, v in _LITE.items()}
-_STREAM = {"conv2a": 0, "conv2b": 1, "conv2c": 2, "conv2d": 3}
-_STREAM_BACK = {v: k for k, v in _STREAM.items()}
-_CONV_BN = {"conv": "0", "bn": "1"}
-_CONV_BN_BACK = {v: k for k, v in _CONV_BN.items()}
+#: placeholders of :data:`NAME_MAP`: ``{slot: (torchreid regex, nasreid regex, {torchreid value: nasreid value})}``;
+#: an empty dict keeps the value as it is
+SLOTS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "blk": (r"conv[234]\.\d", r"conv[234]\.\d", {}),    # an OS block: stage conv2..conv4, block i
+    "X": (r"[23]", r"[23]", {}),                          # the stage a transition follows
+    "t": (r"\d", r"\d", {}),                             # a stream of an OS block (osnet_ain.py)
+    "j": (r"\d", r"\d", {}),                             # a Lite 3x3 layer of a stream
+    "k": (r"[01]", r"[01]", {}),                          # fc.0 (Linear) / fc.1 (BN)
+    "unit": (r"conv1|conv3|downsample", r"conv1|conv3|downsample", {}),
+    "gate": (r"fc[12]", r"fc[12]", {}),
+    "cb": (r"conv|bn", r"[01]", {"conv": "0", "bn": "1"}),                          # conv + norm units
+    "lite": (r"conv1|conv2|bn", r"[012]", {"conv1": "0", "conv2": "1", "bn": "2"}),  # inside a Lite 3x3
+    "leaf": (r"\w+", r"\w+", {}),                         # weight, bias, running_mean ...
+}
+
+_BOTH: tuple[Flavour, ...] = FLAVOURS
+#: the one name map, ``(flavours, torchreid pattern, nasreid pattern)``: read left to right by :func:`to_nasreid`,
+#: right to left by :func:`to_torchreid`
+NAME_MAP: tuple[tuple[tuple[Flavour, ...], str, str], ...] = (
+    (_BOTH, "conv1.{cb}.{leaf}", "conv1.{cb}.{leaf}"),
+    (_BOTH, "conv5.{cb}.{leaf}", "conv5.{cb}.{leaf}"),
+    (_BOTH, "fc.{k}.{leaf}", "head.embed.{k}.{leaf}"),
+    (_BOTH, "classifier.{leaf}", "head.classifier.{leaf}"),
+    (("osnet",), "conv{X}.2.0.{cb}.{leaf}", "trans{X}.0.{cb}.{leaf}"),       # osnet.py: transitions in the stage
+    (("osnet_ain",), "pool{X}.0.{cb}.{leaf}", "trans{X}.0.{cb}.{leaf}"),     # osnet_ain.py: pool2 / pool3
+    (_BOTH, "{blk}.{unit}.{cb}.{leaf}", "{blk}.residual.{unit}.{cb}.{leaf}"),
+    (_BOTH, "{blk}.gate.{gate}.{leaf}", "{blk}.residual.gate.{gate}.{leaf}"),
+    (("osnet",), "{blk}.IN.{leaf}", "{blk}.in_out.{leaf}"),                 # OSNet-IBN: after the addition
+    (("osnet_ain",), "{blk}.IN.{leaf}", "{blk}.in_in.{leaf}"),              # OSBlockINin: before it
+    (("osnet",), "{blk}.conv2a.{lite}.{leaf}", "{blk}.residual.streams.0.0.{lite}.{leaf}"),
+    (("osnet",), "{blk}.conv2b.{j}.{lite}.{leaf}", "{blk}.residual.streams.1.{j}.{lite}.{leaf}"),
+    (("osnet",), "{blk}.conv2c.{j}.{lite}.{leaf}", "{blk}.residual.streams.2.{j}.{lite}.{leaf}"),
+    (("osnet",), "{blk}.conv2d.{j}.{lite}.{leaf}", "{blk}.residual.streams.3.{j}.{lite}.{leaf}"),
+    (("osnet_ain",), "{blk}.conv2.{t}.layers.{j}.{lite}.{leaf}", "{blk}.residual.streams.{t}.{j}.{lite}.{leaf}"),
+)
+
+
+def _regex(pattern: str, side: int) -> re.Pattern:
+    """``pattern`` with its dots literal and each ``{slot}`` a named group of ``SLOTS[slot][side]``."""
+    parts = re.split(r"\{(\w+)\}", pattern)
+    out = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{SLOTS[p][side]})" for i, p in enumerate(parts))
+    return re.compile(out)
+
+
+@lru_cache(maxsize=None)
+def _rows(direction: int) -> tuple[tuple[tuple[Flavour, ...], re.Pattern, str], ...]:
+    """``NAME_MAP`` compiled for one direction: 0 torchreid -> nasreid, 1 nasreid -> torchreid."""
+    return tuple((fl, _regex(row[direction], direction), row[1 - direction]) for fl, *row in NAME_MAP)
+
+
+def _translate(key: str, direction: int, flavours: tuple[Flavour, ...]) -> Optional[str]:
+    for fl in flavours:
+        for row_flavours, regex, target in _rows(direction):
+            if fl not in row_flavours:
+                continue
+            m = regex.fullmatch(key)
+            if m:
+                values = {}
+                for slot, value in m.groupdict().items():
+                    table = SLOTS[slot][2]
+                    values[slot] = table.get(value, value) if direction == 0 else \
+                        {v: k for k, v in table.items()}.get(value, value)
+                return target.format(**values)
+    return None
 
 
 def is_torchreid(keys: Iterable[str]) -> bool:
@@ -71,89 +139,21 @@ def detect_flavour(keys: Iterable[str]) -> Flavour:
 
 
 def to_nasreid(key: str, flavour: Optional[Flavour] = None) -> Optional[str]:
-    """The nasreid name of a torchreid OSNet key, or None for a key the map does not know.
+    """The nasreid name of a torchreid OSNet key (the :data:`NAME_MAP` row that matches it, read left to right),
+    or None for a key the map does not know.
 
     ``flavour`` decides where a block's ``IN`` goes (``osnet``: ``in_out``, after the addition; ``osnet_ain``:
-    ``in_in``); ``None`` guesses it from this key alone (``osnet``).
+    ``in_in``): that flavour's rows are tried first, then the other's; ``None`` is ``osnet``.
     """
-    m = re.fullmatch(r"conv1\.(conv|bn)\.(\w+)", key)
-    if m:
-        return f"conv1.{_CONV_BN[m[1]]}.{m[2]}"
-    m = re.fullmatch(r"conv5\.(conv|bn)\.(\w+)", key)
-    if m:
-        return f"conv5.{_CONV_BN[m[1]]}.{m[2]}"
-    m = re.fullmatch(r"fc\.([01])\.(\w+)", key)
-    if m:
-        return f"head.embed.{m[1]}.{m[2]}"
-    m = re.fullmatch(r"classifier\.(\w+)", key)
-    if m:
-        return f"head.classifier.{m[1]}"
-    m = re.fullmatch(r"(?:pool([23])\.0|conv([23])\.2\.0)\.(conv|bn)\.(\w+)", key)  # transitions
-    if m:
-        return f"trans{m[1] or m[2]}.0.{_CONV_BN[m[3]]}.{m[4]}"
-    m = re.fullmatch(r"(conv[234]\.\d)\.(.+)", key)
-    if not m:
-        return None
-    block, rest = m[1], m[2]
-    r = re.fullmatch(r"(conv1|conv3|downsample)\.(conv|bn)\.(\w+)", rest)
-    if r:
-        return f"{block}.residual.{r[1]}.{_CONV_BN[r[2]]}.{r[3]}"
-    r = re.fullmatch(r"gate\.(fc[12])\.(\w+)", rest)
-    if r:
-        return f"{block}.residual.gate.{r[1]}.{r[2]}"
-    r = re.fullmatch(r"IN\.(\w+)", rest)
-    if r:
-        return f"{block}.{'in_in' if flavour == 'osnet_ain' else 'in_out'}.{r[1]}"
-    r = re.fullmatch(r"conv2a\.(conv1|conv2|bn)\.(\w+)", rest)  # osnet.py: one Lite 3x3, no index
-    if r:
-        return f"{block}.residual.streams.0.0.{_LITE[r[1]]}.{r[2]}"
-    r = re.fullmatch(r"(conv2[bcd])\.(\d)\.(conv1|conv2|bn)\.(\w+)", rest)
-    if r:
-        return f"{block}.residual.streams.{_STREAM[r[1]]}.{r[2]}.{_LITE[r[3]]}.{r[4]}"
-    r = re.fullmatch(r"conv2\.(\d)\.layers\.(\d)\.(conv1|conv2|bn)\.(\w+)", rest)  # osnet_ain.py streams
-    if r:
-        return f"{block}.residual.streams.{r[1]}.{r[2]}.{_LITE[r[3]]}.{r[4]}"
-    return None
+    first = flavour or "osnet"
+    return _translate(key, 0, (first, *(f for f in FLAVOURS if f != first)))
 
 
 def to_torchreid(key: str, flavour: Flavour) -> Optional[str]:
-    """The torchreid name of a nasreid ``osnet_ain``-space key in ``flavour``'s file layout (the inverse of
-    :func:`to_nasreid`), or None for a key torchreid's network does not have."""
-    m = re.fullmatch(r"(conv1|conv5)\.([01])\.(\w+)", key)
-    if m:
-        return f"{m[1]}.{_CONV_BN_BACK[m[2]]}.{m[3]}"
-    m = re.fullmatch(r"head\.embed\.([01])\.(\w+)", key)
-    if m:
-        return f"fc.{m[1]}.{m[2]}"
-    m = re.fullmatch(r"head\.classifier\.(\w+)", key)
-    if m:
-        return f"classifier.{m[1]}"
-    m = re.fullmatch(r"trans([23])\.0\.([01])\.(\w+)", key)
-    if m:
-        where = f"pool{m[1]}.0" if flavour == "osnet_ain" else f"conv{m[1]}.2.0"
-        return f"{where}.{_CONV_BN_BACK[m[2]]}.{m[3]}"
-    m = re.fullmatch(r"(conv[234]\.\d)\.(.+)", key)
-    if not m:
-        return None
-    block, rest = m[1], m[2]
-    r = re.fullmatch(r"residual\.(conv1|conv3|downsample)\.([01])\.(\w+)", rest)
-    if r:
-        return f"{block}.{r[1]}.{_CONV_BN_BACK[r[2]]}.{r[3]}"
-    r = re.fullmatch(r"residual\.gate\.(fc[12])\.(\w+)", rest)
-    if r:
-        return f"{block}.gate.{r[1]}.{r[2]}"
-    r = re.fullmatch(r"(in_in|in_out)\.(\w+)", rest)
-    if r:
-        return f"{block}.IN.{r[2]}"
-    r = re.fullmatch(r"residual\.streams\.(\d)\.(\d)\.([012])\.(\w+)", rest)
-    if r:
-        t, j, part, leaf = int(r[1]), r[2], _LITE_BACK[r[3]], r[4]
-        if flavour == "osnet_ain":
-            return f"{block}.conv2.{t}.layers.{j}.{part}.{leaf}"
-        if t == 0:
-            return f"{block}.conv2a.{part}.{leaf}"
-        return f"{block}.{_STREAM_BACK[t]}.{j}.{part}.{leaf}"
-    return None
+    """The torchreid name of a nasreid ``osnet_ain``-space key in ``flavour``'s file layout (the same
+    :data:`NAME_MAP` rows as :func:`to_nasreid`, read right to left), or None for a key torchreid's network of that
+    flavour does not have."""
+    return _translate(key, 1, (flavour,))
 
 
 def rename_map(keys: Iterable[str], flavour: Optional[Flavour] = None) -> Mapping[str, Optional[str]]:
@@ -161,3 +161,18 @@ def rename_map(keys: Iterable[str], flavour: Optional[Flavour] = None) -> Mappin
     keys = list(keys)
     fl = flavour or detect_flavour(keys)
     return {k: to_nasreid(k, fl) for k in keys}
+
+
+def _hint(state: Mapping[str, object]) -> str:
+    """The preset and width a torchreid file is, for load errors."""
+    flavour = detect_flavour(state)
+    conv1 = state.get("conv1.conv.weight")
+    width = conv1.shape[0] / 64 if hasattr(conv1, "shape") else 1.0  # type: ignore[union-attr]
+    return (f" (a torchreid {flavour} file of width x{width:g}: it is the osnet_ain space's preset "
+            f"{'osnet_ain_torchreid' if flavour == 'osnet_ain' else 'osnet or osnet_ibn'} with "
+            f"space.kwargs.width_mult {width:g})")
+
+
+register_format("torchreid", recognise=is_torchreid, rename=rename_map, hint=_hint,
+                doc="torchreid's OSNet / OSNet-IBN / OSNet-AIN names (conv1.conv.weight, fc.0.weight ...), "
+                    "translated onto the osnet_ain space's osnet / osnet_ibn / osnet_ain_torchreid presets")
