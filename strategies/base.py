@@ -31,6 +31,7 @@ Two families:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
@@ -39,8 +40,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from nasreid.config import RecipeError
 from nasreid.errors import NasreidError
 from nasreid.genotype import Genotype, GenotypeError
+from nasreid.methods.base import COMMON_KEYS, param_groups_by_lr_mult
 from nasreid.mutables import LayerChoice, ModelSpace, iter_layer_choices, simplify
 
 __all__ = ["Strategy", "OneShotStrategy", "SamplingStrategy", "StrategyConfigError", "replace_module", "mix_outputs"]
@@ -86,13 +89,20 @@ class Strategy:
     """Base class of search strategies.
 
     Subclasses set ``Config`` (a pydantic model of their kwargs, ``extra="forbid"``), implement
-    :meth:`search` and :meth:`derive`, and register with ``@register_strategy("name")``.
+    :meth:`search` and :meth:`derive`, declare the common recipe keys they honour (:attr:`honours`), and
+    register with ``@register_strategy("name")``.
 
     Raises:
         StrategyConfigError: invalid kwargs (names the key), or a space with no choice.
     """
 
     name: ClassVar[str] = "base"
+    #: the common recipe keys (:data:`nasreid.methods.base.COMMON_KEYS`: ``optim.lr_mult``, ``loss.*``,
+    #: ``training.freeze_backbone_epochs`` ...) this strategy's search honours, declared as training methods
+    #: declare theirs; the recipe check (:func:`nasreid.engine.validate.check_recipe`) refuses a search recipe
+    #: that sets another one to a value other than its default, by name. The base honours every key (a sampling
+    #: strategy trains its proxies with the recipe's training method, which declares its own).
+    honours: ClassVar[frozenset[str]] = frozenset(COMMON_KEYS)
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -243,10 +253,46 @@ class OneShotStrategy(Strategy):
         assert self.model is not None, "call attach() first"
         return [p for p in self.model.parameters() if id(p) not in arch and p.requires_grad]
 
-    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """Optimiser parameter groups: the weights (recipe ``optim.lr`` / ``weight_decay``) and, when the
-        strategy has any, the architecture parameters (its own ``arch_lr`` / ``arch_weight_decay``)."""
-        groups = [{"params": self.weight_parameters(), "lr": lr, "weight_decay": weight_decay, "name": "weights"}]
+    def weight_groups(self, lr: float, weight_decay: float,
+                      lr_mult: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+        """Optimiser groups of the network weights (:meth:`weight_parameters`): one group ``"weights"`` at
+        ``lr`` without ``lr_mult`` (the layout without multipliers); with ``lr_mult`` (recipe ``optim.lr_mult``,
+        patterns over the supernet's parameter names) the groups of
+        :func:`~nasreid.methods.base.param_groups_by_lr_mult` -- ``"weights"`` at ``lr``, then one per pattern at
+        ``lr * multiplier`` -- without the architecture parameters, whose lr is the strategy's own. Every group
+        carries ``weight_decay``.
+
+        Raises:
+            RecipeError: a pattern that matches no parameter, or only architecture parameters (names it); a
+                negative or non-finite multiplier.
+        """
+        if not lr_mult:
+            return [{"params": self.weight_parameters(), "lr": lr, "weight_decay": weight_decay, "name": "weights"}]
+        assert self.model is not None, "call attach() first"
+        arch = {id(p) for p in self.arch_parameters()}
+        named = list(self.model.named_parameters())
+        for pattern in lr_mult:
+            hit = [p for n, p in named if fnmatch.fnmatchcase(n, pattern)]
+            if hit and all(id(p) in arch for p in hit):
+                raise RecipeError(f"optim.lr_mult: pattern {pattern!r} matches only architecture parameters of "
+                                  f"strategy {self.name!r}; their lr is strategy.kwargs.arch_lr")
+        groups = param_groups_by_lr_mult(self.model, lr, lr_mult)
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in arch]
+            g["weight_decay"] = weight_decay
+        groups[0]["name"] = "weights"
+        return groups
+
+    def param_groups(self, lr: float, weight_decay: float,
+                     lr_mult: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+        """Optimiser parameter groups: the weights (:meth:`weight_groups`: recipe ``optim.lr`` /
+        ``weight_decay``, split by ``optim.lr_mult``) and, when the strategy has any, the architecture
+        parameters last (group ``"arch"``: its own ``arch_lr`` / ``arch_weight_decay``).
+
+        Raises:
+            RecipeError: a bad ``lr_mult`` pattern (see :meth:`weight_groups`).
+        """
+        groups = self.weight_groups(lr, weight_decay, lr_mult)
         arch = self.arch_parameters()
         if arch:
             groups.append({"params": arch, "lr": getattr(self.cfg, "arch_lr", None) or lr,
@@ -269,23 +315,30 @@ class OneShotStrategy(Strategy):
         raise NotImplementedError
 
     # ---- the shared loop -------------------------------------------------------------------------
-    #: the shared loop below honours ``training.freeze_backbone_epochs`` / ``open_layers`` (a subclass with its
-    #: own ``search`` sets False, and a search recipe that sets them is refused)
-    honours_freeze = True
+    #: the shared loop below honours every common key: ``optim.lr_mult`` (:meth:`param_groups`),
+    #: ``optim.grad_clip``, the ``loss`` section (``ctx.build_loss``), ``model.pretrained`` (the warm-started
+    #: space) and ``training.freeze_backbone_epochs`` / ``open_layers``; a subclass with its own ``search``
+    #: declares what that loop honours
+    honours: ClassVar[frozenset[str]] = frozenset(COMMON_KEYS)
 
     def search(self, ctx) -> Genotype:
         """Train the supernet for ``optim.epochs`` on the training split (resuming from the run's
-        checkpoint), logging ``alphas.csv`` every epoch; return the argmax genotype.
+        checkpoint), logging ``alphas.csv`` every epoch; return the argmax genotype. The weights train at
+        ``optim.lr`` times their ``optim.lr_mult`` multiplier (:meth:`param_groups`).
 
         With ``training.freeze_backbone_epochs`` (a supernet warm-started from pretrained weights,
-        ``model.pretrained``), the first epochs train only ``training.open_layers`` (default: the network's head)
-        and the architecture weights (which are the strategy's, not the network's), as the OSNet-AIN fine-tune
-        does (Sec. 4.1): a new classifier's random gradients would otherwise wash out the pretrained blocks
-        (measured: loss at chance after 3 epochs of the warm-started CPU search without it)."""
+        ``model.pretrained``), the first epochs train only ``training.open_layers`` (default: the network's head,
+        :class:`~nasreid.engine.hooks.FreezeBackboneHook`), as the OSNet-AIN fine-tune does (Sec. 4.1); the
+        architecture weights live in the supernet's choices, so they wait for the open epochs with the blocks
+        they weigh (unless ``open_layers`` names them). A new classifier's random gradients would otherwise wash
+        out the pretrained blocks (measured: loss at chance after 3 epochs of the warm-started CPU search
+        without it)."""
         from nasreid.engine.hooks import ArchitectureLogHook, FreezeBackboneHook, StrategyStateHook
 
-        model = ctx.device.model(self.attach())
-        optimizer = ctx.build_optimizer(self.param_groups(ctx.recipe.optim.lr, ctx.recipe.optim.weight_decay))
+        supernet = self.attach()
+        model = ctx.device.model(supernet)
+        o = ctx.recipe.optim
+        optimizer = ctx.build_optimizer(self.param_groups(o.lr, o.weight_decay, o.lr_mult))
         scheduler = ctx.build_scheduler(optimizer)
         loss_fn = ctx.build_loss()
         clip = ctx.recipe.optim.grad_clip
@@ -295,10 +348,9 @@ class OneShotStrategy(Strategy):
                                    autocast=ctx.device.autocast)
 
         hooks = [*self.hooks(), ArchitectureLogHook(self, ctx.run_dir / "alphas.csv"), StrategyStateHook(self)]
-        t = ctx.recipe.training
-        if t.freeze_backbone_epochs:  # a warm-started supernet: the new classifier learns first (OSNet-AIN Sec. 4.1)
-            opened = t.open_layers if t.open_layers is not None else getattr(self.space, "head_prefixes", ("head",))
-            hooks.insert(0, FreezeBackboneHook(t.freeze_backbone_epochs, opened))
+        freeze = FreezeBackboneHook.from_recipe(ctx.recipe, supernet)  # a warm-started supernet: the new
+        if freeze is not None:                                           # classifier learns first (Sec. 4.1)
+            hooks.insert(0, freeze)
         trainer = ctx.trainer(model, step, loader=ctx.loader(), optimizer=optimizer, scheduler=scheduler,
                               hooks=hooks)
         self.forward_model = trainer.forward_model

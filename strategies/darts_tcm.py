@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -58,6 +58,7 @@ from nasreid.engine.distributed import all_gather_cat, average_gradients
 from nasreid.engine.trainer import Hook, check_finite, optimizer_step, reseed_loader
 from nasreid.genotype import Genotype
 from nasreid.losses.memory import ClassMemory
+from nasreid.methods.base import COMMON_KEYS
 from nasreid.mutables import LayerChoice
 from nasreid.registry import register_strategy
 
@@ -404,7 +405,12 @@ class DartsTCMStrategy(OneShotStrategy):
         return parts
 
     # ---- the search loop -------------------------------------------------------------------------
-    honours_freeze = False  # its own bilevel loop (below) has no frozen warm start
+    #: its own bilevel loop (below) has no frozen warm start, builds its losses from ``scheme`` (Eq. 2-3; the
+    #: recipe's ``loss`` section is not used) and one weight group (the virtual step of ``unrolled`` takes its
+    #: lr), so it honours neither ``training.freeze_backbone_epochs``, the ``loss`` keys nor ``optim.lr_mult``
+    honours: ClassVar[frozenset[str]] = frozenset(
+        k for k in COMMON_KEYS
+        if k not in ("training.freeze_backbone_epochs", "optim.lr_mult") and not k.startswith("loss."))
 
     def search(self, ctx) -> Genotype:
         """Split the identities, build the supernet, memories and the two optimisers, and alternate the

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 from torch import nn
 
 from nasreid.config import RecipeError
-from nasreid.models.pretrained import under_prefixes
+from nasreid.models.interface import NetworkInterfaceError, head_prefixes_of, under_prefixes
 
 from .trainer import Hook, Trainer
 
@@ -121,7 +121,8 @@ class FreezeBackboneHook(Hook):
 
     Frozen parameters get ``requires_grad=False`` and frozen modules run in eval mode (BN statistics
     frozen too); from epoch ``epochs`` on everything trains. Parameters without gradient are skipped by
-    the optimisers, so no optimiser state is created for them while frozen.
+    the optimisers, so no optimiser state is created for them while frozen. Training methods and one-shot
+    strategies alike build it with :meth:`from_recipe`.
 
     Raises:
         RecipeError: no parameter matches ``open_prefixes`` (names the prefixes and the model's top modules).
@@ -132,6 +133,33 @@ class FreezeBackboneHook(Hook):
     def __init__(self, epochs: int, open_prefixes: Sequence[str] = ("head",)):
         self.epochs = int(epochs)
         self.open_prefixes = tuple(open_prefixes)
+
+    @classmethod
+    def from_recipe(cls, recipe, net: nn.Module, extra_open: Sequence[str] = ()) -> "FreezeBackboneHook | None":
+        """The frozen-backbone warm start of ``recipe.training`` (OSNet-AIN Sec. 4.1) for ``net``, or ``None``
+        when ``training.freeze_backbone_epochs`` is 0.
+
+        Open while frozen: ``training.open_layers``, else the network's head
+        (:func:`~nasreid.models.interface.head_prefixes_of`: :attr:`ReIDNetwork.head_prefixes
+        <nasreid.models.interface.ReIDNetwork.head_prefixes>`, the head of
+        :meth:`~nasreid.models.interface.ReIDNetwork.split_parameters`), plus ``extra_open`` (layers a training
+        method adds, e.g. QAConv's head). ``net`` is the network itself, not a DDP wrapper.
+
+        Raises:
+            RecipeError: no ``training.open_layers`` and ``net`` is not a nasreid network (no declared head; the
+                message names ``training.open_layers`` and the network's top-level modules).
+        """
+        t = recipe.training
+        if not t.freeze_backbone_epochs:
+            return None
+        if t.open_layers is not None:
+            opened = tuple(t.open_layers)
+        else:
+            try:
+                opened = head_prefixes_of(net)
+            except NetworkInterfaceError as e:
+                raise RecipeError(f"training.freeze_backbone_epochs: {e}") from None
+        return cls(t.freeze_backbone_epochs, [*opened, *extra_open])
 
     def before_train(self, trainer: Trainer) -> None:
         names = [n for n, _ in trainer.model.named_parameters()]

@@ -27,11 +27,28 @@ from nasreid.registry import (
 __all__ = ["check_kwargs", "check_recipe"]
 
 
-def _unhonoured(method, recipe: Recipe) -> list[str]:
-    """Common recipe keys set in ``recipe`` that ``method`` does not honour (:attr:`TrainingMethod.honours`)."""
+def _refuse_unhonoured(component, recipe: Recipe, src: str, what: str) -> None:
+    """Refuse the common recipe keys that ``recipe`` sets (to a value other than the schema's default) and that
+    ``component`` -- a training method or a strategy, ``what`` names it -- does not honour
+    (:func:`~nasreid.methods.base.unhonoured_keys`).
+
+    Raises:
+        RecipeError: one line naming the recipe file, the first such key and ``what`` (the others after it).
+    """
     from nasreid.methods.base import unhonoured_keys
 
-    return unhonoured_keys(method, recipe)
+    refused = unhonoured_keys(component, recipe)
+    if refused:
+        raise RecipeError(f"{src}: {refused[0]}: {what} does not honour this key (it would be ignored); remove it"
+                          + (f" (also: {', '.join(refused[1:])})" if refused[1:] else ""))
+
+
+def _non_default(section, keys) -> list[str]:
+    """The ``keys`` of a recipe section (a pydantic model) whose value differs from the schema's default: what
+    the recipe *sets*. A key's presence means nothing, since a run folder's ``recipe.yaml`` writes every key
+    with its default and ``--resume`` reads it back."""
+    fields = type(section).model_fields
+    return [k for k in keys if getattr(section, k) != fields[k].get_default(call_default_factory=True)]
 
 
 def _lookup(registry, name: str, where: str):
@@ -45,9 +62,14 @@ def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = fro
     """Validate everything ``recipe`` names before a run starts: plugins imported; space, strategy, loss,
     training method, dataset and every ``eval.targets`` entry known, with kwargs that fit their
     constructors (:meth:`~nasreid.registry.Registry.validate`: a component's pydantic ``Config`` when it declares one,
-    else its signature); no common recipe key that the training method does not honour
-    (:func:`~nasreid.methods.base.unhonoured_keys`); the evaluation matcher and post-processors known with fitting
-    kwargs; the genotype preset known; ``then_retrain`` (when ``search``) loaded and checked too.
+    else its signature); no common recipe key that the training method -- and, when ``search``, the strategy
+    (``Strategy.honours``) -- does not honour (:func:`~nasreid.methods.base.unhonoured_keys`); the evaluation
+    matcher and post-processors known with fitting kwargs; the genotype preset known; ``then_retrain`` (when
+    ``search``) loaded and checked too.
+
+    A key is refused for a value its component does not honour, never for the schema's default: the recipe a run
+    folder holds (``recipe.yaml``, every key written with its default) passes as the recipe it was written from
+    did, so ``--resume`` works.
 
     Raises:
         RecipeError: the first problem, naming the recipe file and the key.
@@ -80,26 +102,19 @@ def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = fro
     LOSSES.validate(recipe.loss.name, recipe.loss.kwargs, f"{src}: loss.kwargs", reserved=("num_classes",))
     method = _lookup(METHODS, recipe.training.method, f"{src}: training.method")
     METHODS.validate(recipe.training.method, recipe.training.kwargs, f"{src}: training.kwargs")
-    refused = _unhonoured(method, recipe)
-    if refused:
-        raise RecipeError(f"{src}: {refused[0]}: training method {recipe.training.method!r} does not honour this key "
-                          f"(it would be ignored); remove it" + (f" (also: {', '.join(refused[1:])})"
-                                                                   if refused[1:] else ""))
+    _refuse_unhonoured(method, recipe, src, f"training method {recipe.training.method!r}")
     if recipe.strategy is not None:
-        _lookup(STRATEGIES, recipe.strategy.name, f"{src}: strategy.name")
+        strategy = _lookup(STRATEGIES, recipe.strategy.name, f"{src}: strategy.name")
         STRATEGIES.validate(recipe.strategy.name, recipe.strategy.kwargs, f"{src}: strategy.kwargs")
+        if search:  # what the strategy's own loop honours (Strategy.honours), as for a training method
+            _refuse_unhonoured(strategy, recipe, src, f"strategy {recipe.strategy.name!r}")
     elif search:
         raise RecipeError(f"{src}: a search recipe needs a 'strategy' section")
-    if search and recipe.strategy is not None and recipe.training.freeze_backbone_epochs:
-        cls = STRATEGIES.get(recipe.strategy.name)
-        if not getattr(cls, "honours_freeze", True):
-            raise RecipeError(f"{src}: training.freeze_backbone_epochs: strategy {recipe.strategy.name!r} does not "
-                              "honour this key (it would be ignored); remove it")
     if search and recipe.model:
         # a search warm-starts its supernet from model.pretrained (RunContext.build_space); the rest of the
-        # section chooses or loads a fixed network, which a search does not train
-        given = recipe.model.model_fields_set
-        wrong = [k for k in ("genotype", "preset", "warm_start") if k in given]
+        # section chooses or loads a fixed network, which a search does not train. Refused for a value set, never
+        # for the default that a run folder's recipe.yaml writes back (genotype: null, preset: null ...)
+        wrong = _non_default(recipe.model, ("genotype", "preset", "warm_start"))
         if wrong:
             raise RecipeError(f"{src}: model.{wrong[0]}: a search recipe does not honour this key (a search trains "
                               "the space's supernet; model.pretrained warm-starts it, always as a warm start); "

@@ -50,8 +50,9 @@ __all__ = ["TrainingMethod", "COMMON_KEYS", "unhonoured_keys", "param_groups_by_
 _REID_KEYS = ("label_smooth", "triplet_weight", "triplet_margin")
 
 
-#: the common recipe keys a training method may honour, each with the test "the recipe sets it" (a value
-#: other than the schema's default: a run folder's ``recipe.yaml`` lists every key with its default)
+#: the common recipe keys a training method or a search strategy may honour, each with the test "the recipe
+#: sets it": a value other than the schema's default, never the key's mere presence (a run folder's
+#: ``recipe.yaml`` lists every key with its default, and ``--resume`` reads it back)
 COMMON_KEYS: dict[str, Callable[[Recipe], bool]] = {
     "optim.lr_mult": lambda r: bool(r.optim.lr_mult),
     "optim.grad_clip": lambda r: r.optim.grad_clip is not None,
@@ -61,15 +62,21 @@ COMMON_KEYS: dict[str, Callable[[Recipe], bool]] = {
     "loss.kwargs.label_smooth": lambda r: _reid_set(r, "label_smooth"),
     "loss.kwargs.triplet_weight": lambda r: _reid_set(r, "triplet_weight"),
     "loss.kwargs.triplet_margin": lambda r: _reid_set(r, "triplet_margin"),
-    "loss.kwargs": lambda r: any(r.loss.name != "reid" or k not in _REID_KEYS for k in r.loss.kwargs),
+    "loss.kwargs": lambda r: any(r.loss.name != "reid" or (k not in _REID_KEYS and _reid_set(r, k))
+                                 for k in r.loss.kwargs),
 }
+
+#: marks a ``loss.kwargs`` key that :func:`~nasreid.losses.build_reid_loss` does not take (it has no default)
+_NO_DEFAULT = object()
+
 
 def _reid_default(key: str) -> Any:
     import inspect
 
     from nasreid.losses import build_reid_loss
 
-    return inspect.signature(build_reid_loss).parameters[key].default
+    param = inspect.signature(build_reid_loss).parameters.get(key)
+    return _NO_DEFAULT if param is None else param.default
 
 
 def reid_loss_setting(recipe: Recipe, key: str) -> Any:
@@ -83,13 +90,17 @@ def _reid_set(recipe: Recipe, key: str) -> bool:
     return recipe.loss.name == "reid" and key in recipe.loss.kwargs and recipe.loss.kwargs[key] != _reid_default(key)
 
 
-def unhonoured_keys(method: type, recipe: Recipe) -> list[str]:
-    """The common recipe keys (:data:`COMMON_KEYS`) that ``recipe`` sets and ``method`` does not honour.
+def unhonoured_keys(component: type, recipe: Recipe) -> list[str]:
+    """The common recipe keys (:data:`COMMON_KEYS`) that ``recipe`` sets to a value other than the schema's
+    default and that ``component`` does not honour, in :data:`COMMON_KEYS` order.
 
-    ``training.open_layers`` is part of ``training.freeze_backbone_epochs`` (it means nothing without it).
-    A class without ``honours`` (a plain callable registered as a method) is taken to honour everything.
+    ``component`` is a training method (:attr:`TrainingMethod.honours`) or a search strategy
+    (:attr:`strategies.base.Strategy.honours`); the same declaration serves both. A key at its default (as a
+    run folder's ``recipe.yaml`` writes every key) is never listed. ``training.open_layers`` is part of
+    ``training.freeze_backbone_epochs`` (it means nothing without it). A class without ``honours`` (a plain
+    callable registered as a method, a plugin strategy that declares nothing) is taken to honour everything.
     """
-    honours = getattr(method, "honours", None)
+    honours = getattr(component, "honours", None)
     if honours is None:
         return []
     return [k for k, is_set in COMMON_KEYS.items() if k not in honours and is_set(recipe)]
@@ -229,16 +240,21 @@ class TrainingMethod:
 
     def build_hooks(self, hooks: Sequence[Hook]) -> list[Hook]:
         """The caller's hooks plus the method's: a :class:`~nasreid.engine.hooks.FreezeBackboneHook` first
-        when ``training.freeze_backbone_epochs`` is set (open: ``training.open_layers``, by default the network's
-        ``head_prefixes``, and the method's :attr:`open_layers`), and a
-        :class:`~nasreid.engine.hooks.ModuleStateHook` ``"loss"`` when the loss has a state of its own."""
+        when ``training.freeze_backbone_epochs`` is set (:meth:`FreezeBackboneHook.from_recipe
+        <nasreid.engine.hooks.FreezeBackboneHook.from_recipe>`: open ``training.open_layers``, by default the
+        network's head, and the method's :attr:`open_layers`), and a
+        :class:`~nasreid.engine.hooks.ModuleStateHook` ``"loss"`` when the loss has a state of its own.
+
+        Raises:
+            RecipeError: a frozen-backbone warm start without ``training.open_layers`` on a network that
+                declares no head (not a :class:`~nasreid.models.interface.ReIDNetwork`).
+        """
         out = list(hooks)
         if self.loss_fn is not None and len(self.loss_fn.state_dict()):
             out.append(ModuleStateHook(self.loss_fn, name="loss"))
-        t = self.ctx.recipe.training
-        if t.freeze_backbone_epochs:
-            opened = t.open_layers if t.open_layers is not None else getattr(self.model, "head_prefixes", ("head",))
-            out.insert(0, FreezeBackboneHook(t.freeze_backbone_epochs, [*opened, *self.open_layers]))
+        freeze = FreezeBackboneHook.from_recipe(self.ctx.recipe, self.model, self.open_layers)
+        if freeze is not None:
+            out.insert(0, freeze)
         return out
 
     def build_loader(self, records: Optional[Sequence]):

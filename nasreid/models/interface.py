@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar, Optional, TypedDict
 
 import torch
@@ -43,11 +43,35 @@ from torch import nn
 
 from nasreid.errors import NasreidError
 
-__all__ = ["FeatureInfo", "ReIDNetwork", "NetworkInterfaceError", "as_stages", "stage_names", "classifiers_of"]
+__all__ = ["FeatureInfo", "ReIDNetwork", "NetworkInterfaceError", "as_stages", "stage_names", "classifiers_of",
+           "under_prefixes", "head_prefixes_of"]
 
 
 class NetworkInterfaceError(NasreidError, ValueError):
     """A stage name or classifier request that the network cannot serve; the message names the valid ones."""
+
+
+def under_prefixes(key: str, prefixes: Iterable[str]) -> bool:
+    """A parameter or module path ``key`` is one of ``prefixes`` or lies below one (``"head"`` matches ``head.x``
+    but not ``header.x``): the one test of "under a module path" of the backbone / head split, the
+    frozen-backbone warm start and the pretrained-file selection."""
+    return any(key == p or key.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
+
+
+def head_prefixes_of(net: nn.Module) -> tuple[str, ...]:
+    """The head's module paths of ``net`` (:attr:`ReIDNetwork.head_prefixes`): what a frozen-backbone warm start
+    opens when the recipe names no ``training.open_layers``.
+
+    Raises:
+        NetworkInterfaceError: ``net`` is not a :class:`ReIDNetwork` (it declares no head; the message names its
+            class and its top-level modules, to be named in ``training.open_layers``).
+    """
+    if not isinstance(net, ReIDNetwork):
+        tops = [n for n, _ in net.named_children()]
+        raise NetworkInterfaceError(f"{type(net).__name__} is not a nasreid network (ReIDNetwork), so it declares no "
+                                    f"head_prefixes; name the layers to open in training.open_layers (its top-level "
+                                    f"modules are {tops})")
+    return tuple(net.head_prefixes)
 
 
 class FeatureInfo(TypedDict):
@@ -153,9 +177,9 @@ class ReIDNetwork:
 
     # ---- parameter split ------------------------------------------------------------------------
     def split_parameters(self) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
-        """``(backbone, head)``: ``(name, parameter)`` pairs, head = under :attr:`head_prefixes`."""
-        from nasreid.models.pretrained import under_prefixes
-
+        """``(backbone, head)``: ``(name, parameter)`` pairs in ``named_parameters`` order, head = under
+        :attr:`head_prefixes` (:func:`under_prefixes`): the one backbone / head split of nasreid (a frozen-backbone
+        warm start, :class:`~nasreid.engine.hooks.FreezeBackboneHook`, opens the head)."""
         backbone: list[tuple[str, nn.Parameter]] = []
         head: list[tuple[str, nn.Parameter]] = []
         for n, p in self.named_parameters():  # type: ignore[attr-defined]
