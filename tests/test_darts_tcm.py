@@ -282,3 +282,26 @@ def test_train_preset_with_sam_evaluates_cuhk01_and_cuhk03_without_sam_parameter
     assert not [k for k in state if k.split(".")[0] in ("sam", "pam") or ".pam." in k]
     net = preset_genotype("msinet", "msinet_gate", width_mult=0.125, local_branch=True).build(num_classes=12)
     assert set(net.state_dict()) == set(state)  # exactly the network's tensors, nothing of SAM
+
+
+def test_a_darts_tcm_recipe_refuses_the_keys_its_loop_does_not_honour(recipe_file, tmp_path):
+    """Its losses come from ``scheme`` (Eq. 2-3), not the recipe's ``loss`` section, and its one weight group's lr
+    drives the unrolled step: a non-default ``loss`` or an ``optim.lr_mult`` stops the search with one line
+    naming the file, the key and the strategy; the defaults a run folder's recipe.yaml writes back do not."""
+    from nasreid.config import RecipeError
+    from nasreid.engine.validate import check_recipe
+
+    for over, key in (({"loss.kwargs.triplet_weight": 1.0}, "loss.kwargs.triplet_weight"),
+                      ({"loss.name": "rmgl"}, "loss.name"),
+                      ({"optim.lr_mult": {"head.*": 10.0}}, "optim.lr_mult")):
+        path = recipe_file(**over)
+        with pytest.raises(RecipeError) as e:
+            check_recipe(load_recipe(path), search=True)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: {key}: strategy 'darts_tcm' does not honour this key") and "\n" not in msg
+        check_recipe(load_recipe(path))  # a train recipe's training method honours it
+    # the reid loss at its defaults, written out as a run folder does, and read back
+    recipe = load_recipe(recipe_file(**{"loss.kwargs": {"label_smooth": 0.1, "triplet_metric": "euclidean"}}))
+    check_recipe(recipe, search=True)
+    (tmp_path / "recipe.yaml").write_text(recipe.model_copy(update={"source": None}).to_yaml())
+    check_recipe(load_recipe(tmp_path / "recipe.yaml"), search=True)

@@ -217,3 +217,41 @@ def test_random_baseline_is_seeded_and_valid():
     assert parts["loss"] > 0
     fixed = freeze(model, strat.export())
     assert [b.variant for b in (*fixed.conv2, *fixed.conv3, *fixed.conv4)] == list(a.values())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_one_shot_search_honours_optim_lr_mult(tmp_path):
+    """``optim.lr_mult`` in a one-shot search recipe takes effect: the weights split into the multiplier groups
+    (every weight in exactly one, pi in none), pi keeps its own ``arch_lr``; seen in the search's checkpointed
+    optimiser. Without ``lr_mult`` the layout is the one weights group as before; a pattern that matches only
+    pi is refused by name."""
+    from nasreid.config import RecipeError, load_recipe
+    from nasreid.engine import pipeline
+    from nasreid.engine.checkpoint import load_checkpoint
+    from nasreid.engine.validate import check_recipe
+
+    recipe = load_recipe("recipes/quickstart.yaml", {
+        "optim.lr_mult": {"head.classifier*": 10.0, "conv1.*": 0.5}, "optim.epochs": 1, "then_retrain": None,
+        "data.dataset.kwargs.num_ids": 24, "data.dataset.kwargs.num_train_ids": 12, "data.height": 64,
+        "data.width": 32})
+    check_recipe(recipe, search=True)
+    run = pipeline.run_search(recipe, run_dir=tmp_path / "run", progress=False)
+    groups = next(iter(load_checkpoint(run / "checkpoints" / "last.pt")["optimizers"].values()))["param_groups"]
+    assert [(g["name"], g["initial_lr"]) for g in groups] == [
+        ("weights", 0.1), ("head.classifier*", 1.0), ("conv1.*", 0.05), ("arch", 0.3)]
+    assert [len(g["params"]) for g in groups[1:]] == [2, 3, 6]  # classifier W, b; conv1 conv W, BN W, b; 6 pi
+
+    for name in ("gumbel", "random"):
+        strat = get_strategy(name)(get_space("osnet_ain")(num_classes=4, width_mult=0.25))
+        model = strat.attach()
+        plain = strat.param_groups(0.01, 5e-4)
+        assert [(g["name"], g["lr"], g["weight_decay"]) for g in plain][0] == ("weights", 0.01, 5e-4)
+        split = strat.param_groups(0.01, 5e-4, {"head.classifier*": 10.0})
+        weights = [id(p) for g in split if g["name"] != "arch" for p in g["params"]]
+        assert sorted(weights) == sorted(id(p) for p in plain[0]["params"])  # a partition of the same weights
+        assert split[1]["lr"] == pytest.approx(0.1) and split[1]["weight_decay"] == 5e-4
+        assert {id(p) for p in split[1]["params"]} == {id(p) for p in model.head.classifier.parameters()}
+    strat, _ = make()
+    with pytest.raises(RecipeError, match=r"optim.lr_mult: pattern '\*\.pi' matches only architecture parameters "
+                                          r"of strategy 'gumbel'; their lr is strategy.kwargs.arch_lr"):
+        strat.param_groups(0.01, 0.0, {"*.pi": 2.0})

@@ -106,7 +106,9 @@ def test_other_genotypes_from_a_plain_osnet_file(shared_weights):
 
 def test_warm_start_refuses_what_does_not_fit(shared_weights, tmp_path):
     wide = SPACES.get("osnet_ain")(num_classes=10, width_mult=0.5)
-    with pytest.raises(PretrainedWeightsError, match=r"shape mismatch.*osnet_x0_25_msmt17\.pth|x0\.25"):
+    # the message names the file with the count of mismatches, then what the file is (a width x0.25 OSNet)
+    with pytest.raises(PretrainedWeightsError,
+                       match=r"osnet_x0_25_msmt17\.pth: \d+ shape mismatch\(es\).*osnet file of width x0\.25"):
         warm_start(wide, shared_weights / MSMT)
     src = _file(shared_weights)
     del src["conv3.0.residual.gate.fc1.weight"]  # a file lacking a convolution: only norms may be absent
@@ -186,27 +188,48 @@ def test_calibrated_in_layers_keep_the_pretrained_embedding(shared_weights, shar
     assert 0.5 < ratio_c < 1.5 and ratio_p > 5
 
 
-def test_a_warm_started_search_trains_the_classifier_first(tmp_path):
-    """``training.freeze_backbone_epochs`` in a one-shot search: the supernet's pretrained blocks stay as loaded
-    in the frozen epoch while its classifier trains; DARTS-TCM, whose loop has no frozen start, refuses the key."""
+def test_a_warm_started_search_trains_the_classifier_first(tmp_path, monkeypatch):
+    """``training.freeze_backbone_epochs`` in a one-shot search, 1 frozen + 1 open epoch: in the frozen epoch the
+    supernet's pretrained blocks (BN statistics and the embedding included) and its architecture weights pi stay as
+    loaded while its classifier trains; in the open epoch the blocks and pi train too. DARTS-TCM, whose loop has no
+    frozen start, refuses the key."""
     from nasreid.config import RecipeError
     from nasreid.engine import pipeline
-    from nasreid.engine.checkpoint import load_checkpoint, read_json
+    from nasreid.engine.checkpoint import read_json
+    from nasreid.engine.hooks import CheckpointHook, FreezeBackboneHook
     from nasreid.engine.validate import check_recipe
 
+    states: list[dict[str, torch.Tensor]] = []  # the supernet before training, then after each epoch
+
+    def snapshot(trainer):
+        states.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+
+    before_train, after_epoch = FreezeBackboneHook.before_train, CheckpointHook.after_epoch
+    monkeypatch.setattr(FreezeBackboneHook, "before_train", lambda self, tr: (before_train(self, tr), snapshot(tr)))
+    monkeypatch.setattr(CheckpointHook, "after_epoch", lambda self, tr: (snapshot(tr), after_epoch(self, tr)))
     torch.manual_seed(2)
     base = load_recipe("recipes/quickstart.yaml")
     net = preset_genotype("osnet_ain", "osnet", **base.space.kwargs).build(num_classes=7)
     torch.save(net.state_dict(), tmp_path / "osnet.pt")
     recipe = load_recipe("recipes/quickstart.yaml", {
         "model.pretrained": str(tmp_path / "osnet.pt"), "training.freeze_backbone_epochs": 1,
-        "training.open_layers": ["head.classifier"], "optim.epochs": 1, "then_retrain": None})
+        "training.open_layers": ["head.classifier"], "optim.epochs": 2, "then_retrain": None})
     run = pipeline.run_search(recipe, run_dir=tmp_path / "run", progress=False)
-    assert read_json(run / "metrics.json")["history"][0]["frozen_backbone"] == 1.0
-    state = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    history = read_json(run / "metrics.json")["history"]
+    assert [h.get("frozen_backbone") for h in history] == [1.0, None]
+    start, frozen, opened = states
+    assert start.keys() == frozen.keys() == opened.keys()
+    loaded = net.state_dict()
     for key in ("conv3.0.residual.conv1.0.weight", "conv1.1.running_mean", "head.embed.0.weight"):
-        trained = [v for k, v in state.items() if fixed_name(k) == key]
-        assert trained and all(torch.equal(v, net.state_dict()[key]) for v in trained), key  # frozen: as loaded
+        places = [k for k in start if fixed_name(k) == key]
+        assert places and all(torch.equal(frozen[k], loaded[key]) for k in places), key  # frozen: as loaded
+        assert any(not torch.equal(opened[k], loaded[key]) for k in places), key        # open: trained
+    pis = [k for k in start if k.endswith(".pi")]
+    assert len(pis) == 6
+    assert all(torch.equal(frozen[k], start[k]) for k in pis)       # pi waits for the open blocks
+    assert all(not torch.equal(opened[k], frozen[k]) for k in pis)  # and trains with them
+    for k in ("head.classifier.weight", "head.classifier.bias"):
+        assert not torch.equal(frozen[k], start[k]), k               # the new classifier trains from the start
     darts = load_recipe("recipes/msinet_cpu.yaml", {"training.freeze_backbone_epochs": 1})
     with pytest.raises(RecipeError, match="training.freeze_backbone_epochs: strategy 'darts_tcm' does not honour"):
         check_recipe(darts, search=True)
