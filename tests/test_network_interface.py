@@ -115,3 +115,38 @@ def test_a_plugin_space_has_presets():
         assert g.choices == {"op": "wide"} and isinstance(g.build().op, nn.Conv2d) and g.build().op.out_channels == 8
     finally:
         SPACES.unregister("tiny_preset_space")
+
+
+def test_one_freeze_hook_from_the_recipe_opens_the_interface_head():
+    """``FreezeBackboneHook.from_recipe``: open ``training.open_layers``, else the network's head (the head of
+    ``split_parameters``); a network without the interface and no ``open_layers`` is a one-line RecipeError; no
+    freeze epochs, no hook. The hooks module takes the split from the interface, not from the weights code."""
+    import ast
+    from pathlib import Path
+
+    from nasreid.config import RecipeError, load_recipe
+    from nasreid.engine import hooks
+    from nasreid.engine.hooks import FreezeBackboneHook
+    from nasreid.models.interface import head_prefixes_of, under_prefixes
+
+    msinet = SPACES.get("msinet")(num_classes=5, width_mult=0.125)
+    recipe = load_recipe("recipes/quickstart.yaml", {"training.freeze_backbone_epochs": 2})
+    hook = FreezeBackboneHook.from_recipe(recipe, msinet, ("qaconv",))
+    assert hook.epochs == 2 and hook.open_prefixes == (*msinet.head_prefixes, "qaconv") == (
+        *head_prefixes_of(msinet), "qaconv")
+    _, head = msinet.split_parameters()
+    assert {n for n, _ in head} == {n for n, _ in msinet.named_parameters() if under_prefixes(n, hook.open_prefixes)}
+    opened = load_recipe("recipes/quickstart.yaml", {"training.freeze_backbone_epochs": 1,
+                                                     "training.open_layers": ["head.classifier"]})
+    assert FreezeBackboneHook.from_recipe(opened, msinet).open_prefixes == ("head.classifier",)
+    assert FreezeBackboneHook.from_recipe(load_recipe("recipes/quickstart.yaml"), msinet) is None
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(RecipeError, match=r"^training.freeze_backbone_epochs: Sequential is not a nasreid network "
+                                          r".*training.open_layers \(its top-level modules are \['0'\]\)$"):
+        FreezeBackboneHook.from_recipe(recipe, plain)
+    assert FreezeBackboneHook.from_recipe(opened.model_copy(update={"training": opened.training.model_copy(
+        update={"open_layers": ["0"]})}), plain).open_prefixes == ("0",)
+    imported = {n.module for n in ast.walk(ast.parse(Path(hooks.__file__).read_text()))
+                if isinstance(n, ast.ImportFrom) and n.module}
+    assert "nasreid.models.pretrained" not in imported and "nasreid.models.interface" in imported
+    assert under_prefixes("head.x", ("head",)) and not under_prefixes("header.x", ("head",))
