@@ -207,9 +207,10 @@ class ModelConfig(_Strict):
     genotype: Optional[str] = None
     preset: Optional[str] = None
     pretrained: Optional[str] = None
-    pretrained_format: Literal["auto", "nasreid", "torchreid", "torchvision"] = Field(
-        "auto", description="naming of the pretrained file: torchreid's OSNet family (translated exactly onto "
-        "the osnet / osnet_ibn / osnet_ain_torchreid presets), torchvision, nasreid; auto: detected")
+    pretrained_format: str = Field(
+        "auto", description="naming of the pretrained file, a registered weights format (nasreid.models.weights; "
+        "plugins add more): torchreid's OSNet family (translated exactly onto the osnet / osnet_ibn / "
+        "osnet_ain_torchreid presets), torchvision, nasreid; auto: detected")
     pretrained_skip: list[str] = Field(
         default_factory=lambda: ["head.classifier"],
         description="module prefixes left at their initialisation (the classifier: its class count is the "
@@ -226,6 +227,16 @@ class ModelConfig(_Strict):
         64, ge=0, description="warm start: the IN layers the file lacks start at gamma = mean per-image std, "
         "beta = mean per-image mean of their input over this many training images (IN(x) ~ x for an average "
         "image; nasreid.models.pretrained.calibrate_instance_norms); 0: gamma 1, beta 0")
+
+    @field_validator("pretrained_format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        from nasreid.models.weights import PretrainedWeightsError, check_format
+
+        try:
+            return check_format(v)
+        except PretrainedWeightsError as e:
+            raise ValueError(str(e)) from None
 
 
 class TrainingConfig(_Strict):

@@ -85,50 +85,40 @@ def _describe(x: Any) -> str:
 
 
 def _state_dict(weights: Any) -> tuple[dict[str, torch.Tensor], int | None, str, Any]:
-    """``(state_dict, num_classes or None, source, the checkpoint's genotype dict or None)`` from a checkpoint
-    path or a (checkpoint) mapping. A file is read with ``torch.load(weights_only=True)`` (tensors and plain
-    containers only: safe for files from others; nasreid's ``model.pt`` reads so too). torchreid's OSNet-family
-    files are translated to nasreid's names (:mod:`nasreid.models.torchreid`)."""
-    import pickle
-
+    """``(state_dict, num_classes or None, source, the checkpoint's genotype dict or None)`` from a weights file or
+    a (checkpoint) mapping. Files are read by nasreid's one weights reader
+    (:func:`nasreid.models.weights.read_weights`: a torch file with ``weights_only=True`` -- tensors and plain
+    containers only, safe for files from others; nasreid's ``model.pt`` reads so too -- or a ``.safetensors``
+    file); the keys are named by the weights format the file is recognised as (``auto``,
+    :data:`~nasreid.models.weights.WEIGHT_FORMATS`: torchreid's OSNet-family files are translated to nasreid's
+    names, :mod:`nasreid.models.torchreid`)."""
     from nasreid.engine.checkpoint import CheckpointError
-    from nasreid.models.torchreid import is_torchreid, rename_map
+    from nasreid.models.weights import PretrainedWeightsError, file_naming, read_weights, state_dict_of
 
-    if isinstance(weights, (str, os.PathLike)):
-        src = str(weights)
-        if not Path(weights).is_file():
-            raise CheckpointError(f"weights file not found: {src}")
-        try:
-            st = torch.load(weights, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{src}: holds Python objects other than tensors (a training checkpoint such as "
-                                  f"checkpoints/last.pt? use the run's model.pt or FeatureExtractor.from_run): "
-                                  f"{str(e).splitlines()[0]}") from None
-        except Exception as e:  # noqa: BLE001 - any failure to read is the file's fault; re-raised naming it
-            raise CheckpointError(f"cannot read weights {src}: {type(e).__name__}: {e}") from None
-    elif isinstance(weights, Mapping):
-        src, st = "the given state_dict", weights
-    else:
-        raise ExtractorError(f"weights must be a checkpoint path or a state_dict, got {type(weights).__name__}")
-    if not isinstance(st, Mapping):
-        raise CheckpointError(f"{src}: not a checkpoint or state_dict (a {type(st).__name__})")
-    num_classes = st.get("num_classes") if "model" in st else None
-    state = st["model"] if "model" in st and isinstance(st["model"], Mapping) else st
-    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{src}: holds no network weights (expected a state_dict or a checkpoint with a "
-                              "'model' state_dict, as model.pt)")
-    state = dict(state)
-    for prefix in ("module.", "_orig_mod."):  # DataParallel / torch.compile wrappers
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    if is_torchreid(state):  # a torchreid model-zoo file: the presets osnet / osnet_ibn / osnet_ain_torchreid
-        names = rename_map(state)
+    try:
+        if isinstance(weights, (str, os.PathLike)):
+            if not Path(weights).is_file():
+                raise CheckpointError(f"weights file not found: {weights}")
+            wf = read_weights(weights)
+            src, state, extra = wf.source, wf.state, wf.extra
+        elif isinstance(weights, Mapping):
+            src = "the given state_dict"
+            state, extra = state_dict_of(weights, src)
+        else:
+            raise ExtractorError(f"weights must be a checkpoint path or a state_dict, got {type(weights).__name__}")
+        rename, _ = file_naming(state, src)
+    except PretrainedWeightsError as e:
+        more = (" (a training checkpoint such as checkpoints/last.pt? use the run's model.pt or "
+                "FeatureExtractor.from_run)") if "objects other than tensors" in str(e) else ""
+        raise CheckpointError(f"{e}{more}") from None
+    if rename is not None:  # e.g. a torchreid model-zoo file: the presets osnet / osnet_ibn / osnet_ain_torchreid
+        names = {k: rename(k) for k in state}
         unknown = [k for k, v in names.items() if v is None]
         if unknown:
-            raise CheckpointError(f"{src}: torchreid keys outside the OSNet family's name map: {unknown[:5]}")
+            raise CheckpointError(f"{src}: keys outside its weights format's name map: {unknown[:5]}")
         state = {str(names[k]): v for k, v in state.items()}
-    geno = st.get("genotype") if "model" in st else None
-    return state, (int(num_classes) if num_classes is not None else None), src, geno
+    num_classes = extra.get("num_classes")
+    return state, (int(num_classes) if num_classes is not None else None), src, extra.get("genotype")
 
 
 class FeatureExtractor:

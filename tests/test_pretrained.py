@@ -6,7 +6,6 @@ from nasreid.errors import NasreidError
 from nasreid.genotype import preset_genotype
 from nasreid.models.pretrained import (
     PretrainedWeightsError,
-    backbone_and_head_parameters,
     load_pretrained,
     read_state_dict,
 )
@@ -168,22 +167,9 @@ def test_rename_translates_names(tmp_path, source):
     assert torch.equal(features(target, x), features(source, x))
 
 
-def test_backbone_and_head_split():
-    net = ain(5, 0)
-    backbone, head = backbone_and_head_parameters(net)
-    named = dict(net.named_parameters())
-    head_ids = {id(p) for n, p in named.items() if n.startswith("head.")}
-    assert {id(p) for p in head} == head_ids
-    assert len(backbone) + len(head) == len(named) and not ({id(p) for p in backbone} & head_ids)
-    _, only_cls = backbone_and_head_parameters(net, ("head.classifier",))
-    assert [id(p) for p in only_cls] == [id(net.head.classifier.weight), id(net.head.classifier.bias)]
-    with pytest.raises(PretrainedWeightsError, match=r"'classifier'\].*\['conv1', 'maxpool'"):
-        backbone_and_head_parameters(net, ("classifier",))  # torchreid's name, not nasreid's
-
-
 def test_frozen_backbone_warm_start_trains_only_the_head():
     net = ain(5, 0).train()
-    backbone, head = backbone_and_head_parameters(net)
+    backbone, head = ([p for _, p in part] for part in net.split_parameters())  # the network interface's split
     for p in backbone:
         p.requires_grad_(False)
     before = [p.clone() for p in backbone]

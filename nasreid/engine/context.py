@@ -165,9 +165,9 @@ class RunContext:
     # ---- model, loss, optimisation ---------------------------------------------------------------
     def build_space(self, num_classes: int | None = None, **overrides: Any) -> nn.Module:
         """The recipe's search space with its ``space.kwargs`` (``num_classes`` defaults to the dataset's),
-        warm-started from ``model.pretrained`` when the recipe names a file
-        (:func:`~nasreid.models.pretrained.warm_start`: every candidate takes the file's block at its place, IN
-        layers the file lacks start at identity).
+        warm-started from ``model.pretrained`` when the recipe names a file (:meth:`init_weights`; a supernet is
+        always warm-started: every candidate takes the file's block at its place, IN layers the file lacks are
+        calibrated).
 
         Raises:
             PretrainedWeightsError: a ``model.pretrained`` file that does not fit the space (another width ...).
@@ -175,36 +175,27 @@ class RunContext:
         n = self.dataset.num_train_pids if num_classes is None else num_classes
         space = SPACES.build(self.recipe.space.name, {**self.recipe.space.kwargs, **overrides},
                              f"{self.recipe.source or '<recipe>'}: space.kwargs", num_classes=n)
-        if self.recipe.model is not None and self.recipe.model.pretrained:
-            self.warm_start(space)
+        self.init_weights(space, supernet=True)
         return space
 
-    def warm_start(self, net: nn.Module) -> dict[str, Any]:
-        """Initialise ``net`` (a supernet or a fixed network of any genotype) from ``model.pretrained``
-        (:func:`~nasreid.models.pretrained.warm_start`), then set the IN layers the file lacks from
-        ``model.calibrate_norms`` training images (:func:`~nasreid.models.pretrained.calibrate_instance_norms`;
-        evenly spaced over the training split, test transform, on the CPU); returns the report.
+    def init_weights(self, net: nn.Module, *, supernet: bool = False) -> dict[str, Any] | None:
+        """Initialise ``net`` from the recipe's ``model.pretrained``, if any: the run's one entry point for
+        pretrained weights (:func:`~nasreid.models.pretrained.init_weights`: a supernet, or a fixed network with
+        ``model.warm_start``, is warm-started and the IN layers the file lacks calibrated on ``model.calibrate_norms``
+        training images -- evenly spaced over the training split, test transform, on the CPU; otherwise the file
+        is loaded exactly). Returns the report, or ``None`` when the recipe names no file.
 
         Raises:
-            PretrainedWeightsError: a file that does not fit ``net``.
+            PretrainedWeightsError: a file that cannot be read or does not fit ``net``.
         """
-        from nasreid.models.pretrained import calibrate_instance_norms, warm_start
+        from nasreid.models.pretrained import init_weights
 
-        m = self.recipe.model
-        report = warm_start(net, m.pretrained, skip=tuple(m.pretrained_skip), format=m.pretrained_format,
-                            keep_fitting=m.pretrained_keep_fitting)
-        report["calibrated"] = []
-        if m.calibrate_norms and report["identity"]:
+        def calibration_images(n: int):
             train = list(self.dataset.train)
-            records = train[:: max(1, len(train) // m.calibrate_norms)][: m.calibrate_norms]
-            images = (b["img"] for b in self.feature_loader(records, batch_size=32))
-            report["calibrated"] = calibrate_instance_norms(net, report["identity"], images, report["folds"])
-        log.info("warm start from %s: %d tensors loaded; IN layers the file lacks: %d calibrated on %d training "
-                 "images, %d at gamma 1 / beta 0; %d norm layers converted; %d file tensors unused", m.pretrained,
-                 report["loaded"], len(report["calibrated"]), m.calibrate_norms if report["calibrated"] else 0,
-                 len(report["identity"]) - len(report["calibrated"]), len(report["converted"]),
-                 len(report["unused"]))
-        return report
+            records = train[:: max(1, len(train) // n)][:n]
+            return (b["img"] for b in self.feature_loader(records, batch_size=32))
+
+        return init_weights(net, self.recipe.model, supernet=supernet, calibration_images=calibration_images)
 
     def build_loss(self, num_classes: int | None = None) -> nn.Module:
         """The recipe's loss (``loss.name`` from the loss registry) for ``num_classes`` identities."""

@@ -219,17 +219,8 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
     net = geno.build(num_classes=ctx.dataset.num_train_pids)
     if D.is_main():
         geno.write_graphml(run / "genotype.graphml")
-    if recipe.model and recipe.model.pretrained and not (run / "checkpoints" / "last.pt").is_file():
-        from nasreid.models.pretrained import load_pretrained
-
-        if recipe.model.warm_start:
-            ctx.warm_start(net)
-        else:
-            report = load_pretrained(net, recipe.model.pretrained, skip=tuple(recipe.model.pretrained_skip),
-                                     format=recipe.model.pretrained_format,
-                                     keep_fitting=recipe.model.pretrained_keep_fitting)
-            log.info("loaded %d tensors from %s (skipped %d)", report["loaded"], recipe.model.pretrained,
-                     len(report["skipped"]))
+    if not (run / "checkpoints" / "last.pt").is_file():  # a resumed run has its weights in the checkpoint
+        ctx.init_weights(net)  # model.pretrained: loaded exactly, or warm-started (model.warm_start)
     model = ctx.device.model(net)
     history = ctx.train_fixed(model, hooks=[EvalHook(recipe.eval.every, lambda: ctx.evaluate(model))])
     if not D.is_main():  # rank 0 saves and evaluates; the others wait so that no rank leaves the group early

@@ -155,8 +155,10 @@ def run_evaluate_weights(weights: str | os.PathLike, genotype: str | os.PathLike
                          overrides: Optional[dict[str, Any]] = None, out: Optional[str | os.PathLike] = None,
                          weights_format: str = "auto", device: Optional[str] = None) -> Path:
     """Zero-shot evaluation of a weights file, with no run folder and no training: the network of ``genotype``
-    initialised from ``weights`` (:func:`~nasreid.models.pretrained.load_pretrained`: a torchreid model-zoo
-    file is translated exactly, its classifier left out) and evaluated on every target (the re-ID protocols:
+    initialised from ``weights`` by the runs' entry point (:func:`~nasreid.models.pretrained.init_weights` with the
+    recipe's ``model`` section: loaded exactly by :func:`~nasreid.models.pretrained.load_pretrained`; a torchreid
+    model-zoo file is translated exactly, its classifier left out; ``weights_format`` is a registered weights
+    format or ``auto``) and evaluated on every target (the re-ID protocols:
     CMC, mAP, mINP; ``cuhk01`` with ``protocol: all_ids`` for all 971 identities).
 
     The evaluation settings are a recipe's (``data.height`` / ``width``, default 256 x 128 as the zoo's models
@@ -180,7 +182,7 @@ def run_evaluate_weights(weights: str | os.PathLike, genotype: str | os.PathLike
     from nasreid.config import apply_overrides
     from nasreid.engine.checkpoint import new_run_dir
     from nasreid.genotype import Genotype, preset_genotype
-    from nasreid.models.pretrained import load_pretrained
+    from nasreid.models.pretrained import init_weights
 
     if not targets:
         raise RecipeError("zero-shot evaluation needs at least one target dataset (--target NAME[=ROOT])")
@@ -200,7 +202,7 @@ def run_evaluate_weights(weights: str | os.PathLike, genotype: str | os.PathLike
     geno = Genotype(space=geno.space, choices=geno.choices, space_kwargs={**geno.space_kwargs, **recipe.space.kwargs},
                     provenance=geno.provenance)
     net = geno.build(num_classes=0)
-    report = load_pretrained(net, weights, format=weights_format)
+    report = init_weights(net, recipe.model)
     log.info("zero-shot: %s into %s (%d tensors; left out: %s)", weights, geno.provenance.get("preset", g),
              report["loaded"], ", ".join(report["skipped"]) or "nothing")
     ctx = device_context(recipe.device, recipe.amp, recipe.channels_last)
@@ -208,6 +210,6 @@ def run_evaluate_weights(weights: str | os.PathLike, genotype: str | os.PathLike
                                  same_domain=False, progress=progress_enabled())
     write_json(run / "metrics.json", {
         "kind": "zero_shot", "weights": str(weights), "genotype": geno.to_dict(),
-        "load_report": {k: v for k, v in report.items() if k != "mismatched"},
+        "load_report": {k: v for k, v in report.items() if k not in ("mismatched", "folds")},
         "input": [recipe.data.height, recipe.data.width], "metric": recipe.eval.metric, "evaluation": results})
     return run

@@ -6,32 +6,36 @@ ImageNet-pretrained OSNet weights, and "during the first 10 epochs, the ImageNet
 is frozen and only the randomly initialised classifier is open for training". nasreid downloads nothing:
 the user gives a file written by ``torch.save``, and
 
-* :func:`load_pretrained` copies its tensors into a model, dropping the identity classifier (whose number
-  of classes differs between datasets) and reporting what was loaded, skipped, missing or unexpected;
-* :func:`backbone_and_head_parameters` splits a model's parameters into the pretrained base and the new
-  layers, for that frozen-backbone warm start.
+* :func:`load_pretrained` copies its tensors into a model of the file's architecture, dropping the identity
+  classifier (whose number of classes differs between datasets) and reporting what was loaded, skipped, missing
+  or unexpected;
+* :func:`warm_start` places them into a supernet or a network of another genotype, and
+  :func:`calibrate_instance_norms` sets the IN layers the file lacks;
+* :func:`init_weights` is the one entry point of a run: it decides between the two from the recipe's ``model``
+  section (search and retrain call it).
 
-Accepted files: a plain state dict (``{name: tensor}``), or a dict holding one under ``"state_dict"``
-(torchreid checkpoints), ``"model"`` (nasreid's ``model.pt``; also its ``checkpoints/last.pt``, with
-``weights_only=False`` as that file holds NumPy RNG states too) or ``"model_state_dict"``. A ``module.``
-prefix (``nn.DataParallel`` / DDP) is removed from every key.
+Files are read by :func:`nasreid.models.weights.read_weights` (torch pickles with ``weights_only=True``,
+``.safetensors``; an ONNX file is refused by name): a plain state dict, or one under ``"state_dict"`` (torchreid
+checkpoints), ``"model"`` (nasreid's ``model.pt``; also its ``checkpoints/last.pt``, with ``weights_only=False``
+as that file holds NumPy RNG states too) or ``"model_state_dict"``; a ``module.`` prefix is removed.
 
-Module names must match the model's, or be translated: torchreid's OSNet-family files (``conv1.conv.weight``
-where nasreid has ``conv1.0.weight``) are recognised and translated exactly (:mod:`nasreid.models.torchreid`,
-``format="torchreid"``); ``rename`` translates any other naming.
+Module names must match the model's, or be translated by a registered weights format
+(:data:`nasreid.models.weights.WEIGHT_FORMATS`): torchreid's OSNet-family files (``conv1.conv.weight`` where nasreid
+has ``conv1.0.weight``) are recognised and translated exactly (:mod:`nasreid.models.torchreid`,
+``format="torchreid"``); a plugin registers another naming; ``rename`` translates one file ad hoc.
 
 Example::
 
     net = Genotype.load("genotype.json").build(num_classes=485)
     report = load_pretrained(net, "osnet_ain_msmt17.pt")          # all but head.classifier, strict
-    backbone, head = backbone_and_head_parameters(net)
-    for p in backbone:
+    backbone, head = net.split_parameters()                        # the network interface's one split
+    for _, p in backbone:
         p.requires_grad_(False)                                     # first N epochs: train the head only
 """
 from __future__ import annotations
 
+import logging
 import os
-import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -40,23 +44,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from nasreid.errors import NasreidError
+from nasreid.models.weights import STATE_DICT_KEYS, PretrainedWeightsError, few_keys, file_naming, read_weights
 
-__all__ = ["PretrainedWeightsError", "load_pretrained", "warm_start", "calibrate_instance_norms", "fixed_name",
-           "file_naming", "fitting_prefixes", "read_state_dict", "backbone_and_head_parameters", "under_prefixes",
-           "FORMATS"]
+__all__ = ["PretrainedWeightsError", "load_pretrained", "warm_start", "calibrate_instance_norms", "init_weights",
+           "fixed_name", "file_naming", "fitting_prefixes", "read_state_dict", "STATE_DICT_KEYS"]
 
-#: keys under which checkpoints of torchreid (``state_dict``), nasreid (``model``) and the PyTorch tutorials
-#: (``model_state_dict``) keep the network's state dict, tried in this order
-STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
-_SHOW = 5  # keys named in a message
-#: the weight-file layouts :func:`load_pretrained` reads (``model.pretrained_format``)
-FORMATS = ("auto", "nasreid", "torchreid", "torchvision")
-
-
-class PretrainedWeightsError(NasreidError, ValueError):
-    """Pretrained weights cannot be used: the file is missing or unreadable, holds no state dict, or its
-    keys / tensor shapes do not match the model. The message names the file and the keys concerned."""
+log = logging.getLogger("nasreid")
 
 
 def under_prefixes(key: str, prefixes: Iterable[str]) -> bool:
@@ -65,101 +58,25 @@ def under_prefixes(key: str, prefixes: Iterable[str]) -> bool:
     return any(key == p or key.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
 
 
-def _few(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_SHOW])
-    return shown + (f", ... ({len(keys) - _SHOW} more)" if len(keys) > _SHOW else "")
-
-
 def read_state_dict(path: str | os.PathLike, *, weights_only: bool = True) -> dict[str, torch.Tensor]:
-    """The state dict stored in ``path`` (on the CPU), with any ``module.`` prefix removed.
+    """The state dict stored in ``path`` (on the CPU), with any ``module.`` prefix removed: the ``state`` of
+    :func:`nasreid.models.weights.read_weights` (torch pickle or ``.safetensors``; a state dict, or one under
+    ``"state_dict"``, ``"model"`` or ``"model_state_dict"``).
 
     Args:
-        path: a file written by ``torch.save``: a state dict, or a dict with one under ``"state_dict"``,
-            ``"model"`` or ``"model_state_dict"``.
-        weights_only: unpickle tensors and plain containers only (``torch.load(weights_only=True)``): safe
-            for files from others. ``False`` also accepts arbitrary pickled objects (e.g. the NumPy RNG
-            states of nasreid's ``checkpoints/last.pt``); only for files you trust, as unpickling can run
-            code.
+        weights_only: torch pickles: tensors and plain containers only (safe for files from others); ``False``
+            also accepts arbitrary pickled objects (e.g. the NumPy RNG states of nasreid's
+            ``checkpoints/last.pt``), only for files you trust, as unpickling can run code.
 
     Returns:
         ``{key: tensor}`` in the file's order.
 
     Raises:
-        PretrainedWeightsError: the file does not exist, cannot be read (corrupt, not a torch file,
-            refused by ``weights_only``), holds no state dict, or a state-dict entry is not a tensor; the
-            message names the file (and the entry).
+        PretrainedWeightsError: the file does not exist, is an ONNX model, cannot be read (corrupt, neither torch
+            nor safetensors, refused by ``weights_only``), holds no state dict, or a state-dict entry is not a
+            tensor; the message names the file (and the entry).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise PretrainedWeightsError(f"pretrained weights file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as e:
-        hint = (" (it holds Python objects other than tensors; if you trust the file, load it with "
-                "weights_only=False)") if weights_only else ""
-        raise PretrainedWeightsError(f"cannot read pretrained weights {path}{hint}: {e}") from e
-    except Exception as e:  # noqa: BLE001 - any failure to read is the file's fault; re-raised naming it
-        raise PretrainedWeightsError(f"cannot read pretrained weights {path}: {type(e).__name__}: {e}") from e
-    state = _find_state_dict(obj, path)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise PretrainedWeightsError(
-                f"{path}: state dict entry {key!r} is a {type(value).__name__}, not a tensor")
-        out[key[len("module."):] if key.startswith("module.") else key] = value
-    return out
-
-
-def _find_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
-    if isinstance(obj, Mapping):
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-        for key in STATE_DICT_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner:
-                return inner
-        top = [str(k) for k in list(obj)[:10]]
-        raise PretrainedWeightsError(
-            f"{path} holds no state dict: a dict with keys {top}; expected {{name: tensor}} or a dict with "
-            f"one under {' / '.join(repr(k) for k in STATE_DICT_KEYS)}")
-    raise PretrainedWeightsError(
-        f"{path} holds no state dict but a {type(obj).__name__} (a whole pickled model?); save "
-        "model.state_dict() instead")
-
-
-def file_naming(file_sd: Mapping[str, torch.Tensor], path: str | os.PathLike, format: str = "auto"
-                ) -> tuple[Callable[[str], str | None] | None, str]:
-    """How a weights file's keys become nasreid module names, by ``format`` (see :func:`load_pretrained`).
-
-    Returns:
-        ``(rename, hint)``: ``rename`` maps a file key to the fixed network's name (``None``: drop it), or is
-        ``None`` when the names are kept as they are; ``hint`` is a sentence for error messages naming the
-        preset a torchreid file is (empty otherwise).
-
-    Raises:
-        PretrainedWeightsError: an unknown ``format``, or ``format="torchreid"`` for a file whose keys are not
-            torchreid's OSNet names.
-    """
-    if format not in FORMATS:
-        raise PretrainedWeightsError(f"unknown weights format {format!r}; expected one of {', '.join(FORMATS)}")
-    from nasreid.models import torchreid as TR
-
-    if format == "torchreid" or (format == "auto" and TR.is_torchreid(file_sd)):
-        if not TR.is_torchreid(file_sd):
-            raise PretrainedWeightsError(f"{path}: format torchreid, but its keys are not torchreid's OSNet "
-                                         f"names (first keys: {_few(list(file_sd))})")
-        names = TR.rename_map(file_sd)
-        flavour = TR.detect_flavour(file_sd)
-        width = file_sd["conv1.conv.weight"].shape[0] / 64
-        hint = (f" (a torchreid {flavour} file of width x{width:g}: it is the osnet_ain space's preset "
-                f"{'osnet_ain_torchreid' if flavour == 'osnet_ain' else 'osnet or osnet_ibn'} with "
-                f"space.kwargs.width_mult {width:g})")
-        return names.get, hint
-    if format == "torchvision":
-        def drop_fc(key: str) -> str | None:
-            return None if key.startswith("fc.") else key
-        return drop_fc, ""
-    return None, ""
+    return read_weights(path, weights_only=weights_only).state
 
 
 def fitting_prefixes(skip: Iterable[str], file_keys: Mapping[str, torch.Tensor],
@@ -219,12 +136,13 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
         weights_only: see :func:`read_state_dict`.
         keep_fitting: load a ``skip`` prefix all the same when the file's tensors there fit the model exactly
             (:func:`fitting_prefixes`); ``False``: always leave it.
-        format: the file's naming: ``"nasreid"`` (names as the model's), ``"torchreid"`` (torchreid's OSNet /
-            OSNet-IBN / OSNet-AIN files, translated by :mod:`nasreid.models.torchreid` into the ``osnet`` /
-            ``osnet_ibn`` / ``osnet_ain_torchreid`` presets), ``"torchvision"`` (a torchvision ResNet-50 state dict
-            into a model whose modules are torchvision's, e.g. RMGL's ``resnet50`` trunk: names kept, ``fc.*``
-            dropped), or ``"auto"`` (torchreid when the keys are torchreid's, else names as they are).
-            Ignored when ``rename`` is given.
+        format: the file's naming, a registered weights format (:data:`~nasreid.models.weights.WEIGHT_FORMATS`):
+            ``"nasreid"`` (names as the model's), ``"torchreid"`` (torchreid's OSNet / OSNet-IBN / OSNet-AIN
+            files, translated by :mod:`nasreid.models.torchreid` into the ``osnet`` / ``osnet_ibn`` /
+            ``osnet_ain_torchreid`` presets), ``"torchvision"`` (a torchvision ResNet-50 state dict into a model
+            whose modules are torchvision's, e.g. RMGL's ``resnet50`` trunk: names kept, ``fc.*`` dropped), one a
+            plugin registered, or ``"auto"`` (the format whose recogniser accepts the file -- torchreid for
+            torchreid's keys -- else names as they are). Ignored when ``rename`` is given.
 
     Returns:
         ``{"loaded": n, "skipped": [...], "missing": [...], "unexpected": [...], "mismatched": [...]}``:
@@ -235,7 +153,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
         the last three are empty.
 
     Raises:
-        PretrainedWeightsError: file missing / unreadable / holding no state dict (names the file); with
+        PretrainedWeightsError: file missing / unreadable / not a weights file (ONNX) / holding no state dict, an
+            unknown ``format`` or one that does not recognise the file (names the file); with
             ``strict``, keys that do not match (names a few missing and unexpected keys and how many) or a
             shape that differs (names the key and both shapes); with ``strict=False``, no tensor of the
             file matches the model at all (wrong architecture).
@@ -258,12 +177,12 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
     if strict and (missing or unexpected):
         parts = []
         if missing:
-            parts.append(f"{len(missing)} key(s) of the model missing from the file: {_few(missing)}")
+            parts.append(f"{len(missing)} key(s) of the model missing from the file: {few_keys(missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} key(s) of the file not in the model: {_few(unexpected)}")
+            parts.append(f"{len(unexpected)} key(s) of the file not in the model: {few_keys(unexpected)}")
         if mismatched:
             parts.append(f"{len(mismatched)} shape mismatch(es) (file vs model): "
-                         f"{_few([f'{k} {list(fs)} vs {list(ms)}' for k, fs, ms in mismatched])}")
+                         f"{few_keys([f'{k} {list(fs)} vs {list(ms)}' for k, fs, ms in mismatched])}")
         raise PretrainedWeightsError(
             f"pretrained weights {path} do not match the model ({type(model).__name__}): " + "; ".join(parts)
             + f". Skipped prefixes: {list(skip)}; pass skip=... to leave layers out, or strict=False to load "
@@ -281,7 +200,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
     if not load and kept:
         raise PretrainedWeightsError(
             f"no tensor of {path} matches the model ({type(model).__name__}): file keys e.g. "
-            f"{_few(list(kept))}; model keys e.g. {_few(wanted)}; weights of another architecture, or module "
+            f"{few_keys(list(kept))}; model keys e.g. {few_keys(wanted)}; weights of another architecture, or module "
             "names that need rename=...?")
     model.load_state_dict(load, strict=False)  # `load` holds model keys only; the modules' loading hooks run
     return {"loaded": len(load), "skipped": skipped, "missing": missing, "unexpected": unexpected,
@@ -342,7 +261,7 @@ def warm_start(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str]
         skip: module-path prefixes (fixed-network names) left at the model's own initialisation, in the file and
             in the model (default: the identity classifier, whose class count is the training data's), unless
             ``keep_fitting`` and the file's tensors there fit exactly (:func:`fitting_prefixes`).
-        format: ``auto`` / ``nasreid`` / ``torchreid`` / ``torchvision`` (:func:`load_pretrained`).
+        format: ``auto`` or a registered weights format (:func:`load_pretrained`).
         weights_only: see :func:`read_state_dict`.
         keep_fitting: see :func:`load_pretrained`.
 
@@ -407,11 +326,11 @@ def warm_start(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str]
     unplaced = [k for k in left if k not in set(unused)]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} tensor(s) of the model not in the file: {_few(missing)}")
+        problems.append(f"{len(missing)} tensor(s) of the model not in the file: {few_keys(missing)}")
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_few(mismatched)}")
+        problems.append(f"{len(mismatched)} shape mismatch(es): {few_keys(mismatched)}")
     if unplaced:
-        problems.append(f"{len(unplaced)} tensor(s) of the file with no place in the model: {_few(unplaced)}")
+        problems.append(f"{len(unplaced)} tensor(s) of the file with no place in the model: {few_keys(unplaced)}")
     if problems:
         raise PretrainedWeightsError(
             f"cannot warm-start {type(model).__name__} from {path}: " + "; ".join(problems)
@@ -522,36 +441,52 @@ def calibrate_instance_norms(model: nn.Module, paths: Iterable[str], images: Ite
     return done
 
 
-def backbone_and_head_parameters(model: nn.Module, head_prefixes: Iterable[str] = ("head",)
-                                 ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Split ``model``'s parameters into (backbone, head) by module path.
+def init_weights(net: nn.Module, model_cfg: Any, *, supernet: bool = False,
+                 calibration_images: Callable[[int], Iterable[torch.Tensor]] | None = None) -> dict[str, Any] | None:
+    """Put a recipe's pretrained weights into the network of a run: the one place that decides how (search and
+    retrain both call it, through :meth:`nasreid.engine.context.RunContext.init_weights`).
 
-    For the paper's fine-tuning warm start (OSNet-AIN, Sec. 4.1: for the first 10 epochs the pretrained
-    base network is frozen and only the new layers train): set ``requires_grad_(False)`` on the backbone
-    list for those epochs, or give the optimiser the head list only.
+    A supernet (``supernet=True``: a search) is always warm-started (:func:`warm_start`); a fixed network is
+    warm-started when ``model_cfg.warm_start`` (a file of another genotype of the space), else loaded exactly
+    (:func:`load_pretrained`, strict). After a warm start the IN layers the file lacks are calibrated on
+    ``model_cfg.calibrate_norms`` images (:func:`calibrate_instance_norms`) when ``calibration_images`` is given;
+    the outcome is logged.
 
     Args:
-        model: the network.
-        head_prefixes: module-path prefixes of the new layers; ``("head",)`` is nasreid's embedding and
-            classifier, ``("head.classifier",)`` the identity classifier alone (torchreid's
-            ``open_layers=["classifier"]``).
+        net: the supernet or fixed network, initialised in place.
+        model_cfg: the recipe's ``model`` section (:class:`~nasreid.config.ModelConfig`: ``pretrained``,
+            ``pretrained_format``, ``pretrained_skip``, ``pretrained_keep_fitting``, ``warm_start``,
+            ``calibrate_norms``), or ``None``.
+        supernet: ``net`` is a search space's supernet.
+        calibration_images: ``calibration_images(n)`` gives batches ``[B, 3, H, W]`` of ``n`` training images
+            (normalised as for the network, on its device); called only when there are IN layers to calibrate and
+            ``calibrate_norms > 0``. ``None``: the layers stay at gamma 1 / beta 0.
 
     Returns:
-        ``(backbone, head)``: lists of parameters in ``named_parameters`` order, each parameter once (shared
-        parameters are not repeated), whatever their ``requires_grad``.
+        The report of :func:`warm_start` (plus ``"calibrated"``: the IN paths set) or of :func:`load_pretrained`,
+        ``None`` when the section names no file.
 
     Raises:
-        PretrainedWeightsError: no parameter lies under ``head_prefixes`` (the message lists the model's
-            top-level modules).
+        PretrainedWeightsError: the file cannot be read, names an unknown format, or does not fit ``net`` (the
+            message names the file and the keys).
     """
-    prefixes = tuple(head_prefixes)
-    backbone: list[nn.Parameter] = []
-    head: list[nn.Parameter] = []
-    for name, p in model.named_parameters():
-        (head if under_prefixes(name, prefixes) else backbone).append(p)
-    if not head:
-        top = [n for n, _ in model.named_children()]
-        raise PretrainedWeightsError(
-            f"no parameter of {type(model).__name__} lies under head prefixes {list(prefixes)}; its top-level "
-            f"modules are {top}")
-    return backbone, head
+    if model_cfg is None or not getattr(model_cfg, "pretrained", None):
+        return None
+    m = model_cfg
+    if supernet or m.warm_start:
+        report = warm_start(net, m.pretrained, skip=tuple(m.pretrained_skip), format=m.pretrained_format,
+                            keep_fitting=m.pretrained_keep_fitting)
+        report["calibrated"] = []
+        if m.calibrate_norms and report["identity"] and calibration_images is not None:
+            report["calibrated"] = calibrate_instance_norms(net, report["identity"],
+                                                            calibration_images(m.calibrate_norms), report["folds"])
+        log.info("warm start from %s: %d tensors loaded; IN layers the file lacks: %d calibrated on %d training "
+                 "images, %d at gamma 1 / beta 0; %d norm layers converted; %d file tensors unused", m.pretrained,
+                 report["loaded"], len(report["calibrated"]), m.calibrate_norms if report["calibrated"] else 0,
+                 len(report["identity"]) - len(report["calibrated"]), len(report["converted"]),
+                 len(report["unused"]))
+        return report
+    report = load_pretrained(net, m.pretrained, skip=tuple(m.pretrained_skip), format=m.pretrained_format,
+                             keep_fitting=m.pretrained_keep_fitting)
+    log.info("loaded %d tensors from %s (skipped %d)", report["loaded"], m.pretrained, len(report["skipped"]))
+    return report
