@@ -44,18 +44,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from nasreid.models.interface import under_prefixes
 from nasreid.models.weights import STATE_DICT_KEYS, PretrainedWeightsError, few_keys, file_naming, read_weights
 
 __all__ = ["PretrainedWeightsError", "load_pretrained", "warm_start", "calibrate_instance_norms", "init_weights",
            "fixed_name", "file_naming", "fitting_prefixes", "read_state_dict", "STATE_DICT_KEYS"]
 
 log = logging.getLogger("nasreid")
-
-
-def under_prefixes(key: str, prefixes: Iterable[str]) -> bool:
-    """A parameter or module path ``key`` is one of ``prefixes`` or lies below one (``"head"`` matches ``head.x``
-    but not ``header.x``)."""
-    return any(key == p or key.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
 
 
 def read_state_dict(path: str | os.PathLike, *, weights_only: bool = True) -> dict[str, torch.Tensor]:
