@@ -141,10 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--genotype", help="with --weights: genotype.json or preset:NAME (e.g. preset:osnet)")
     e.add_argument("--space", default="osnet_ain", help="with --weights: the space of a preset (osnet_ain)")
     e.add_argument("--format", dest="weights_format", default="auto",
-                   choices=["auto", "nasreid", "torchreid", "torchvision"], help="with --weights: the file's naming")
+                   help="with --weights: the file's naming, a registered weights format (nasreid list formats; "
+                   "default auto: the format that recognises the file)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="with --weights: evaluation settings, e.g. space.kwargs.width_mult=0.25, data.height=128, "
-                   "data.width=64, eval.metric=cosine (defaults 256x128, euclidean)")
+                   "data.width=64, eval.metric=cosine (defaults 256x128, euclidean); with a run folder: evaluation "
+                   "keys only (eval.*, data.workers, data.on_corrupt, device), results tagged with them")
     e.add_argument("--out", help="with --weights: folder for recipe.yaml and metrics.json")
     e.add_argument("--target", action="append", default=[], metavar="NAME[=ROOT][:k=v,...]",
                    help="cross-domain dataset (repeatable); default: the recipe's eval.targets")
@@ -223,20 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", parents=[plugin], help="print what is registered (spaces, strategies, ...)")
     ls.add_argument("kind", nargs="?", help="one registry: spaces, strategies, datasets, losses, matchers, "
-                    "postprocessors, methods, presets (default: all registries)")
+                    "postprocessors, methods, augmentations, formats (weights files), presets (default: all)")
     ls.add_argument("pattern", nargs="?", default="*", help="shell pattern on the names, e.g. 'osnet*'")
     return ap
 
 
 def _first_line(obj) -> str:
-    doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    own = getattr(obj, "doc", None)  # a registered record with its own line (a weights format), else the docstring
+    doc = ((own if isinstance(own, str) and own else getattr(obj, "__doc__", None)) or "").strip().splitlines()
     return doc[0] if doc else ""
 
 
 def _list(kind: Optional[str], pattern: str) -> int:
     from nasreid.errors import RegistryError
+    from nasreid.models.weights import WEIGHT_FORMATS
     from nasreid.registry import ALL_REGISTRIES
 
+    registries = {**ALL_REGISTRIES, "formats": WEIGHT_FORMATS}
     if kind == "presets":  # the named architectures registered with each space
         from nasreid.registry import SPACES, space_presets
 
@@ -250,9 +255,9 @@ def _list(kind: Optional[str], pattern: str) -> int:
                 about = preset.get("doc") or ", ".join(f"{k}={v}" for k, v in kw.items())
                 print(f"  {space + ':' + key:<30} {about}".rstrip())
         return 0
-    if kind is not None and kind not in ALL_REGISTRIES:
-        raise RegistryError(f"unknown registry {kind!r}; known: {', '.join(ALL_REGISTRIES)}, presets")
-    for name, reg in ALL_REGISTRIES.items():
+    if kind is not None and kind not in registries:
+        raise RegistryError(f"unknown registry {kind!r}; known: {', '.join(registries)}, presets")
+    for name, reg in registries.items():
         if kind is not None and name != kind:
             continue
         print(f"{name}:")
@@ -395,7 +400,8 @@ def _cmd_evaluate(args) -> int:
     res = run_evaluate(args.run, targets=_targets(args.target) or None, device=args.device,
                        same_domain=not args.no_same_domain,
                        matcher=_named(args.matcher) if args.matcher else None,
-                       postprocessors=[_named(p) for p in args.post] if args.post else None)
+                       postprocessors=[_named(p) for p in args.post] if args.post else None,
+                       overrides=_overrides(args.set))
     print(json.dumps(res, indent=2))
     return 0
 
@@ -495,6 +501,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         load_plugins(getattr(args, "plugin", []) or [])
         return COMMANDS[args.command](args)
     except NasreidError as e:
+        from nasreid.engine.runs import discard_new_runs
+
+        discard_new_runs()  # an input error leaves no run folder behind
         print(f"nasreid {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -115,13 +115,53 @@ def dist_setup(recipe: Recipe) -> Recipe:
     return recipe
 
 
+#: run folders this process created (:func:`track_new_run`), removed again by :func:`discard_new_runs` when the
+#: command stops on an input error before the run wrote a result
+_NEW_RUNS: list[Path] = []
+#: what a run folder holds before it has produced anything: its recipe(s), its log, TensorBoard's empty event
+#: files, an identity split, and a retrain's genotype (a search writes its genotype beside its checkpoints, which
+#: keep the folder)
+_SETUP_FILES = ("recipe.yaml", "retrain_recipe.yaml", "train.log", "tb", "split.json", "genotype.json",
+                "genotype.graphml")
+
+
+def track_new_run(run: Path) -> Path:
+    """Record ``run`` as a folder this process created, for :func:`discard_new_runs`; returns ``run``."""
+    _NEW_RUNS.append(Path(run))
+    return Path(run)
+
+
+def discard_new_runs() -> list[Path]:
+    """Remove the run folders this process created (:func:`track_new_run`) that hold nothing but what a run
+    writes before it starts (recipe, log, empty TensorBoard folder, split): called when a command stops on an
+    input error (a missing or corrupt file, a bad recipe, an empty split, a weights file that does not fit), so
+    that a failed command leaves nothing behind. A folder with a checkpoint, ``metrics.json`` or any other file
+    is kept; folders that existed before the command are never tracked. Returns the folders removed."""
+    import shutil
+
+    removed = []
+    for run in reversed(_NEW_RUNS):
+        if run.is_dir() and all(p.name in _SETUP_FILES for p in run.iterdir()) \
+                and not any((run / "tb").glob("*/**/*")):
+            for h in list(log.handlers):  # the folder's train.log handler, if any
+                if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == run.resolve():
+                    log.removeHandler(h)
+                    h.close()
+            shutil.rmtree(run, ignore_errors=True)
+            removed.append(run)
+    _NEW_RUNS.clear()
+    return removed
+
+
 def _prepare_run_local(recipe: Recipe, run_dir: Optional[str | os.PathLike], resume: bool) -> Path:
     if run_dir is None:
-        run = new_run_dir(recipe.output_root, recipe.name)
+        run = track_new_run(new_run_dir(recipe.output_root, recipe.name))
     else:
         run = Path(run_dir)
         if run.exists() and (run / "checkpoints" / "last.pt").exists() and not resume:
             raise RunFolderError(f"{run} already holds a run; pass --resume to continue it or choose another folder")
+        if not run.exists():
+            track_new_run(run)
         run.mkdir(parents=True, exist_ok=True)
     if not (resume and (run / "recipe.yaml").exists()):
         update: dict[str, Any] = {"source": None}

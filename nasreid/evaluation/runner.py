@@ -19,7 +19,7 @@ from torch import nn
 from nasreid.config import DatasetRef, Recipe, RecipeError, resolve_data_root
 from nasreid.engine.checkpoint import read_json, write_json
 from nasreid.engine.progress import progress_enabled
-from nasreid.engine.runs import load_run_model, setup_logging
+from nasreid.engine.runs import load_run_model, setup_logging, track_new_run
 from nasreid.engine.trainer import device_context
 from nasreid.engine.validate import check_recipe
 
@@ -100,18 +100,43 @@ def evaluate_run_model(model: nn.Module, recipe: Recipe, ctx, dataset=None,
     return results
 
 
+#: the recipe keys ``nasreid evaluate RUN --set`` applies: how the run's network is evaluated, not what it is (its
+#: architecture, input size and weights are the run's; retrain to change them)
+EVALUATE_KEYS = ("eval.", "data.workers", "data.on_corrupt", "device")
+
+
+def evaluate_overrides(overrides: Optional[dict[str, Any]], where: str = "--set") -> dict[str, Any]:
+    """The ``overrides`` (dotted recipe keys) that :func:`run_evaluate` applies to a finished run: keys under
+    :data:`EVALUATE_KEYS` (``eval.metric``, ``eval.flip``, ``eval.rerank`` ..., ``data.workers``, ``device``).
+
+    Raises:
+        RecipeError: any other key, named (``--set optim.lr=...`` on a finished run would be ignored).
+    """
+    out = dict(overrides or {})
+    for key in out:
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in EVALUATE_KEYS):
+            raise RecipeError(f"{where}: {key}: nasreid evaluate RUN applies only evaluation settings "
+                              f"({', '.join(k + '*' if k.endswith('.') else k for k in EVALUATE_KEYS)}); the run's "
+                              "network, input size and training keys are fixed by its recipe (retrain to change them)")
+    return out
+
+
 def run_evaluate(run_dir: str | os.PathLike, targets: Optional[list[DatasetRef]] = None,
                  device: Optional[str] = None, same_domain: bool = True, matcher=None,
-                 postprocessors: Optional[list] = None) -> dict[str, dict[str, Any]]:
+                 postprocessors: Optional[list] = None,
+                 overrides: Optional[dict[str, Any]] = None) -> dict[str, dict[str, Any]]:
     """Evaluate the model of a retrain run folder (``model.pt``, or ``checkpoints/last.pt``).
 
     ``matcher`` / ``postprocessors`` (``NamedConfig`` s, e.g. ``qaconv`` / ``tlift``) replace the recipe's
     ``eval.matcher`` / ``eval.postprocessors`` for this evaluation; the result keys then carry them, e.g.
-    ``"cuhk03np (cross-domain) [qaconv+tlift]"``, so several evaluations of one run sit side by side.
+    ``"cuhk03np (cross-domain) [qaconv+tlift]"``, so several evaluations of one run sit side by side. Likewise
+    ``overrides`` (``--set``; evaluation keys only, :func:`evaluate_overrides`) tag the keys with what they set,
+    e.g. ``"cuhk01 (same-domain) [eval.metric=euclidean]"``.
 
     Args:
         targets: datasets to evaluate on instead of the recipe's ``eval.targets``.
         same_domain: also evaluate on the training dataset's test split.
+        overrides: dotted evaluation keys applied to the run's recipe for this evaluation.
 
     Results are merged into ``metrics.json`` under ``"evaluation"`` and returned.
 
@@ -119,12 +144,20 @@ def run_evaluate(run_dir: str | os.PathLike, targets: Optional[list[DatasetRef]]
         RunFolderError / CheckpointError / GenotypeError: not a retrain run folder (a search run: the message
             names its retrain run, or the ``nasreid train`` command that makes one; see
             :func:`~nasreid.engine.runs.load_run_model`).
-        RecipeError: an unknown target dataset or target options that do not fit its parser.
+        RecipeError: an unknown target dataset or target options that do not fit its parser; an override
+            outside the evaluation keys, or one the schema refuses.
     """
+    from nasreid.config import apply_overrides
+
     run = Path(run_dir)
     setup_logging(None)
+    overrides = evaluate_overrides(overrides)
     model, recipe, _ = load_run_model(run, device=device)
     tag = ""
+    if overrides:
+        recipe = apply_overrides(recipe, overrides, where="--set")
+        check_recipe(recipe)
+        tag = " [" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + "]"
     if matcher is not None or postprocessors is not None:
         upd = {}
         if matcher is not None:
@@ -134,7 +167,7 @@ def run_evaluate(run_dir: str | os.PathLike, targets: Optional[list[DatasetRef]]
         recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update=upd)})
         check_recipe(recipe)
         e = recipe.eval
-        tag = " [" + "+".join([e.matcher.name if e.matcher else "distance"] + [p.name for p in e.postprocessors]) + "]"
+        tag += " [" + "+".join([e.matcher.name if e.matcher else "distance"] + [p.name for p in e.postprocessors]) + "]"
     ctx = device_context(recipe.device, recipe.amp, recipe.channels_last)
     model = ctx.model(model)
     if targets is None:
@@ -195,8 +228,13 @@ def run_evaluate_weights(weights: str | os.PathLike, genotype: str | os.PathLike
            "eval": {"metric": "euclidean", "flip": False, "targets": [t.model_dump() for t in targets]}}
     recipe = apply_overrides(Recipe.model_validate(raw), overrides or {}, where="--set")
     check_recipe(recipe)
-    run = Path(out) if out is not None else new_run_dir(recipe.output_root, recipe.name)
-    run.mkdir(parents=True, exist_ok=True)
+    if out is None:
+        run = track_new_run(new_run_dir(recipe.output_root, recipe.name))
+    else:
+        run = Path(out)
+        if not run.exists():
+            track_new_run(run)
+        run.mkdir(parents=True, exist_ok=True)
     (run / "recipe.yaml").write_text(recipe.to_yaml())
     setup_logging(run)
     geno = Genotype(space=geno.space, choices=geno.choices, space_kwargs={**geno.space_kwargs, **recipe.space.kwargs},
