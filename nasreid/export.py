@@ -231,7 +231,10 @@ def _export_graph(model: torch.nn.Module, example: torch.Tensor, tmp: Path, opse
             ep = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                                      strict=False)
             prog = torch.onnx.export(ep, (example,), dynamo=True, verbose=False, **kwargs)
-            batch = prog.model.graph.inputs[0].shape[0]
+            assert prog is not None  # dynamo=True returns the ONNXProgram
+            shape = prog.model.graph.inputs[0].shape
+            assert shape is not None  # the exported input's shape (dimension 0 symbolic)
+            batch = shape[0]
             if hasattr(prog, "rename_axes") and not isinstance(batch, int):
                 prog.rename_axes({batch: "batch"})
             return prog.model_proto

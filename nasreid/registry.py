@@ -240,7 +240,7 @@ def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], where: str, what: str,
         raise RecipeError(f"{where}: {what} needs {', '.join(missing)}")
 
 
-def _positional_names(fn: Callable, n: int) -> list[str]:
+def _positional_names(fn: Any, n: int) -> list[str]:
     """The names of the first ``n`` positional parameters of ``fn`` (a function or a class; ``self`` left out),
     empty when its signature cannot be read."""
     import inspect
@@ -263,7 +263,10 @@ def _describe(o: Any) -> str:
 
 
 SPACES: Registry[type] = Registry("search space", ("nasreid.search_spaces",))
-STRATEGIES: Registry[type] = Registry("strategy", ("nasreid.strategies",))
+# Strategy subclasses; typed Any since mypy cannot resolve nasreid.strategies.base.Strategy (pyproject's
+# package-dir installs strategies/ under that name; mypy reads it as ``strategies``), so that their classmethods
+# (derive, plot_run) type-check where a registered strategy is looked up
+STRATEGIES: Registry[Any] = Registry("strategy", ("nasreid.strategies",))
 DATASETS: Registry[Callable] = Registry("dataset", ("nasreid.data.datasets",))
 LOSSES: Registry[Callable] = Registry("loss", ("nasreid.losses",))
 MATCHERS: Registry[Callable] = Registry("matcher", ("nasreid.evaluation.matchers", "nasreid.evaluation.qaconv"))

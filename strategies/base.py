@@ -34,7 +34,7 @@ import contextlib
 import fnmatch
 import math
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -60,7 +60,7 @@ def replace_module(root: nn.Module, qualified_name: str, new: nn.Module) -> None
     setattr(parent, child, new)
 
 
-def mix_outputs(weights: torch.Tensor, outputs: list) -> Any:
+def mix_outputs(weights: torch.Tensor | Sequence[torch.Tensor], outputs: list) -> Any:
     """``sum_k weights[k] * outputs[k]`` for tensors, or element-wise for tuples of tensors: the mixed-op
     output of every one-shot strategy (MSINet Eq. 1, OSNet-AIN Eq. 5), whatever its candidates return
     (MSINet's interaction modules return the branch pair ``(x1, x2)``).
@@ -202,7 +202,7 @@ def _argmax_sample(choices: Mapping[str, Any], probs: Mapping[str, Mapping[str, 
     out = {}
     for label, mut in choices.items():
         p = probs[label]
-        best = max(p, key=p.get)
+        best = max(p, key=p.__getitem__)
         out[label] = next(v for v in mut.values if str(v) == best)  # the mutable's typed value
     return out
 
@@ -395,6 +395,7 @@ class OneShotStrategy(Strategy):
         from nasreid.engine.trainer import backward
 
         net = getattr(self, "forward_model", None) or self.model  # DDP wrapper under torchrun
+        assert net is not None  # the subclass's search sets self.model before its steps
         with autocast() if autocast is not None else contextlib.nullcontext():
             loss, parts = loss_fn(net(batch["img"]), batch)
         backward(loss * scale if scale != 1.0 else loss, scaler, parts)

@@ -46,8 +46,8 @@ exactly (the public code saves neither alpha nor the memories). Derive: ``argmax
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -100,7 +100,7 @@ class _ValStream(Hook):
 
     def __init__(self, loader, seed: int):
         self.loader, self.seed = loader, int(seed)
-        self._it = None
+        self._it: Iterator[Any] | None = None
         self._epoch = 0
         self._restarts = 0
 
@@ -115,6 +115,7 @@ class _ValStream(Hook):
         self._restart()
 
     def next(self, ctx) -> dict:
+        assert self._it is not None  # before_epoch starts the stream
         try:
             batch = next(self._it)
         except StopIteration:
@@ -187,6 +188,8 @@ class DartsTCMStrategy(OneShotStrategy):
             if self.unrolled and self.reference_mode:
                 raise ValueError("unrolled and reference_mode cannot be combined")
             return self
+
+    cfg: Config  # the validated ``strategy.kwargs`` (set by Strategy.__init__)
 
     def __init__(self, space, **kwargs: Any):
         super().__init__(space, **kwargs)
@@ -262,7 +265,7 @@ class DartsTCMStrategy(OneShotStrategy):
         if not self.uses_memories or self.cfg.memory_init == "zero":
             return
         for key, recs in (("tr", train_recs), ("val", val_recs)):
-            mem = self.memories[key]
+            mem = cast(ClassMemory, self.memories[key])
             if bool(mem.initialised):
                 continue
             f, p = self.extract(ctx, model, recs)
@@ -288,7 +291,7 @@ class DartsTCMStrategy(OneShotStrategy):
             logits = outputs["logits"].float()
             loss = F.cross_entropy(logits, pids)
         else:
-            mem = self.memories[side]
+            mem = cast(ClassMemory, self.memories[side])
             logits = mem.logits(self._feat(outputs).float())
             loss = F.cross_entropy(logits, pids)
         with torch.no_grad():
@@ -311,6 +314,7 @@ class DartsTCMStrategy(OneShotStrategy):
         In ``reference_mode`` omega's gradients are not cleared first: whatever :meth:`arch_step` left
         there (the validation gradient) is applied too, as in the authors' loop."""
         W = self.weight_parameters()
+        assert self.model is not None and self.w_opt is not None  # search() builds them before the steps
         if not self.cfg.reference_mode:
             self.w_opt.zero_grad(set_to_none=True)
         with self._autocast():
@@ -322,7 +326,7 @@ class DartsTCMStrategy(OneShotStrategy):
         average_gradients(W)  # torchrun: the mean over ranks (no DDP wrapper: backward reaches a subset)
         optimizer_step(self.w_opt, W, self.scaler, self.grad_clip)
         if self.uses_memories:  # every rank's memory sees the global batch
-            self.memories["tr"].update(all_gather_cat(feat.detach()), all_gather_cat(batch["pid"]))
+            cast(ClassMemory, self.memories["tr"]).update(all_gather_cat(feat.detach()), all_gather_cat(batch["pid"]))
         return parts
 
     def arch_step(self, vbatch: dict, batch: dict | None = None) -> dict[str, float]:
@@ -330,6 +334,8 @@ class DartsTCMStrategy(OneShotStrategy):
         only. ``unrolled``: DARTS Eq. 7-8 with the search-train ``batch``. ``reference_mode``: plain
         backward, validation gradients also left on omega (the authors' leak)."""
         A = self.arch_parameters()
+        # search() builds them before the steps
+        assert self.model is not None and self.w_opt is not None and self.a_opt is not None
         self.a_opt.zero_grad(set_to_none=True)
         if self.cfg.reference_mode:
             self.w_opt.zero_grad(set_to_none=True)
@@ -351,25 +357,28 @@ class DartsTCMStrategy(OneShotStrategy):
         else:
             self.a_opt.step()
         if self.uses_memories:
-            self.memories["val"].update(all_gather_cat(vfeat.detach()), all_gather_cat(vbatch["pid"]))
+            cast(ClassMemory, self.memories["val"]).update(all_gather_cat(vfeat.detach()),
+                                                           all_gather_cat(vbatch["pid"]))
         return {"val_loss": vloss, "val_acc": vacc}
 
     def _unrolled_grads(self, batch: dict, vbatch: dict) -> tuple[float, torch.Tensor, float]:
         """Set ``alpha.grad`` to DARTS Eq. 7 with the finite-difference Hessian-vector product of Eq. 8."""
         W, A = self.weight_parameters(), self.arch_parameters()
+        model = self.model
+        assert model is not None and self.w_opt is not None  # search() builds them before the steps
         xi = float(self.w_opt.param_groups[0]["lr"])
         wd = float(self.w_opt.param_groups[0].get("weight_decay", 0.0))
         backup = [w.detach().clone() for w in W]
 
         def train_loss():
-            out = self.model(batch["img"])
+            out = model(batch["img"])
             return self._loss(out, batch, "tr")[0]
 
         g = torch.autograd.grad(train_loss(), W, allow_unused=True)
         with torch.no_grad():  # virtual step omega' = omega - xi * (grad + wd * omega)
             for w, gi in zip(W, g):
                 w.sub_(xi * ((gi if gi is not None else 0.0) + wd * w))
-        out = self.model(vbatch["img"])
+        out = model(vbatch["img"])
         vloss, vfeat, vacc = self._loss(out, vbatch, "val")
         check_finite(vloss, {"val_loss": float(vloss.detach())})
         grads = torch.autograd.grad(vloss, A + W, allow_unused=True)
@@ -435,7 +444,7 @@ class DartsTCMStrategy(OneShotStrategy):
             self.build_memories(n_tr, n_val, dim, dev)
         self.w_opt = ctx.build_optimizer(self.weight_parameters())
         w_sched = ctx.build_scheduler(self.w_opt)
-        self.a_opt = torch.optim.Adam(self.arch_parameters(), lr=c.arch_lr, betas=tuple(c.arch_betas),
+        self.a_opt = torch.optim.Adam(self.arch_parameters(), lr=c.arch_lr, betas=c.arch_betas,
                                       weight_decay=c.arch_weight_decay)
         arch_cfg = ctx.recipe.optim.model_copy(update={"lr": c.arch_lr, "warmup_epochs": 0})
         a_sched = ctx.build_scheduler(self.a_opt, arch_cfg)

@@ -176,6 +176,8 @@ class GumbelStrategy(OneShotStrategy):
         init_std: float = Field(1e-3, ge=0)
         seed: int = 0
 
+    cfg: Config  # the validated ``strategy.kwargs`` (set by Strategy.__init__)
+
     def __init__(self, space, **kwargs: Any):
         super().__init__(space, **kwargs)
         self.generator = torch.Generator().manual_seed(self.cfg.seed)

@@ -48,6 +48,7 @@ def run_hpo(recipe: Recipe, workers: int = 1, run_dir: Optional[str | os.PathLik
     import subprocess
 
     check_recipe(recipe, search=True)
+    assert recipe.strategy is not None  # check_recipe(search=True) requires the section
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise RecipeError("nasreid hpo runs its own worker processes (--workers N); do not start it with torchrun")
     if not issubclass(STRATEGIES.get(recipe.strategy.name), SamplingStrategy):
@@ -95,6 +96,7 @@ def run_hpo_worker(run_dir: str | os.PathLike, worker: int = 0, threads: Optiona
     run = Path(run_dir)
     recipe = load_run_recipe(run)
     check_recipe(recipe, search=True)
+    assert recipe.strategy is not None  # check_recipe(search=True) requires the section
     cls = STRATEGIES.get(recipe.strategy.name)
     if not issubclass(cls, SamplingStrategy):
         raise RecipeError(f"{run / 'recipe.yaml'}: strategy.name: {recipe.strategy.name!r} is not a sampling "

@@ -61,7 +61,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -110,7 +110,9 @@ def query_gallery_split(records) -> tuple[list, list]:
     Raises:
         ValueError: no query would have a cross-camera gallery match.
     """
-    query, gallery, seen = [], [], set()
+    query: list = []
+    gallery: list = []
+    seen = set()
     for r in records:
         key = (r.pid, r.camid)
         (gallery if key in seen else query).append(r)
@@ -283,6 +285,11 @@ def _storage(spec: Optional[str], run_dir: Path):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
+def _default_objectives() -> list[Literal["mAP", "rank1", "params", "latency"]]:
+    """``objectives`` by default: mAP alone."""
+    return ["mAP"]
+
+
 # ---------------------------------------------------------------------------------------------------
 @register_strategy("optuna")
 class OptunaStrategy(SamplingStrategy):
@@ -306,7 +313,7 @@ class OptunaStrategy(SamplingStrategy):
         sampler_kwargs: dict[str, Any] = Field(default_factory=dict)
         pruner: Literal["median", "sha", "hyperband", "none"] = "median"
         pruner_kwargs: dict[str, Any] = Field(default_factory=dict)
-        objectives: list[Literal["mAP", "rank1", "params", "latency"]] = Field(default_factory=lambda: ["mAP"])
+        objectives: list[Literal["mAP", "rank1", "params", "latency"]] = Field(default_factory=_default_objectives)
         pareto_rule: Literal["knee", "best_first", "cheapest"] = "knee"
         storage: Optional[str] = Field(None, description="SQLAlchemy URL or journal file; None: run/study.journal")
         study_name: Optional[str] = Field(None, description="default: the recipe name")
@@ -329,6 +336,8 @@ class OptunaStrategy(SamplingStrategy):
             if self.grace_seconds <= self.heartbeat_seconds:
                 raise ValueError("grace_seconds must exceed heartbeat_seconds")
             return self
+
+    cfg: Config  # the validated ``strategy.kwargs`` (set by Strategy.__init__)
 
     def __init__(self, space, **kwargs: Any):
         super().__init__(space, **kwargs)
@@ -412,7 +421,8 @@ class OptunaStrategy(SamplingStrategy):
     def _trial_dir(self, run_dir: Path, number: int) -> Path:
         return run_dir / "trials" / f"trial_{number:04d}"
 
-    def _run_trial(self, ctx, study, trial) -> None:
+    def _run_trial(self, ctx, study, trial) -> tuple[str, Any]:
+        """Train and tell one trial; returns its state's name and its error (``None`` if none)."""
         optuna = _optuna()
         from optuna.storages import RetryFailedTrialCallback
         from torch.utils.tensorboard import SummaryWriter
@@ -536,7 +546,7 @@ class OptunaStrategy(SamplingStrategy):
             GenotypeError: no complete trial yet.
         """
         optuna = _optuna()
-        cfg = cls.validate_kwargs(recipe.strategy.kwargs)
+        cfg = cast(OptunaStrategy.Config, cls.validate_kwargs(recipe.strategy.kwargs))  # cls.Config's instance
         study = cls.load_study(run_dir, recipe)
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if not complete:
@@ -606,7 +616,7 @@ def write_study_report(study, run_dir: Path) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         for name, fn in makers.items():
             try:
-                ax = fn(study)
+                ax: Any = fn(study)  # an Axes, or an array of them
                 fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
                 fig.set_size_inches(8, 5)
                 fig.tight_layout()

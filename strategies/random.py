@@ -48,6 +48,8 @@ class RandomStrategy(OneShotStrategy):
         model_config = ConfigDict(extra="forbid")
         seed: int = 0
 
+    cfg: Config  # the validated ``strategy.kwargs`` (set by Strategy.__init__)
+
     def __init__(self, space, **kwargs: Any):
         super().__init__(space, **kwargs)
         self.rng = _random.Random(self.cfg.seed)

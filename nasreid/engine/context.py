@@ -134,7 +134,8 @@ class RunContext:
             if is_main():  # every rank computes the same split; rank 0 writes it
                 write_json(path, saved)
         shared, t_only, v_only = set(saved["shared"]), set(saved["train_only"]), set(saved["val_only"])
-        train, val, seen = [], [], {}
+        train, val = [], []
+        seen: dict[int, int] = {}  # images of each shared identity so far
         for r in self.dataset.train:
             if r.pid in t_only:
                 train.append(r)

@@ -57,6 +57,7 @@ def strategy_kwargs(recipe: Recipe) -> dict[str, Any]:
     """``strategy.kwargs`` of a search recipe, with the strategy's own ``seed`` (Gumbel noise, the random
     baseline's draw, DARTS' alpha init, Optuna's sampler) defaulting to the recipe's ``seed`` when the recipe
     does not set it, so that ``--set seed=S`` gives another search and not only other network weights."""
+    assert recipe.strategy is not None  # a search recipe (check_recipe(search=True) requires the section)
     kw = dict(recipe.strategy.kwargs)
     cfg = getattr(STRATEGIES.get(recipe.strategy.name), "Config", None)
     fields = getattr(cfg, "model_fields", {}) or {}
@@ -80,6 +81,7 @@ def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resu
     """
     check_recipe(recipe, search=True)
     recipe = dist_setup(recipe)
+    assert recipe.strategy is not None  # check_recipe(search=True) requires the section
     from . import distributed as D
 
     run = prepare_run(recipe, run_dir, resume)

@@ -48,7 +48,7 @@ def setup_logging(run_dir: Optional[Path] = None, level: int = logging.INFO) -> 
     log.setLevel(level)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     if not any(getattr(h, "_nasreid_console", False) for h in log.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h: logging.Handler = logging.StreamHandler(sys.stderr)
         h.setFormatter(fmt)
         h._nasreid_console = True  # type: ignore[attr-defined]
         log.addHandler(h)

@@ -154,7 +154,7 @@ def _exact_buckets(pos_sorted: torch.Tensor, pos_cols: torch.Tensor, n_pos: torc
 class _Workspace:
     """Reusable ``[chunk, G]`` buffers: large fresh allocations page-fault on every chunk, reuse does not."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._bufs: dict = {}
 
     def get(self, name: str, c: int, g: int, dtype) -> torch.Tensor:

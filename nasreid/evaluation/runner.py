@@ -75,7 +75,7 @@ def evaluate_run_model(model: nn.Module, recipe: Recipe, ctx, dataset=None,
 
     results: dict[str, dict[str, Any]] = {}
     src = recipe.data.dataset
-    jobs = []
+    jobs: list[tuple[Any, str, dict[str, Any]]] = []  # (dataset, protocol, the target's parser options)
     if same_domain:
         if dataset is None:
             dataset = build_dataset(src.name, resolve_data_root(src.root), **src.kwargs)
@@ -241,6 +241,7 @@ def run_evaluate_weights(weights: str | os.PathLike, genotype: str | os.PathLike
                     provenance=geno.provenance)
     net = geno.build(num_classes=0)
     report = init_weights(net, recipe.model)
+    assert report is not None  # the recipe names the weights file
     log.info("zero-shot: %s into %s (%d tensors; left out: %s)", weights, geno.provenance.get("preset", g),
              report["loaded"], ", ".join(report["skipped"]) or "nothing")
     ctx = device_context(recipe.device, recipe.amp, recipe.channels_last)

@@ -91,13 +91,13 @@ class ReIDNetwork:
 
     Class attributes:
         head_prefixes: module paths of the head (embedding, BNNeck, classifiers); every other parameter is
-            backbone.
+            backbone. An instance may set its own where the head depends on its arguments (RMGL's branches).
         classifier_patterns: fnmatch patterns of the identity classifiers' module paths (``nn.Linear``).
         default_match_stage: the stage a feature-map matcher (QAConv) uses when the recipe names none: a map
             at 1/16 of the input before the last 1x1 (Liao & Shao, ECCV 2020, Sec. 5.1 take ResNet's layer3).
     """
 
-    head_prefixes: ClassVar[tuple[str, ...]] = ("head",)
+    head_prefixes: tuple[str, ...] = ("head",)
     classifier_patterns: ClassVar[tuple[str, ...]] = ("*classifier",)
     default_match_stage: ClassVar[Optional[str]] = None
     feature_info: list[FeatureInfo]

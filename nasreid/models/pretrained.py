@@ -39,7 +39,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -220,12 +220,13 @@ def _norm_kind(m: nn.Module) -> str:
 def _identity_norm(m: nn.Module) -> None:
     """gamma = 1, beta = 0, running mean 0 / variance 1: the layer only normalises."""
     with torch.no_grad():
-        if getattr(m, "weight", None) is not None:
-            m.weight.fill_(1.0)
-        if getattr(m, "bias", None) is not None:
-            m.bias.zero_()
-        if getattr(m, "running_mean", None) is not None:
-            m.reset_running_stats()
+        weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
+        if weight is not None:
+            weight.fill_(1.0)
+        if bias is not None:
+            bias.zero_()
+        if getattr(m, "running_mean", None) is not None:  # a BatchNorm / InstanceNorm (running statistics)
+            cast(nn.modules.batchnorm._NormBase, m).reset_running_stats()
 
 
 def warm_start(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str] = ("head.classifier",),
