@@ -354,7 +354,7 @@ def visualize_ranks(run_dir: str | os.PathLike, *, queries: int = 10, topk: int 
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from nasreid.config import resolve_data_root
+    from nasreid.config import loader_workers, resolve_data_root
     from nasreid.data import build_dataset, build_test_loaders
     from nasreid.engine.checkpoint import write_json
     from nasreid.engine.runs import load_run_model
@@ -392,13 +392,13 @@ def visualize_ranks(run_dir: str | os.PathLike, *, queries: int = 10, topk: int 
     out_dir = Path(out) if out is not None else (run / "ranks" if target is None else run / "ranks" / ref.name)
 
     q_loader, g_loader = build_test_loaders(ds, height=d.height, width=d.width, batch_size=e.batch_size,
-                                            workers=d.workers, on_corrupt=d.on_corrupt)
+                                            workers=loader_workers(recipe), on_corrupt=d.on_corrupt)
     # build_test_loaders' datasets are ImageDatasets (their records: the images that load, see on_corrupt)
     q_records = cast("ImageDataset", q_loader.dataset).records
     g_records = cast("ImageDataset", g_loader.dataset).records
     chosen = _choose_queries(len(q_records), queries, int(seed), query_ids)
     sub = DataLoader(Subset(q_loader.dataset, chosen), batch_size=e.batch_size, shuffle=False,
-                     num_workers=d.workers)
+                     num_workers=loader_workers(recipe))
     normalize = e.metric == "cosine"  # as evaluation: cosine compares unit vectors, euclidean the raw features
     kw: dict[str, Any] = dict(device=ctx.device, flip=e.flip, amp=ctx.amp, normalize=normalize,
                               channels_last=ctx.channels_last, progress=False)

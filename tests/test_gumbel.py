@@ -255,3 +255,37 @@ def test_a_one_shot_search_honours_optim_lr_mult(tmp_path):
     with pytest.raises(RecipeError, match=r"optim.lr_mult: pattern '\*\.pi' matches only architecture parameters "
                                           r"of strategy 'gumbel'; their lr is strategy.kwargs.arch_lr"):
         strat.param_groups(0.01, 0.0, {"*.pi": 2.0})
+
+
+def test_straight_through_mix_equals_the_weighted_sum_in_value_and_gradient():
+    """StraightThroughMix (hard mode's fast path) gives the value of sum_k h_k o_k bit for bit and the same gradients
+    to the sampled candidate's weights and to pi as autograd through the sum (mix_outputs), on a real OS-block
+    choice of the OSNet-AIN space."""
+    import nasreid.strategies.gumbel as G
+    from nasreid.strategies.base import mix_outputs
+
+    def run(fast: bool):
+        torch.manual_seed(0)
+        space = get_space("osnet_ain")(num_classes=10, width_mult=0.25)
+        strat = get_strategy("gumbel")(space, mode="hard", seed=3)
+        net = strat.attach().train()
+        if not fast:
+            G.StraightThroughMix.apply = lambda h, *o: mix_outputs(list(h.unbind(0)), list(o))
+        try:
+            x = torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(1))
+            out = net(x)
+            feat = out["feat"] if isinstance(out, dict) else out
+            (feat.square().mean()).backward()
+        finally:
+            G.StraightThroughMix.apply = apply
+        pis = [m.pi.grad.clone() for m in net.modules() if isinstance(m, GumbelMixedOp)]
+        convs = [p.grad.clone() for n, p in net.named_parameters()
+                 if n.endswith("conv1.0.weight") and p.grad is not None]
+        return feat.detach(), pis, convs
+
+    apply = G.StraightThroughMix.apply
+    (y_fast, pi_fast, w_fast), (y_sum, pi_sum, w_sum) = run(True), run(False)
+    assert torch.equal(y_fast, y_sum)
+    assert len(pi_fast) == 6 and all(g.abs().sum() > 0 for g in pi_fast)
+    for a, b in zip(pi_fast + w_fast, pi_sum + w_sum):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)

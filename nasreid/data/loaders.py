@@ -67,12 +67,16 @@ class ImageDataset(Dataset):
         FileNotFoundError: a record's file is missing (never skipped: that is a layout bug, not bad bytes).
     """
 
+    #: most bytes of decoded pixels :attr:`cache` keeps (later images are read from their files every time)
+    CACHE_BYTES = 2 << 30
+
     def __init__(
         self,
         records: Sequence[ImageRecord],
         reader: Callable[[ImageRecord], Image.Image] | None = None,
         transform: Callable | None = None,
         on_corrupt: str = "error",
+        cache: bool = False,
     ):
         if on_corrupt not in _ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {_ON_CORRUPT}, got {on_corrupt!r}")
@@ -81,6 +85,12 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.on_corrupt = on_corrupt
         self.skipped: list[ImageRecord] = []
+        #: keep each decoded image (``PIL.Image``, before the transform) in memory once read, up to
+        #: :data:`CACHE_BYTES`: later epochs skip reading and decoding. The cache lives in the process that reads,
+        #: so it pays with ``workers=0`` (the CPU default) or persistent workers
+        self.cache = bool(cache)
+        self._cached: dict[int, Image.Image] = {}
+        self._cached_bytes = 0
         if on_corrupt == "skip":
             self.validate()
 
@@ -124,8 +134,17 @@ class ImageDataset(Dataset):
 
     def _load(self, index: int) -> tuple[Image.Image, ImageRecord]:
         rec = self.records[index]
+        hit = self._cached.get(index)
+        if hit is not None:
+            return hit, rec
         try:
-            return self.reader(rec), rec
+            img = self.reader(rec)
+            if self.cache:
+                size = img.width * img.height * len(img.getbands())
+                if self._cached_bytes + size <= self.CACHE_BYTES:
+                    self._cached[index] = img
+                    self._cached_bytes += size
+            return img, rec
         except CorruptImageError as exc:
             if self.on_corrupt == "error":
                 raise
@@ -176,6 +195,7 @@ def build_train_loader(
     persistent_workers: bool | None = None,
     num_replicas: int = 1,
     rank: int = 0,
+    cache_images: bool = False,
     **aug,
 ) -> DataLoader:
     """PK-sampled training loader over ``dataset.train``.
@@ -190,6 +210,7 @@ def build_train_loader(
         persistent_workers: keep workers alive between epochs (default: ``workers > 0``).
         num_replicas, rank: data-parallel share (:class:`PKSampler`): ``batch_size`` stays the global batch, the
             loader yields ``batch_size / num_replicas`` images per step.
+        cache_images: keep decoded images in memory across epochs (:attr:`ImageDataset.cache`).
         **aug: forwarded to :func:`build_transforms` (``flip``, ``color_jitter``, ``random_erasing``, ``pad``,
             ``mean``, ``std``, and registered augmentations by name: ``None`` or a dict of their arguments, e.g.
             ``rsa``, random shifting augmentation, RMGL Sec. III-D -- the recipe's ``data.augment``).
@@ -202,7 +223,7 @@ def build_train_loader(
         ValueError: too few identities for P, bad batch_size/num_instances, unknown augmentation keyword.
     """
     transform = build_transforms(height, width, is_train=True, **aug)
-    ds = ImageDataset(dataset.train, dataset.read_image, transform, on_corrupt=on_corrupt)
+    ds = ImageDataset(dataset.train, dataset.read_image, transform, on_corrupt=on_corrupt, cache=cache_images)
     sampler = PKSampler(ds.pids, num_instances=num_instances, batch_size=batch_size, seed=seed,
                         num_replicas=num_replicas, rank=rank)
     gen = torch.Generator()

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from nasreid.config import Recipe, RecipeError
+from nasreid.config import Recipe, RecipeError, loader_workers
 from nasreid.registry import LOSSES, METHODS, SPACES
 
 from .checkpoint import read_json, write_json
@@ -84,8 +84,9 @@ class RunContext:
             ds.train = list(records)
         return build_train_loader(
             ds, height=d.height, width=d.width, batch_size=batch_size or d.batch_size,
-            num_instances=num_instances or d.num_instances, workers=d.workers,
+            num_instances=num_instances or d.num_instances, workers=loader_workers(self.recipe),
             seed=self.recipe.seed if seed is None else seed, on_corrupt=d.on_corrupt, persistent_workers=False,
+            cache_images=d.cache_images,
             num_replicas=dist.world_size, rank=dist.rank, **d.augment.model_dump())
 
     def split_identities(self, overlap: float = 0.0, val_fraction: float = 0.5, seed: int | None = None,
@@ -161,7 +162,8 @@ class RunContext:
         d = self.recipe.data
         ds = ImageDataset(list(records), self.dataset.read_image, build_transforms(d.height, d.width, is_train=False),
                           on_corrupt=d.on_corrupt)
-        return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=d.workers, drop_last=False)
+        return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=loader_workers(self.recipe),
+                          drop_last=False)
 
     # ---- model, loss, optimisation ---------------------------------------------------------------
     def build_space(self, num_classes: int | None = None, **overrides: Any) -> nn.Module:

@@ -201,7 +201,7 @@ def build_context(cls, recipe: Recipe, run: Path, progress: Optional[bool]):
         RecipeError / DatasetError: the training dataset cannot be built, or its train split is empty.
     """
     seed_everything(recipe.seed)
-    dev = device_context(recipe.device, recipe.amp, recipe.channels_last)
+    dev = device_context(recipe.device, recipe.amp, recipe.channels_last, compile=recipe.compile)
     dataset = _build_dataset(recipe)
     from .distributed import is_main
 

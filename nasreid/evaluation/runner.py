@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from nasreid.config import DatasetRef, Recipe, RecipeError, resolve_data_root
+from nasreid.config import DatasetRef, Recipe, RecipeError, loader_workers, resolve_data_root
 from nasreid.engine.checkpoint import read_json, write_json
 from nasreid.engine.progress import progress_enabled
 from nasreid.engine.runs import load_run_model, setup_logging, track_new_run
@@ -44,7 +44,7 @@ def evaluate_dataset(model: nn.Module, dataset, recipe: Recipe, ctx, progress: b
         raise RecipeError(f"dataset {dataset.name!r} has an empty query or gallery split")
     d, e = recipe.data, recipe.eval
     q, g = build_test_loaders(dataset, height=d.height, width=d.width, batch_size=e.batch_size,
-                              workers=d.workers, on_corrupt=d.on_corrupt)
+                              workers=loader_workers(recipe), on_corrupt=d.on_corrupt)
     from nasreid.registry import MATCHERS, POSTPROCESSORS
 
     src = recipe.source or "<recipe>"

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from nasreid.config import DatasetRef, RecipeError
+from nasreid.config import DatasetRef, RecipeError, loader_workers
 from nasreid.engine.trainer import Hook, backward, optimizer_step
 from nasreid.models.interface import classifiers_of
 from nasreid.registry import METHODS
@@ -459,7 +459,8 @@ class DomainMixMethod(TrainingMethod):
         src = MixedSource({0: ctx.dataset, 1: self.b_dataset if self.b_dataset is not None else ctx.dataset},
                           records)
         loader = build_train_loader(src, height=d.height, width=d.width, batch_size=d.batch_size,
-                                    num_instances=d.num_instances, workers=d.workers, seed=ctx.recipe.seed,
+                                    num_instances=d.num_instances, workers=loader_workers(ctx.recipe),
+                                    seed=ctx.recipe.seed,
                                     on_corrupt=d.on_corrupt, persistent_workers=False, **d.augment.model_dump())
         return StepsPerEpoch(loader, self.steps_per_epoch) if self.steps_per_epoch else loader
 
