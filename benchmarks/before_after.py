@@ -33,6 +33,13 @@ FIGURES = {
         "supernet hard s/step": r"supernet hard \(shared\)\s+([\d.]+)",
         "supernet soft s/step": r"supernet soft \(shared\)\s+([\d.]+)",
     },
+    "bench_cpu_epoch": {
+        "finetune open epoch s": r"finetune open epoch: ([\d.]+) s",
+        "search open epoch s": r"search open epoch: ([\d.]+) s",
+        "evaluation images/s": r"evaluation: ([\d.]+) images/s",
+        "torchreid minimal loop s": r"torchreid minimal loop: ([\d.]+) s",
+        "nasreid minimal loop s": r"nasreid minimal loop: ([\d.]+) s",
+    },
     "bench_eval": {
         "market CMC+mAP s": r"market-sized CMC\+mAP: nasreid ([\d.]+) s",
         "market CMC+mAP s (1 thread)": r"nasreid with 1 torch thread .*?: ([\d.]+) s",

@@ -5,12 +5,13 @@ strategy, hooks, checkpoint) under ``cProfile``, on real CUHK01 images at 256x12
 
 The breakdown is read from the profile's cumulative times (a function's time includes what it calls; a recursive
 function counts once): waiting for the next batch (``DataLoader.__next__``: with workers, only the time the step
-waited), the training step, inside it backward and the optimiser step (forward + loss is the rest of the step),
-the hooks, TensorBoard scalars and the checkpoint. With ``--workers 0`` the data loading (decode, augment,
-collate) runs in the main process and shows in full.
+waited; with ``data.workers: 0``, the CPU default, the whole of reading, decoding, augmenting and collating), the
+training step, inside it backward and the optimiser step (forward + loss is the rest of the step), the hooks,
+TensorBoard scalars and the checkpoint. cProfile slows Python-heavy parts (the forward's module calls) more than
+the C++ kernels: compare shares between runs of this script, not with un-profiled timings.
 
     python benchmarks/profile_cpu_epoch.py --json results/benchmarks/profile_cpu_epoch_before.json
-    python benchmarks/profile_cpu_epoch.py --set data.workers=0 --only finetune
+    python benchmarks/profile_cpu_epoch.py --set data.workers=2 --only finetune
 """
 from __future__ import annotations
 
@@ -30,17 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 #: (label, file name ending, function name): the cumulative times reported
 PARTS = [
     ("data wait (DataLoader.__next__)", "dataloader.py", "__next__"),
-    ("training step", "supervised.py", "step"),
-    ("training step (search)", "strategies/base.py", "step"),
-    ("  backward", "methods/base.py", "backward"),
-    ("  backward (search)", "_tensor.py", "backward"),
-    ("  optimiser step", "methods/base.py", "optimizer_step"),
-    ("  optimiser step (search)", "optimizer.py", "wrapper"),
+    ("training step (fine-tune: SupervisedMethod.step)", "supervised.py", "step"),
+    ("training step (search: OneShotStrategy step)", "strategies/base.py", "step"),
+    ("  backward (Tensor.backward)", "_tensor.py", "backward"),
+    ("  optimiser step (Optimizer.step)", "optimizer.py", "wrapper"),
     ("  batch to device", "trainer.py", "batch"),
     ("hooks (all)", "trainer.py", "_call"),
     ("TensorBoard add_scalar", "writer.py", "add_scalar"),
     ("checkpoint save", "checkpoint.py", "save_checkpoint"),
-    ("image decode (PIL, main process)", "datasets/base.py", "read_image_file"),
+    ("image read + decode (main process)", "datasets/base.py", "read_image_file"),
     ("transforms (main process)", "transforms/v2/_container.py", "forward"),
 ]
 
