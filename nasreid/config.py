@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -95,6 +95,24 @@ class DataConfig(_Strict):
         True, description="keep decoded training images in memory (up to 2 GiB) across epochs; pays with workers 0")
     on_corrupt: Literal["error", "skip"] = "error"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    val_ids: Optional[Union[int, float]] = Field(
+        None, description="training identities held out as a validation query / gallery set: a count (>= 2) or a "
+        "fraction in (0, 1) of the train split's identities, drawn with the split's seed "
+        "(nasreid.data.datasets.base.hold_out_validation); searches, HPO and selection read validation, never test; "
+        "null (default): none held out, every training identity is trained on")
+
+    @field_validator("val_ids", mode="before")
+    @classmethod
+    def _val_ids(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"give a count (>= 2) or a fraction in (0, 1) of the training identities, got {v!r}")
+        if isinstance(v, int) and v < 2:
+            raise ValueError(f"a count of validation identities must be >= 2, got {v}")
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError(f"a fraction of the training identities must be in (0, 1), got {v}")
+        return v
 
     @model_validator(mode="after")
     def _pk(self):
@@ -203,6 +221,10 @@ class EvalConfig(_Strict):
     """Evaluation: same-domain test split of the training dataset plus cross-domain ``targets``."""
 
     every: int = Field(0, ge=0, description="evaluate every N epochs during training (0: at the end only)")
+    every_split: Literal["test", "val"] = Field(
+        "test", description="what the evaluation every N epochs (eval.every) reads: the test split, or val: the "
+        "validation identities held out by data.val_ids (required then); a retrain's final evaluation is on test, "
+        "and on val too when data.val_ids is set")
     flip: bool = False
     metric: Literal["cosine", "euclidean"] = "cosine"
     batch_size: int = Field(128, gt=0)

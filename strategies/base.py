@@ -103,6 +103,10 @@ class Strategy:
     #: that sets another one to a value other than its default, by name. The base honours every key (a sampling
     #: strategy trains its proxies with the recipe's training method, which declares its own).
     honours: ClassVar[frozenset[str]] = frozenset(COMMON_KEYS)
+    #: ``strategy.kwargs`` keys that choose the strategy's own held-out validation identities (Optuna's
+    #: ``val_fraction``): a strategy that validates uses the recipe's ``data.val_ids`` identities when the recipe
+    #: holds them out, and the recipe check refuses these keys then, by name
+    validation_kwargs: ClassVar[tuple[str, ...]] = ()
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -18,8 +18,9 @@ One trial:
 2. The sample is frozen into a fixed network and trained for ``epochs`` with ``ctx.train_fixed`` (the
    recipe's training method and loss; value choices with a ``recipe_key`` -- RMGL's RSA settings -- are
    applied to the trial's recipe first) on the **search-train identities**; after every ``val_every``
-   epochs the mAP on held-out **training identities** (``val_fraction`` of them, never the test split) is
-   reported, and the pruner may stop the trial.
+   epochs the mAP on held-out **training identities** (the validation identities of the recipe's ``data.val_ids``
+   when it sets them, else ``val_fraction`` of the training identities; never the test split) is reported, and the
+   pruner may stop the trial.
 3. ``study.tell`` with the last validation mAP (single objective) or (mAP, inference parameters in millions
    / measured latency in ms per image) in the multi-objective mode.
 
@@ -61,7 +62,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional, cast
+from typing import Any, ClassVar, Literal, Optional, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -302,12 +303,14 @@ class OptunaStrategy(SamplingStrategy):
     """
 
     name = "optuna"
+    validation_kwargs: ClassVar[tuple[str, ...]] = ("val_fraction",)
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         trials: int = Field(20, gt=0, description="trials the study runs to (complete + pruned + running)")
         epochs: Optional[int] = Field(None, gt=0, description="proxy epochs per trial (default optim.epochs)")
-        val_fraction: float = Field(0.2, gt=0, lt=1, description="held-out training identities for validation")
+        val_fraction: float = Field(0.2, gt=0, lt=1, description="held-out training identities for validation, "
+                                    "unless the recipe's data.val_ids holds them out (then refused: those are used)")
         val_every: int = Field(1, gt=0, description="validate (report to the pruner) every N epochs")
         sampler: Literal["auto", "tpe", "random", "nsga2"] = "auto"
         sampler_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -477,6 +480,11 @@ class OptunaStrategy(SamplingStrategy):
         return state.name, record.get("error")
 
     def _splits(self, ctx):
+        """Trial training records (pids ``0..N-1``) and the validation query / gallery: the validation identities
+        of the recipe's ``data.val_ids`` when it sets them (the trials train on the other training identities),
+        else ``val_fraction`` of the training identities split off here (``hpo_split.json``); never the test split."""
+        if getattr(ctx.dataset, "val_query", None):
+            return list(ctx.dataset.train), list(ctx.dataset.val_query), list(ctx.dataset.val_gallery)
         train_recs, val_recs = ctx.split_identities(overlap=0.0, val_fraction=self.cfg.val_fraction,
                                                     name="hpo_split")
         query, gallery = query_gallery_split(val_recs)

@@ -257,13 +257,32 @@ class RunContext:
         return method.fit(self, net, epochs=epochs or self.recipe.optim.epochs, hooks=list(hooks),
                           records=records, run_dir=run_dir)
 
-    def evaluate(self, model: nn.Module, dataset=None) -> dict[str, Any]:
-        """Same-domain CMC/mAP (percent) of ``model`` on ``dataset`` (default: the training dataset's
-        query/gallery) with the recipe's ``eval`` settings."""
-        from nasreid.evaluation.runner import evaluate_dataset
+    def evaluate(self, model: nn.Module, dataset=None, split: str = "test") -> dict[str, Any]:
+        """Same-domain CMC/mAP (percent) of ``model`` on ``dataset`` (default: the training dataset) with the
+        recipe's ``eval`` settings: its query/gallery (``split="test"``), or its validation query/gallery of held-out
+        training identities (``split="val"``, recipe ``data.val_ids``; :meth:`evaluate_validation`).
 
-        return evaluate_dataset(model, self.dataset if dataset is None else dataset, self.recipe, self.device,
-                                progress=self.progress)
+        Raises:
+            RecipeError: ``split="val"`` and no validation identities are held out. ValueError: another ``split``.
+        """
+        from nasreid.evaluation.runner import evaluate_dataset, evaluate_validation
+
+        ds = self.dataset if dataset is None else dataset
+        if split == "val":
+            return evaluate_validation(model, ds, self.recipe, self.device, progress=self.progress)
+        if split != "test":
+            raise ValueError(f"unknown evaluation split {split!r}; expected 'test' or 'val'")
+        return evaluate_dataset(model, ds, self.recipe, self.device, progress=self.progress)
+
+    def evaluate_validation(self, model: nn.Module) -> dict[str, Any]:
+        """Rank-1 / mAP / mINP (percent, with CMC and counts as :func:`~nasreid.evaluation.runner.evaluate_dataset`)
+        of ``model`` on the validation query / gallery of the training identities held out by ``data.val_ids``,
+        with the recipe's ``eval`` settings: what a search, HPO or a selection may read (never the test split).
+
+        Raises:
+            RecipeError: the recipe holds out no validation identities (``data.val_ids`` is not set).
+        """
+        return self.evaluate(model, split="val")
 
     def check_num_classes(self, records: Sequence) -> int:
         """Number of identities of ``records`` (pids must be ``0..n-1``).

@@ -48,13 +48,17 @@ class EvalHook(Hook):
     Args:
         every: period in epochs (0 disables).
         evaluate: ``() -> {"rank1": %, "mAP": %, ...}``.
+        prefix: name of the logged values: ``eval`` (the test split: history ``eval_rank1`` / ``eval_mAP``,
+            TensorBoard ``eval/rank1`` ...) or ``val`` (validation identities, recipe
+            ``eval.every_split: val``: ``val_rank1`` / ``val_mAP``, ``val/rank1`` ...).
     """
 
     name = "eval"
 
-    def __init__(self, every: int, evaluate: Callable[[], Mapping[str, Any]]):
+    def __init__(self, every: int, evaluate: Callable[[], Mapping[str, Any]], prefix: str = "eval"):
         self.every = int(every)
         self.evaluate = evaluate
+        self.prefix = prefix
 
     def after_epoch(self, trainer: Trainer) -> None:
         e = trainer.epoch + 1
@@ -70,10 +74,11 @@ class EvalHook(Hook):
 
     def _evaluate(self, trainer: Trainer) -> None:
         res = self.evaluate()
-        trainer.log(eval_rank1=float(res["rank1"]), eval_mAP=float(res["mAP"]))
+        p = self.prefix
+        trainer.log(**{f"{p}_rank1": float(res["rank1"]), f"{p}_mAP": float(res["mAP"])})
         if trainer.writer is not None:
-            trainer.writer.add_scalar("eval/rank1", res["rank1"], trainer.epoch)
-            trainer.writer.add_scalar("eval/mAP", res["mAP"], trainer.epoch)
+            trainer.writer.add_scalar(f"{p}/rank1", res["rank1"], trainer.epoch)
+            trainer.writer.add_scalar(f"{p}/mAP", res["mAP"], trainer.epoch)
 
 
 class ArchitectureLogHook(Hook):

@@ -27,7 +27,7 @@ from torch import nn
 
 from nasreid.config import DatasetRef, Recipe, RecipeError, apply_overrides, load_recipe
 from nasreid.errors import RunFolderError
-from nasreid.evaluation.runner import evaluate_dataset, evaluate_run_model, run_evaluate
+from nasreid.evaluation.runner import evaluate_dataset, evaluate_run_model, evaluate_validation, run_evaluate
 from nasreid.genotype import Genotype, GenotypeError, preset_genotype
 from nasreid.models.interface import classifiers_of
 from nasreid.registry import STRATEGIES
@@ -107,7 +107,7 @@ def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resu
                         "history": history, "search_seconds": sum(h.get("epoch_seconds", 0.0) for h in history),
                         "search_wall_seconds": t_search,  # this process (an HPO run: after its workers, if any)
                         "final_probabilities": geno.probabilities, "device": str(ctx.device.device),
-                        "world_size": D.world_size(), "search_done": True})
+                        "world_size": D.world_size(), "search_done": True, **_identities(ctx.dataset)})
         write_json(run / "metrics.json", metrics)
         log.info("derived genotype\n%s", geno.summary())
         D.barrier()
@@ -191,7 +191,10 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
     Default method ``supervised``: ID loss (label-smoothing CE) + optional batch-hard triplet, warm-up +
     cosine/multistep, optional pretrained weights (``model.pretrained``) and frozen-backbone warm start
     (``training.freeze_backbone_epochs``), per-epoch atomic checkpoints, ``--resume``; CMC/mAP/mINP on the
-    dataset's query/gallery and on every ``eval.targets`` dataset (cross-domain) written to ``metrics.json``.
+    dataset's query/gallery and on every ``eval.targets`` dataset (cross-domain) written to ``metrics.json``; with
+    ``data.val_ids`` also on the held-out validation identities (key ``"<dataset> (validation)"``, and every
+    ``eval.every`` epochs instead of the test split with ``eval.every_split: val``). ``metrics.json`` states the
+    identities trained on (``train_ids``, ``val_ids_held_out``).
 
     Raises:
         RecipeError / GenotypeError: missing genotype, genotype of another space, bad recipe.
@@ -224,7 +227,9 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
     if not (run / "checkpoints" / "last.pt").is_file():  # a resumed run has its weights in the checkpoint
         ctx.init_weights(net)  # model.pretrained: loaded exactly, or warm-started (model.warm_start)
     model = ctx.device.model(net)
-    history = ctx.train_fixed(model, hooks=[EvalHook(recipe.eval.every, lambda: ctx.evaluate(model))])
+    on = recipe.eval.every_split
+    history = ctx.train_fixed(model, hooks=[EvalHook(recipe.eval.every, lambda: ctx.evaluate(model, split=on),
+                                                     prefix="val" if on == "val" else "eval")])
     if not D.is_main():  # rank 0 saves and evaluates; the others wait so that no rank leaves the group early
         D.barrier()
         return run
@@ -232,9 +237,14 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
                                        "num_classes": _num_classes(model, ctx.dataset.num_train_pids)})
     metrics = {"kind": "train", "space": geno.space, "genotype": geno.choices, "history": history,
                "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in history), "device": str(ctx.device.device),
-               "world_size": D.world_size()}
+               "world_size": D.world_size(), **_identities(ctx.dataset)}
     write_json(run / "metrics.json", metrics)
     results = evaluate_run_model(model, recipe, ctx.device, ctx.dataset, progress=ctx.progress)
+    if recipe.data.val_ids is not None:
+        res = evaluate_validation(model, ctx.dataset, recipe, ctx.device, progress=ctx.progress)
+        results[f"{ctx.dataset.name} (validation)"] = res
+        log.info("%s (validation): rank-1 %.2f  mAP %.2f  mINP %.2f  (%d query, %d gallery)", ctx.dataset.name,
+                 res["rank1"], res["mAP"], res.get("mINP", float("nan")), res["num_query"], res["num_gallery"])
     metrics["evaluation"] = results
     write_json(run / "metrics.json", metrics)
     for name, r in results.items():
@@ -243,6 +253,18 @@ def run_train(recipe: Recipe, genotype: Optional[str | os.PathLike | Genotype] =
     ctx.writer.close()
     D.barrier()
     return run
+
+
+def _identities(dataset) -> dict[str, Any]:
+    """What a run trained on, for its ``metrics.json``: ``train_ids`` (identities of the training split it used)
+    and ``val_ids_held_out`` (training identities held out for validation by ``data.val_ids``, 0 when none: a
+    retrain without ``val_ids`` trains on every training identity, those a search held out included), with
+    ``val_pids`` (their validation pids) when there are any."""
+    split = getattr(dataset, "val_split", None) or {}
+    out: dict[str, Any] = {"train_ids": int(dataset.num_train_pids), "val_ids_held_out": len(split.get("labels", []))}
+    if split:
+        out["val_pids"] = list(split["pids"])
+    return out
 
 
 def _num_classes(model: nn.Module, default: int) -> int:

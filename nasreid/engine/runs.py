@@ -33,12 +33,12 @@ from nasreid.errors import RunFolderError
 from nasreid.genotype import Genotype
 from nasreid.registry import METHODS
 
-from .checkpoint import load_checkpoint, new_run_dir, read_json, seed_everything
+from .checkpoint import load_checkpoint, new_run_dir, read_json, seed_everything, write_json
 from .progress import progress_enabled
 from .trainer import device_context
 
 __all__ = ["setup_logging", "load_run_recipe", "load_run_model", "prepare_run", "dist_setup", "build_context",
-           "is_search_run"]
+           "is_search_run", "build_run_dataset", "VAL_SPLIT_FILE"]
 
 log = logging.getLogger("nasreid")
 
@@ -121,8 +121,8 @@ _NEW_RUNS: list[Path] = []
 #: what a run folder holds before it has produced anything: its recipe(s), its log, TensorBoard's empty event
 #: files, an identity split, and a retrain's genotype (a search writes its genotype beside its checkpoints, which
 #: keep the folder)
-_SETUP_FILES = ("recipe.yaml", "retrain_recipe.yaml", "train.log", "tb", "split.json", "genotype.json",
-                "genotype.graphml")
+_SETUP_FILES = ("recipe.yaml", "retrain_recipe.yaml", "train.log", "tb", "split.json", "val_split.json",
+                "genotype.json", "genotype.graphml")
 
 
 def track_new_run(run: Path) -> Path:
@@ -180,15 +180,74 @@ def _writer(run_dir: Path):
     return SummaryWriter(log_dir=str(run_dir / "tb"))
 
 
-def _build_dataset(recipe: Recipe):
+def _build_dataset(recipe: Recipe, run: Optional[Path] = None):
     from nasreid.data import build_dataset
 
     ref = recipe.data.dataset
     dataset = build_dataset(ref.name, resolve_data_root(ref.root), **ref.kwargs)
     if not dataset.train:
         raise RecipeError(f"{recipe.source}: data.dataset: the train split of {ref.name!r} is empty")
+    if recipe.data.val_ids is not None:
+        dataset = _hold_out(recipe, dataset, run)
     log.info("dataset %s\n%s", ref.name, dataset.summary())
     return dataset
+
+
+#: the held-out validation identities of a run (``data.val_ids``), written when the run starts and read back by a
+#: resumed run and by later commands (:func:`build_run_dataset`)
+VAL_SPLIT_FILE = "val_split.json"
+
+
+def _hold_out(recipe: Recipe, dataset, run: Optional[Path]):
+    """``dataset`` with ``recipe.data.val_ids`` training identities held out
+    (:func:`~nasreid.data.datasets.base.hold_out_validation`): the draw recorded in ``run/val_split.json`` when
+    there is one, else a new draw from the split's seed (``dataset.split_seed``; 0 for a fixed split), written
+    there (rank 0)."""
+    from nasreid.data.datasets.base import hold_out_validation
+
+    val_ids = recipe.data.val_ids
+    assert val_ids is not None
+    seed = getattr(dataset, "split_seed", None)
+    seed = int(seed) if isinstance(seed, int) else 0
+    path = None if run is None else Path(run) / VAL_SPLIT_FILE
+    saved = read_json(path) if path is not None else None
+    src = recipe.source or "<recipe>"
+    if saved is not None and (saved.get("val_ids") != val_ids or saved.get("seed") != seed):
+        raise RecipeError(f"{src}: data.val_ids: {path} holds validation identities drawn for val_ids "
+                          f"{saved.get('val_ids')!r}, seed {saved.get('seed')!r}; the recipe asks for {val_ids!r}, "
+                          f"seed {seed} (start a new run folder)")
+    try:
+        held = hold_out_validation(dataset, val_ids, seed, labels=None if saved is None else saved["labels"])
+    except RecipeError as e:
+        raise RecipeError(f"{src}: {e}") from None
+    if path is not None and saved is None:
+        from .distributed import is_main
+
+        if is_main():
+            try:
+                write_json(path, held.val_split)
+            except OSError:  # HPO workers starting together draw the same split; one of them wrote it
+                if not path.is_file():
+                    raise
+    info: dict = held.val_split or {}
+    log.info("validation identities (data.val_ids %s, seed %d): %d held out of the train split (%d query, "
+             "%d gallery images); %d identities left to train on%s", val_ids, seed, len(info["labels"]),
+             info["num_query"], info["num_gallery"], info["train_ids"],
+             f" ({path})" if path is not None else "")
+    return held
+
+
+def build_run_dataset(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None):
+    """The training dataset of a run as the run itself built it: the recipe's dataset, with the validation
+    identities of ``data.val_ids`` held out as the run drew them (``run_dir/val_split.json``; drawn afresh from the
+    split's seed when the folder holds none). What a resumed run and later commands (ranking candidates on
+    validation) read.
+
+    Raises:
+        RecipeError / DatasetLayoutError: the dataset cannot be built, its train split is empty, or the recorded
+            validation identities do not fit it (the message names ``data.val_ids``).
+    """
+    return _build_dataset(recipe, None if run_dir is None else Path(run_dir))
 
 
 def build_context(cls, recipe: Recipe, run: Path, progress: Optional[bool]):
@@ -202,7 +261,7 @@ def build_context(cls, recipe: Recipe, run: Path, progress: Optional[bool]):
     """
     seed_everything(recipe.seed)
     dev = device_context(recipe.device, recipe.amp, recipe.channels_last, compile=recipe.compile)
-    dataset = _build_dataset(recipe)
+    dataset = _build_dataset(recipe, run)
     from .distributed import is_main
 
     return cls(recipe=recipe, run_dir=run, device=dev, dataset=dataset, writer=_writer(run) if is_main() else None,

@@ -88,6 +88,9 @@ def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = fro
     _lookup(DATASETS, recipe.data.dataset.name, f"{src}: data.dataset.name")
     DATASETS.validate(recipe.data.dataset.name, recipe.data.dataset.kwargs, f"{src}: data.dataset.kwargs",
                       reserved=("root",))
+    if recipe.eval.every_split == "val" and recipe.data.val_ids is None:
+        raise RecipeError(f"{src}: eval.every_split: 'val' evaluates the training identities held out by "
+                          "data.val_ids, which the recipe does not set")
     for i, t in enumerate(recipe.eval.targets):
         _lookup(DATASETS, t.name, f"{src}: eval.targets[{i}].name")
         DATASETS.validate(t.name, t.kwargs, f"{src}: eval.targets[{i}].kwargs", reserved=("root", "eval_only"))
@@ -108,6 +111,10 @@ def check_recipe(recipe: Recipe, *, search: bool = False, _seen: frozenset = fro
         STRATEGIES.validate(recipe.strategy.name, recipe.strategy.kwargs, f"{src}: strategy.kwargs")
         if search:  # what the strategy's own loop honours (Strategy.honours), as for a training method
             _refuse_unhonoured(strategy, recipe, src, f"strategy {recipe.strategy.name!r}")
+        own = [k for k in getattr(strategy, "validation_kwargs", ()) if k in recipe.strategy.kwargs]
+        if recipe.data.val_ids is not None and own:
+            raise RecipeError(f"{src}: strategy.kwargs.{own[0]}: strategy {recipe.strategy.name!r} validates on the "
+                              "identities that data.val_ids holds out when the recipe sets it; remove this key")
     elif search:
         raise RecipeError(f"{src}: a search recipe needs a 'strategy' section")
     if search and recipe.model:

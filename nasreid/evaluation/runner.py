@@ -1,5 +1,6 @@
 """Evaluating a network with a recipe's ``eval`` settings: on one dataset (:func:`evaluate_dataset`), on the
-training dataset's test split and the recipe's cross-domain targets (:func:`evaluate_run_model`), and a retrain
+training dataset's test split and the recipe's cross-domain targets (:func:`evaluate_run_model`), on the training
+identities held out for validation by ``data.val_ids`` (:func:`evaluate_validation`), and a retrain
 run folder as ``nasreid evaluate RUN`` does (:func:`run_evaluate`, results merged into ``metrics.json``).
 
 The engine calls these (``RunContext.evaluate``, the end of ``nasreid train``); they build the test loaders,
@@ -23,7 +24,7 @@ from nasreid.engine.runs import load_run_model, setup_logging, track_new_run
 from nasreid.engine.trainer import device_context
 from nasreid.engine.validate import check_recipe
 
-__all__ = ["evaluate_dataset", "evaluate_run_model", "run_evaluate", "run_evaluate_weights"]
+__all__ = ["evaluate_dataset", "evaluate_validation", "evaluate_run_model", "run_evaluate", "run_evaluate_weights"]
 
 log = logging.getLogger("nasreid")
 
@@ -60,6 +61,24 @@ def evaluate_dataset(model: nn.Module, dataset, recipe: Recipe, ctx, progress: b
     if skipped:
         log.warning("%s: %d of %d queries have no gallery match in another camera and are skipped by the "
                     "protocol", dataset.name, skipped, res["num_query"])
+    return res
+
+
+def evaluate_validation(model: nn.Module, dataset, recipe: Recipe, ctx, progress: bool = False) -> dict[str, Any]:
+    """CMC (rank-k), mAP and mINP in percent of ``model`` on the validation query / gallery of ``dataset``: the
+    training identities held out by the recipe's ``data.val_ids``
+    (:func:`~nasreid.data.datasets.base.hold_out_validation`; build the dataset with
+    :func:`~nasreid.engine.runs.build_run_dataset` to get a run's own draw), with the recipe's ``eval`` settings,
+    as :func:`evaluate_dataset` (same keys, plus ``protocol: "validation"``). No test image is read: what searches,
+    HPO and selection evaluate on.
+
+    Raises:
+        RecipeError: ``dataset`` holds no validation identities (``data.val_ids`` is not set).
+    """
+    from nasreid.data.datasets.base import validation_view
+
+    res = evaluate_dataset(model, validation_view(dataset), recipe, ctx, progress=progress)
+    res["protocol"] = "validation"
     return res
 
 

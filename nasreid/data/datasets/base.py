@@ -14,6 +14,7 @@ Label conventions (shared with ``nasreid.evaluation``):
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import os
@@ -22,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 from PIL import Image
 
-from nasreid.errors import NasreidError
+from nasreid.errors import NasreidError, RecipeError
 from nasreid.registry import DATASETS
 
 __all__ = [
@@ -40,6 +42,9 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "list_images",
     "read_image_file",
+    "hold_out_validation",
+    "validation_count",
+    "validation_view",
 ]
 
 #: file extensions treated as images by the folder parsers (case-insensitive); others (e.g. ``Thumbs.db``)
@@ -167,6 +172,11 @@ class ReIDDataset:
             )
         self.num_train_pids = len(pids)
         self.num_train_cams = len({r.camid for r in self.train})
+        #: validation query / gallery of training identities held out by :func:`hold_out_validation` (empty
+        #: unless a run's ``data.val_ids`` asks for them); ``val_split`` describes the draw
+        self.val_query: list[ImageRecord] = []
+        self.val_gallery: list[ImageRecord] = []
+        self.val_split: dict | None = None
 
     # ------------------------------------------------------------------ reading
     def read_image(self, record: ImageRecord) -> Image.Image:
@@ -185,18 +195,58 @@ class ReIDDataset:
         return len({r.pid for r in records}), len(records), len({r.camid for r in records})
 
     def summary(self) -> str:
-        """A plain-text table of ``#ids``, ``#images`` and ``#cams`` per split."""
+        """A plain-text table of ``#ids``, ``#images`` and ``#cams`` per split (with ``val query`` / ``val gallery``
+        rows when validation identities are held out, :func:`hold_out_validation`)."""
+        rows = [(split, getattr(self, split)) for split in ("train", "query", "gallery")]
+        val_query, val_gallery = getattr(self, "val_query", []), getattr(self, "val_gallery", [])
+        if val_query or val_gallery:
+            rows += [("val query", val_query), ("val gallery", val_gallery)]
+        w = max(8, *(len(name) for name, _ in rows))
+        dashes = "  " + "-" * (w + 32)
         lines = [
             f"=> {self.name}" + (f" ({self.root})" if self.root else ""),
-            "  ----------------------------------------",
-            "  subset   | # ids | # images | # cameras",
-            "  ----------------------------------------",
+            dashes,
+            f"  {'subset':<{w}} | # ids | # images | # cameras",
+            dashes,
         ]
-        for split in ("train", "query", "gallery"):
-            n_ids, n_img, n_cam = self.split_stats(getattr(self, split))
-            lines.append(f"  {split:<8} | {n_ids:5d} | {n_img:8d} | {n_cam:9d}")
-        lines.append("  ----------------------------------------")
+        for split, records in rows:
+            n_ids, n_img, n_cam = self.split_stats(records)
+            lines.append(f"  {split:<{w}} | {n_ids:5d} | {n_img:8d} | {n_cam:9d}")
+        lines.append(dashes)
         return "\n".join(lines)
+
+    def validation_protocol(self, records: Sequence[ImageRecord]) -> tuple[list[ImageRecord], list[ImageRecord]]:
+        """Query / gallery of held-out training identities by this dataset's own test protocol
+        (:func:`hold_out_validation`). Default (a layout without a protocol of its own): per identity the first image
+        of each camera is a query and the others are gallery, then every query without a gallery image of the same
+        identity from another camera moves to the gallery (so every query has a cross-camera match, the re-ID
+        protocol's condition, and an identity seen by two or more cameras keeps at least one query). A dataset with
+        its own protocol (CUHK01: one camera's images are the query, the other's the gallery) overrides it.
+
+        Args:
+            records: the held-out images, in a fixed order (pids and camids as they will be evaluated).
+
+        Returns:
+            ``(query, gallery)`` lists of records, each in the order of ``records``.
+        """
+        by_pid: dict[int, list[ImageRecord]] = {}
+        for r in records:
+            by_pid.setdefault(r.pid, []).append(r)
+        is_query: dict[int, bool] = {}  # id(record) -> query?
+        for recs in by_pid.values():
+            seen_cams: set[int] = set()
+            for r in recs:
+                is_query[id(r)] = r.camid not in seen_cams
+                seen_cams.add(r.camid)
+            moved = True
+            while moved:  # a query with no cross-camera gallery match becomes a gallery image
+                moved = False
+                for r in recs:
+                    if is_query[id(r)] and not any(not is_query[id(g)] and g.camid != r.camid for g in recs):
+                        is_query[id(r)] = False
+                        moved = True
+                        break
+        return [r for r in records if is_query[id(r)]], [r for r in records if not is_query[id(r)]]
 
     def __repr__(self) -> str:
         return (
@@ -216,6 +266,128 @@ def relabel(records: Sequence[ImageRecord]) -> list[ImageRecord]:
     """Map the pids of ``records`` to ``0..N-1`` in sorted order of the original pid."""
     mapping = {pid: i for i, pid in enumerate(sorted({r.pid for r in records}))}
     return [dataclasses.replace(r, pid=mapping[r.pid]) for r in records]
+
+
+def validation_count(val_ids: int | float, num_ids: int) -> int:
+    """Identities that ``data.val_ids`` holds out of ``num_ids`` training identities: the count itself, or
+    ``round(fraction * num_ids)``.
+
+    Raises:
+        RecipeError: fewer than 2, or not fewer than ``num_ids`` (no training identity would be left); the message
+            names ``data.val_ids``.
+    """
+    n = int(val_ids) if isinstance(val_ids, int) else int(round(float(val_ids) * num_ids))
+    if n < 2:
+        raise RecipeError(f"data.val_ids: {val_ids!r} of {num_ids} training identities holds out {n}; a validation "
+                          "set needs at least 2 identities")
+    if n >= num_ids:
+        raise RecipeError(f"data.val_ids: {val_ids!r} holds out {n} of {num_ids} training identities and leaves none "
+                          "to train on")
+    return n
+
+
+def hold_out_validation(dataset: ReIDDataset, val_ids: int | float, seed: int = 0,
+                        labels: Sequence[int] | None = None) -> ReIDDataset:
+    """Hold training identities of ``dataset`` out as a validation query / gallery set (recipe ``data.val_ids``).
+
+    ``val_ids`` identities (a count, or ``round(fraction * #train ids)``) are drawn without replacement with
+    ``numpy.random.default_rng([seed, 27])`` among the train identities seen by two or more cameras (an identity
+    seen by one camera cannot form a cross-camera query / gallery pair, the same-cameras rule of the evaluation);
+    the engine passes the split's seed (``dataset.split_seed`` where the dataset draws its own identity split, as
+    CUHK01's ``split_seed``; 0 for a layout with a fixed split), so the validation identities belong to the split,
+    not to the search seed. Their images leave ``train`` (the remaining train pids are relabelled ``0..N-1`` with
+    :func:`relabel`, in the order of their original pids) and form ``val_query`` / ``val_gallery`` by the dataset's
+    own test protocol (:meth:`ReIDDataset.validation_protocol`). Validation pids are the original pids where the
+    dataset records them (``train_pids``, as CUHK01), else the train label shifted past the largest test pid; either
+    way no validation pid is a test pid, and train, validation and test identities and images are disjoint.
+
+    Args:
+        dataset: a dataset with a non-empty ``train`` (not changed: a shallow copy is returned).
+        val_ids: a count (>= 2) or a fraction in (0, 1).
+        seed: the draw's seed.
+        labels: the train labels (of ``dataset.train``, before the hold-out) to hold out instead of drawing them: a
+            run's recorded draw (``val_split.json``), so that a resumed run and later commands see the same split.
+
+    Returns:
+        A copy of ``dataset`` with ``train`` reduced and relabelled, ``num_train_pids`` / ``num_train_cams`` updated,
+        ``val_query`` / ``val_gallery`` set and ``val_split`` describing the draw (``val_ids``, ``seed``, ``labels``:
+        the held-out train labels, ``pids``: their validation pids, ``original_pids``: whether those are the
+        layout's pids, image counts, ``train_ids`` / ``train_images`` left).
+
+    Raises:
+        RecipeError: too few or too many identities asked for, more than the identities seen by two or more cameras,
+            or recorded ``labels`` that are not train labels of ``dataset``; the message names ``data.val_ids``.
+    """
+    by_label: dict[int, list[ImageRecord]] = {}
+    for r in dataset.train:
+        by_label.setdefault(r.pid, []).append(r)
+    num_ids = len(by_label)
+    n = validation_count(val_ids, num_ids)
+    if labels is not None:
+        held = sorted(int(x) for x in labels)
+        unknown = [x for x in held if x not in by_label]
+        if unknown or len(held) != n:
+            raise RecipeError(f"data.val_ids: the recorded validation identities {held[:8]} do not fit the train "
+                              f"split of {dataset.name} ({num_ids} identities, {n} to hold out)")
+    else:
+        eligible = sorted(p for p, recs in by_label.items() if len({r.camid for r in recs}) >= 2)
+        if n > len(eligible):
+            raise RecipeError(f"data.val_ids: {val_ids!r} asks for {n} validation identities, the train split of "
+                              f"{dataset.name} has {num_ids} identities of which {len(eligible)} are seen by two or "
+                              "more cameras")
+        rng = np.random.default_rng([int(seed), 27])
+        held = sorted(int(x) for x in rng.choice(eligible, size=n, replace=False))
+    held_set = set(held)
+    original = getattr(dataset, "train_pids", None)
+    has_original = isinstance(original, (list, tuple)) and len(original) == num_ids
+    if has_original:
+        assert original is not None  # for mypy: has_original checks it
+        val_pid = {x: int(original[x]) for x in held}
+    else:
+        offset = max((r.pid for r in [*dataset.query, *dataset.gallery]), default=-1) + 1
+        val_pid = {x: offset + x for x in held}
+    val_records = [dataclasses.replace(r, pid=val_pid[r.pid]) for r in dataset.train if r.pid in held_set]
+    query, gallery = dataset.validation_protocol(val_records)
+    gallery_cams: dict[int, set[int]] = {}
+    for g in gallery:
+        gallery_cams.setdefault(g.pid, set()).add(g.camid)
+    matched = {q.pid for q in query if gallery_cams.get(q.pid, set()) - {q.camid}}
+    unmatched = [val_pid[x] for x in held if val_pid[x] not in matched]
+    if unmatched:
+        raise RecipeError(f"data.val_ids: validation identities {unmatched[:8]} of {dataset.name} have no query with "
+                          "a gallery image from another camera")
+    new = copy.copy(dataset)
+    new.train = relabel([r for r in dataset.train if r.pid not in held_set])
+    new.num_train_pids = num_ids - n
+    new.num_train_cams = len({r.camid for r in new.train})
+    new.val_query, new.val_gallery = query, gallery
+    if has_original:
+        assert original is not None
+        new.train_pids = [int(original[x]) for x in sorted(by_label) if x not in held_set]  # type: ignore[attr-defined]
+        new.val_pids = [val_pid[x] for x in held]  # type: ignore[attr-defined]
+    new.val_split = {
+        "dataset": dataset.name, "val_ids": val_ids, "seed": int(seed), "labels": held,
+        "pids": [val_pid[x] for x in held], "original_pids": has_original,
+        "num_query": len(query), "num_gallery": len(gallery),
+        "train_ids": new.num_train_pids, "train_images": len(new.train),
+    }
+    return new
+
+
+def validation_view(dataset: ReIDDataset) -> ReIDDataset:
+    """A copy of ``dataset`` whose ``query`` / ``gallery`` are its validation query / gallery
+    (:func:`hold_out_validation`) and whose name is ``<name>-val``: what the evaluation functions take.
+
+    Raises:
+        RecipeError: ``dataset`` holds no validation identities (``data.val_ids`` is not set).
+    """
+    if not getattr(dataset, "val_query", None) or not getattr(dataset, "val_gallery", None):
+        raise RecipeError(f"{dataset.name}: no validation identities are held out; set data.val_ids (a count or a "
+                          "fraction of the training identities)")
+    view = copy.copy(dataset)
+    view.query, view.gallery = list(dataset.val_query), list(dataset.val_gallery)
+    view.name = f"{dataset.name}-val"
+    return view
 
 
 def resolve_root(root: str | os.PathLike | None, default_subdir: str, name: str) -> Path:

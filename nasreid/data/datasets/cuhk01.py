@@ -9,6 +9,8 @@ Layout::
 split at random (``split_seed``); train holds all images of train ids (relabelled 0..N-1); query holds the
 camera-``query_cam`` images of the test ids (both of them) and gallery the other camera's images. Query and
 gallery keep the original pid. 13 id/camera pairs hold two byte-identical images; they are kept as they are.
+Validation identities held out of train (recipe ``data.val_ids``) follow the same protocol: query from
+``query_cam``, gallery from the other camera.
 
 ``protocol="all_ids"`` is an evaluation-only protocol over all 971 identities (for models trained elsewhere,
 e.g. torchreid's zoo used zero-shot): no train split; query = the first camera-A image of every id
@@ -144,3 +146,14 @@ class CUHK01(ReIDDataset):
         self.train_pids, self.test_pids = train_pids, test_pids
         self.split_seed, self.query_cam, self.protocol = split_seed, query_cam, protocol
         super().__init__("cuhk01", train, query, gallery, root=root)
+
+    def validation_protocol(self, records):
+        """Query / gallery of held-out training identities by CUHK01's test protocol
+        (:func:`~nasreid.data.datasets.base.hold_out_validation`): the ``query_cam`` images are the query, the other
+        camera's the gallery, as for the test identities.
+
+        Returns:
+            ``(query, gallery)`` lists of records, in the order of ``records``.
+        """
+        q_camid = 0 if self.query_cam == "A" else 1
+        return [r for r in records if r.camid == q_camid], [r for r in records if r.camid != q_camid]
