@@ -45,10 +45,10 @@ def test_search_derive_train_evaluate_plot_on_cuhk01(tiny_recipe, tmp_path, mark
     for label, probs in geno.probabilities.items():
         assert abs(sum(probs.values()) - 1) < 1e-5
         assert geno.choices[label] == max(probs, key=probs.get)  # derive = argmax pi
-    # pi learnt: softmax(pi) left its uniform start (0.25). How far depends on the machine's float reductions
-    # (max p measured 0.274 with 2 threads, 0.257 with 1), so the test asks only that every decision moved
-    # (arch_lr 0.5 moves each pi by ~1e-2 per epoch; an untrained pi stays at 0.25 exactly)
-    assert all(max(abs(v - 0.25) for v in p.values()) > 1e-3 for p in geno.probabilities.values())
+    # pi learnt: softmax(pi) left its near-uniform start (pi ~ N(0, 1e-3): p within ~3e-4 of 0.25). How far, and
+    # which decision moves most, depends on float rounding (thread count, kernels): the largest move was measured
+    # 0.007 (1 thread) to 0.024 (2 threads); in one of those runs a decision moved only 6e-4, so no per-decision floor
+    assert max(abs(v - 0.25) for p in geno.probabilities.values() for v in p.values()) > 5e-3
     metrics = json.loads((search_run / "metrics.json").read_text())
     assert [h["lambda"] for h in metrics["history"]] == [3.0, 2.0, 1.0]
     assert (search_run / "genotype.graphml").is_file()
