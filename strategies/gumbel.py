@@ -97,7 +97,7 @@ class StraightThroughMix(torch.autograd.Function):
     ``y = h_sel * o_sel`` -- bit for bit what the sum gives, as ``0 * o_k`` adds ``+-0`` -- without the K - 1
     products and sums over activation-sized tensors; the backward is the sum's: ``dL/do_sel = h_sel * g`` and
     ``dL/dh_k = <g, o_k>`` for every candidate (the outputs ``o_k`` of the other candidates were computed without
-    autograd and get no gradient). Measured on 2 CPU cores: about 7% of a supernet training step at 256x128.
+    autograd and get no gradient). Measured on 2 CPU cores: about 5% of a supernet training step at 256x128.
 
     Args (of ``apply``):
         h: ``[K]`` straight-through weights, the sampled candidate first.

@@ -138,7 +138,7 @@ def test_preset_osnet_ain_released_adds_conv1_in_to_table1_choices():
     a = paper.build(num_classes=5, width_mult=0.25)
     b = released.build(num_classes=5, width_mult=0.25)
     assert type(a.conv1[1]) is torch.nn.BatchNorm2d
-    assert type(b.conv1[1]) is torch.nn.InstanceNorm2d and b.conv1[1].affine
+    assert isinstance(b.conv1[1], torch.nn.InstanceNorm2d) and b.conv1[1].affine
     assert [m.variant for m in (*b.conv2, *b.conv3, *b.conv4)] == [
         "os_in_in", "os_in_in", "os", "os_in_in", "os_in_in", "os"]
     # only conv1's normalisation differs: BN running statistics vs none, same number of parameters
