@@ -44,7 +44,7 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     """``nn.InstanceNorm2d`` (Ulyanov et al., 2016: ``y = (x - mu_bc) / sqrt(var_bc + eps) * gamma_c + beta_c``,
     statistics per image and channel over H x W) computed on the CPU as a group norm with one group per channel,
     which is the same function (GroupNorm, Wu & He, ECCV 2018, Eq. 1 with G = C) and, measured with torch 2.14 on
-    2 CPU cores, 1.3-1.7x faster forward + backward than ``F.instance_norm`` on OSNet x0.25's activations at
+    2 CPU cores, 1.2-3.9x faster forward + backward than ``F.instance_norm`` on OSNet x0.25's activations at
     256x128 (``benchmarks/bench_instance_norm.py``); outputs agree to 1e-5. CUDA tensors, channels_last tensors,
     running statistics and ONNX export take ``nn.InstanceNorm2d``'s own path, so state dicts, exports and every
     other use are unchanged.
