@@ -51,6 +51,7 @@ def _paths(a) -> tuple[Path, Path]:
 
 
 def _recipe(name: str, data: Path, weights: Path, **extra):
+    """A shipped recipe for one open epoch on ``data``'s CUHK01 from ``weights`` (``extra``: more dotted keys)."""
     from nasreid.config import load_recipe
 
     over = {"data.dataset.root": str(data / "cuhk01"), "model.pretrained": str(weights), "optim.epochs": 1,
@@ -58,17 +59,23 @@ def _recipe(name: str, data: Path, weights: Path, **extra):
     return load_recipe(ROOT / "recipes" / name, over)
 
 
-def finetune_epoch(data: Path, weights: Path) -> tuple[float, int]:
+def finetune_setup(data: Path, weights: Path, run_dir: Path, **extra):
+    """``(ctx, model)``: the fine-tune recipe's run context in ``run_dir`` and its OSNet from ``weights``, placed."""
     from nasreid.engine.context import RunContext
     from nasreid.engine.runs import build_context
     from nasreid.genotype import preset_genotype
 
-    recipe = _recipe("osnet_finetune_cpu.yaml", data, weights, **{"eval.targets": []})
+    recipe = _recipe("osnet_finetune_cpu.yaml", data, weights, **{"eval.targets": [], **extra})
+    ctx = build_context(RunContext, recipe, run_dir, progress=False)
+    net = preset_genotype("osnet_ain", "osnet", **recipe.space.kwargs).build(num_classes=ctx.dataset.num_train_pids)
+    ctx.init_weights(net)
+    return ctx, ctx.device.model(net)
+
+
+def finetune_epoch(data: Path, weights: Path) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = build_context(RunContext, recipe, Path(tmp), progress=False)
-        net = preset_genotype("osnet_ain", "osnet", **recipe.space.kwargs).build(num_classes=ctx.dataset.num_train_pids)
-        ctx.init_weights(net)
-        hist = ctx.train_fixed(ctx.device.model(net), epochs=1, run_dir=Path(tmp))
+        ctx, model = finetune_setup(data, weights, Path(tmp))
+        hist = ctx.train_fixed(model, epochs=1, run_dir=Path(tmp))
         ctx.writer.close()
     return hist[-1]["epoch_seconds"], hist[-1]["steps"]
 
@@ -185,21 +192,16 @@ def main(argv=None) -> int:
     only = set(a.only or ["finetune", "search", "eval", "minimal"])
     res: dict = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     print(f"torch {torch.__version__} | {torch.get_num_threads()} threads | CUHK01 at 256x128, batch 32", flush=True)
-    if "finetune" in only:
-        s, n = finetune_epoch(data, weights)
-        logging.getLogger("nasreid").setLevel(logging.WARNING)
-        res["finetune_epoch_s"] = s
-        print(f"finetune open epoch: {s:.2f} s ({n} steps)", flush=True)
-    if "search" in only:
-        s, n = search_epoch(data, weights)
-        logging.getLogger("nasreid").setLevel(logging.WARNING)
-        res["search_epoch_s"] = s
-        print(f"search open epoch: {s:.2f} s ({n} steps)", flush=True)
-    if "eval" in only:
-        ips, n = evaluation(data, weights)
-        logging.getLogger("nasreid").setLevel(logging.WARNING)
-        res["eval_images_per_s"] = ips
-        print(f"evaluation: {ips:.1f} images/s ({n} images)", flush=True)
+    # (--only name, measure, JSON key, printed line): the lines before_after.py reads
+    figures = [("finetune", finetune_epoch, "finetune_epoch_s", "finetune open epoch: {:.2f} s ({} steps)"),
+               ("search", search_epoch, "search_epoch_s", "search open epoch: {:.2f} s ({} steps)"),
+               ("eval", evaluation, "eval_images_per_s", "evaluation: {:.1f} images/s ({} images)")]
+    for name, measure, key, line in figures:
+        if name in only:
+            value, n = measure(data, weights)
+            logging.getLogger("nasreid").setLevel(logging.WARNING)  # a run's setup_logging resets it
+            res[key] = value
+            print(line.format(value, n), flush=True)
     if "minimal" in only:
         m = minimal_loops(data, weights, Path(a.cache))
         res["minimal_loop_s"] = m

@@ -26,6 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu_epoch import _recipe, finetune_setup  # the same recipes and set-up as the benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 #: (label, file name ending, function name): the cumulative times reported
@@ -54,31 +58,19 @@ def _cumtimes(prof: cProfile.Profile) -> dict[str, float]:
     return {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: [p[0] for p in PARTS].index(kv[0]))}
 
 
-def _recipe(path: str, data: Path, weights: Path, sets: list[str], extra: dict):
-    from nasreid.config import load_recipe
-
-    over = {"data.dataset.root": str(data / "cuhk01"), "model.pretrained": str(weights), "optim.epochs": 1,
-            "training.freeze_backbone_epochs": 0, **extra}
+def _overrides(sets: list[str]) -> dict:
+    """``--set KEY=VALUE`` pairs as dotted recipe keys with YAML-typed values."""
+    out = {}
     for s in sets:
         k, v = s.split("=", 1)
-        import yaml
-
-        over[k] = yaml.safe_load(v)
-    return load_recipe(ROOT / path, over)
+        out[k] = yaml.safe_load(v)
+    return out
 
 
 def profile_finetune(data: Path, weights: Path, sets: list[str]) -> dict:
     """One open epoch of the CPU fine-tune recipe through RunContext.train_fixed, profiled."""
-    from nasreid.engine.context import RunContext
-    from nasreid.engine.runs import build_context
-    from nasreid.genotype import preset_genotype
-
-    recipe = _recipe("recipes/osnet_finetune_cpu.yaml", data, weights, sets, {"eval.targets": []})
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = build_context(RunContext, recipe, Path(tmp), progress=False)
-        net = preset_genotype("osnet_ain", "osnet", **recipe.space.kwargs).build(num_classes=ctx.dataset.num_train_pids)
-        ctx.init_weights(net)
-        model = ctx.device.model(net)
+        ctx, model = finetune_setup(data, weights, Path(tmp), **_overrides(sets))
         prof = cProfile.Profile()
         t = time.perf_counter()
         prof.enable()
@@ -94,7 +86,7 @@ def profile_search(data: Path, weights: Path, sets: list[str]) -> dict:
     """One open epoch of the warm-started gumbel search (supernet warm start and IN calibration excluded)."""
     from nasreid.engine import pipeline
 
-    recipe = _recipe("recipes/osnet_ain_warm_cpu.yaml", data, weights, sets, {"then_retrain": None})
+    recipe = _recipe("osnet_ain_warm_cpu.yaml", data, weights, then_retrain=None, **_overrides(sets))
     with tempfile.TemporaryDirectory() as tmp:
         prof = cProfile.Profile()
         prof.enable()
