@@ -308,8 +308,8 @@ class Recipe(_Strict):
     device: str = "cpu"
     amp: bool = False
     channels_last: Optional[bool] = Field(
-        None, description="torch.channels_last memory format; null (default): on for a CPU network without instance "
-        "normalisation, off otherwise (measured: DeviceContext.model)")
+        None, description="torch.channels_last memory format; null (default): on on the CPU, off on CUDA (measured: "
+        "DeviceContext.model)")
     compile: bool = Field(
         False, description="torch.compile the trained network (measured on 2 CPU cores: 79 s to compile OSNet x0.25 "
         "at 256x128 for a 12% faster step, paid back after ~2000 steps)")

@@ -108,13 +108,30 @@ class StraightThroughMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, o_sel: torch.Tensor, *o_rest: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(h, o_sel, *o_rest)
-        return o_sel * h[0]
+        ctx.unit = _is_one(h[0])
+        return o_sel if ctx.unit else o_sel * h[0]  # o * 1 == o bit for bit: the product is skipped
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         h, o_sel, *o_rest = ctx.saved_tensors
-        grad_h = torch.stack([(g * o).sum() for o in (o_sel, *o_rest)]).to(h.dtype)
-        return (grad_h, g * h[0], *([None] * len(o_rest)))
+        grad_h = torch.stack([_inner(g, o) for o in (o_sel, *o_rest)]).to(h.dtype)
+        return (grad_h, g if ctx.unit else g * h[0], *([None] * len(o_rest)))
+
+
+def _is_one(w: torch.Tensor) -> bool:
+    """Whether the 0-d weight ``w`` is exactly 1 (read on the CPU only: on CUDA the read would synchronise)."""
+    return w.device.type == "cpu" and bool(w == 1)
+
+
+def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``<a, b> = sum(a * b)`` of two tensors of one shape, as one ``torch.dot`` over their memory when both have
+    the same dense layout (standard or channels_last): no activation-sized temporary. Shapes ``[B, C, H, W]`` -> 0-d."""
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        if a.dim() == 4 and a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt):
+            if fmt is torch.channels_last:
+                a, b = a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)  # dense views in memory order
+            return torch.dot(a.reshape(-1), b.reshape(-1))
+    return (a * b).sum()
 
 
 class GumbelMixedOp(LayerChoice):

@@ -59,14 +59,18 @@ def test_instance_norm_as_group_norm_equals_instance_norm(shape, affine):
     if affine:
         torch.testing.assert_close(m.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(m.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
-    # a channels_last input takes nn.InstanceNorm2d's own path
-    xc = x.detach().contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(m(xc), F.instance_norm(x.detach(), weight=m.weight, bias=m.bias), rtol=1e-5,
-                               atol=1e-5)
+    # a channels_last input stays channels_last (group norm's channels_last kernel) with the same values and gradients
+    xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    yc = m(xc)
+    assert yc.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(yc, y2.detach(), rtol=1e-5, atol=1e-5)
+    (yc * g).sum().backward()
+    torch.testing.assert_close(xc.grad, x2.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_channels_last_is_decided_per_network():
-    """``channels_last: null`` (the default): on for a CPU network without IN, off for one with IN layers."""
+def test_channels_last_is_on_for_cpu_networks_by_default():
+    """``channels_last: null`` (the default): on for a CPU network, with or without IN layers (their group norm keeps
+    the format); an explicit ``false`` wins."""
     plain = preset_genotype("osnet_ain", "osnet", width_mult=0.125).build(num_classes=5)
     with_in = preset_genotype("osnet_ain", "osnet_ain", width_mult=0.125).build(num_classes=5)
     ctx = device_context("cpu", channels_last=None)
@@ -76,7 +80,10 @@ def test_channels_last_is_decided_per_network():
     assert ctx.images(torch.randn(2, 3, 64, 32)).is_contiguous(memory_format=torch.channels_last)
     ctx = device_context("cpu", channels_last=None)
     ctx.model(with_in)
-    assert ctx.channels_last is False
+    assert ctx.channels_last is True
+    x = ctx.images(torch.randn(2, 3, 64, 32))
+    with_in.eval()
+    assert torch.allclose(with_in(x), with_in.to(memory_format=torch.contiguous_format)(x.contiguous()), atol=1e-5)
     ctx = device_context("cpu", channels_last=False)  # an explicit recipe value wins
     ctx.model(preset_genotype("osnet_ain", "osnet", width_mult=0.125).build(num_classes=5))
     assert ctx.channels_last is False

@@ -288,4 +288,6 @@ def test_straight_through_mix_equals_the_weighted_sum_in_value_and_gradient():
     assert torch.equal(y_fast, y_sum)
     assert len(pi_fast) == 6 and all(g.abs().sum() > 0 for g in pi_fast)
     for a, b in zip(pi_fast + w_fast, pi_sum + w_sum):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+        # the inner products <g, o_k> are one torch.dot each, summed in another order than (g * o).sum(): the
+        # gradients of pi (~1e-4 here) agree to float32 rounding of the sum, not bit for bit
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -88,17 +88,16 @@ class DeviceContext:
     def model(self, m: nn.Module) -> nn.Module:
         """Move a model to the device (channels_last when enabled; compiled with ``compile``).
 
-        With ``channels_last=None`` ("auto", the recipe default) the first network placed decides it for the run:
-        on the CPU, channels_last for a network without instance normalisation, the standard memory format for
-        one with IN layers; off on CUDA. Measured with torch 2.14 on 2 CPU cores at 256x128
-        (``benchmarks/bench_cpu_epoch.py``): an OSNet x0.25 training step is ~1.25x faster in channels_last, while
-        an OSNet-AIN genotype or supernet is no faster or slower, because ``F.instance_norm`` returns the standard
-        format and every IN layer then converts back and forth.
+        With ``channels_last=None`` ("auto", the recipe default): channels_last on the CPU, the standard memory
+        format on CUDA (where AMP is the recipes' fast path). Measured with torch 2.14 on 2 CPU cores at 256x128
+        (``benchmarks/bench_cpu_epoch.py``): an OSNet x0.25 training step is ~1.25x faster in channels_last, and so
+        are OSNet-AIN genotypes and the OSNet-AIN supernet since their IN layers stay in that format
+        (:class:`~nasreid.models.osnet.InstanceNorm2d`); ``F.instance_norm`` alone would convert back and forth
+        at every IN layer and lose the gain.
         """
         m = m.to(self.device)
         if self.channels_last is None:
-            has_in = any(isinstance(x, nn.modules.instancenorm._InstanceNorm) for x in m.modules())
-            self.channels_last = self.device.type == "cpu" and not has_in
+            self.channels_last = self.device.type == "cpu"
         if self.channels_last:
             m = m.to(memory_format=torch.channels_last)
         if self.compile:

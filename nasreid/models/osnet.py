@@ -45,15 +45,19 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     statistics per image and channel over H x W) computed on the CPU as a group norm with one group per channel,
     which is the same function (GroupNorm, Wu & He, ECCV 2018, Eq. 1 with G = C) and, measured with torch 2.14 on
     2 CPU cores, 1.2-3.9x faster forward + backward than ``F.instance_norm`` on OSNet x0.25's activations at
-    256x128 (``benchmarks/bench_instance_norm.py``); outputs agree to 1e-5. CUDA tensors, channels_last tensors,
-    running statistics and ONNX export take ``nn.InstanceNorm2d``'s own path, so state dicts, exports and every
-    other use are unchanged.
+    256x128 (``benchmarks/bench_instance_norm.py``); outputs agree to 1e-5. A ``channels_last`` tensor stays in its
+    format (group norm has a channels_last CPU kernel, where ``F.instance_norm`` returns the standard format and a
+    channels_last network converts back and forth at every IN layer): an OSNet-AIN genotype and supernet then train
+    faster in channels_last than in the standard format (``benchmarks/bench_cpu_epoch.py``). CUDA tensors, running
+    statistics and ONNX export take ``nn.InstanceNorm2d``'s own path, so state dicts, exports and every other use
+    are unchanged.
 
     Shapes: ``[B, C, H, W] -> [B, C, H, W]``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dim() == 4 and not self.track_running_stats and x.is_contiguous()
+        if (x.device.type == "cpu" and x.dim() == 4 and not self.track_running_stats
+                and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
                 and not torch.onnx.is_in_onnx_export()):
             return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
         return super().forward(x)
@@ -221,7 +225,7 @@ class OSBlock(nn.Module):
         out = res + identity
         if self.in_out is not None:
             out = self.in_out(out)
-        return F.relu(out)
+        return F.relu(out, inplace=True)  # a fresh tensor, whose producer's backward does not read it
 
     def extra_repr(self) -> str:
         return f"variant={self.variant!r}"
