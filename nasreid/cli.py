@@ -1,4 +1,5 @@
-"""Command line: ``nasreid search | hpo | derive | train | evaluate | plot | export | visualize | profile | list``.
+"""Command line: ``nasreid search | hpo | derive | train | evaluate | plot | export | visualize | profile | rank |
+list``.
 
     nasreid search recipes/osnet_ain.yaml              # one-shot search, writes results/<run>/
     nasreid derive results/<run>                       # genotype.json (+ GraphML) from the last checkpoint
@@ -12,6 +13,7 @@
     nasreid evaluate RUN --matcher qaconv --post tlift # a learned matcher / post-processors instead of the recipe's
     nasreid match RUN --query 0 --gallery 5            # QAConv score + local correspondences picture
     nasreid search recipe.yaml --nproc 2               # data-parallel (torchrun) on this machine
+    nasreid rank results/<search-run> --sample 20 --bn-batches 10  # candidates scored with the supernet
     nasreid list [spaces|strategies|datasets|losses|matchers|postprocessors|methods] [PATTERN]
 
 ``--set key=value`` overrides a recipe key (dotted, YAML-typed), e.g. ``--set optim.epochs=2``.
@@ -211,6 +213,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA")
     pr.add_argument("--channels-last", action="store_true", help="channels_last on CUDA")
     pr.add_argument("--json", help="also write the report to this JSON file")
+
+    rk = sub.add_parser("rank", parents=[plugin], help="score candidates with a one-shot search run's supernet "
+                        "(inherited weights, BN recalibrated): validation rank-1 / mAP, training loss, arch log-prob")
+    rk.add_argument("run", help="a one-shot search run folder (gumbel, random, darts_tcm ...) with data.val_ids")
+    pick = rk.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--genotypes", metavar="FILE", help="JSON/YAML list of preset names (preset:NAME or NAME), "
+                      "genotype.json paths (relative to FILE) or {label: value} dicts; or one genotype.json")
+    pick.add_argument("--sample", type=int, metavar="N", help="N distinct uniformly drawn candidates (with --seed)")
+    pick.add_argument("--all", action="store_true", help="every candidate of the space (its size and the "
+                      "estimated time are printed first)")
+    rk.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
+    rk.add_argument("--bn-batches", type=int, default=10, metavar="K", help="training batches of BN "
+                    "recalibration per candidate (default 10; 0 = the supernet's statistics)")
+    rk.add_argument("--loss-batches", type=int, default=2, metavar="L", help="batches of the training loss "
+                    "(default 2)")
+    rk.add_argument("--batch-size", type=int, help="images per batch (default: the recipe's data.batch_size)")
+    rk.add_argument("--out", help="output folder (default: RUN/rank)")
+    rk.add_argument("--device", help="override the recipe's device (cpu, cuda)")
 
     st = sub.add_parser("study", help="does the search beat random and hand design? searches, retrains and a "
                         "paired report over seeds and splits (resumable)")
@@ -472,12 +492,21 @@ def _cmd_profile(args) -> int:
     return 0
 
 
+def _cmd_rank(args) -> int:
+    from nasreid.ranking import rank_run
+
+    rank_run(args.run, genotypes=args.genotypes, sample=args.sample, seed=args.seed, all_candidates=args.all,
+             bn_batches=args.bn_batches, loss_batches=args.loss_batches, batch_size=args.batch_size, out=args.out,
+             device=args.device)
+    return 0
+
+
 #: sub-command -> handler (every sub-command of :func:`build_parser` has one)
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "search": _cmd_search, "hpo": _cmd_hpo, "hpo-worker": _cmd_hpo_worker, "derive": _cmd_derive,
     "train": _cmd_train, "evaluate": _cmd_evaluate, "plot": _cmd_plot, "export": _cmd_export,
     "visualize": _cmd_visualize, "match": _cmd_match, "profile": _cmd_profile, "study": _cmd_study,
-    "list": _cmd_list,
+    "rank": _cmd_rank, "list": _cmd_list,
 }
 
 
