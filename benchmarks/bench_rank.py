@@ -53,6 +53,7 @@ def main() -> None:
         "data.dataset.root": str(data / "cuhk01"), "data.val_ids": 100, "data.workers": 0,
         "model.pretrained": str(wfile), "then_retrain": None})
     torch.manual_seed(0)
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     ds = build_run_dataset(recipe)
     dev = device_context(recipe.device, recipe.amp, recipe.channels_last)
@@ -96,6 +97,11 @@ def main() -> None:
                      f"BN {parts['seconds_bn']:.2f}, validation {parts['seconds_val']:.2f}, loss "
                      f"{parts['seconds_loss']:.2f} s; the fixed batch set loaded once in {t_load:.2f} s)")
         print(lines[-1], flush=True)
+    report["loadavg_1_5_15_before"] = [round(x, 2) for x in load_before]
+    report["loadavg_1_5_15_after"] = [round(x, 2) for x in os.getloadavg()]
+    lines.append(f"load average (1, 5, 15 min) before {report['loadavg_1_5_15_before']}, after "
+                 f"{report['loadavg_1_5_15_after']} on {os.cpu_count()} cores (above the torch threads: another job "
+                 "shared the cores and the figures are slower than the code)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rank_cpu.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -48,7 +48,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -431,11 +431,12 @@ def sample_candidates(choices: Mapping[str, Any], n: int, seed: int) -> list[Can
     return [Candidate(s, f"sample(seed={seed})") for s in seen.values()]
 
 
-def enumerate_candidates(choices: Mapping[str, Any]) -> list[Candidate]:
-    """Every candidate of the space (``itertools.product`` over the choices, in label order)."""
+def enumerate_candidates(choices: Mapping[str, Any]) -> Iterator[Candidate]:
+    """Every candidate of the space, lazily (``itertools.product`` over the choices, in label order; the space's
+    size is ``prod_l len(values_l)``, e.g. 4^6 = 4,096 for OSNet-AIN, 4^12 for MSINet)."""
     labels = list(choices)
-    return [Candidate(dict(zip(labels, vals)), "all")
-            for vals in itertools.product(*(choices[label].values for label in labels))]
+    for vals in itertools.product(*(choices[label].values for label in labels)):
+        yield Candidate(dict(zip(labels, vals)), "all")
 
 
 # ---- a run folder -----------------------------------------------------------------------------------
@@ -625,13 +626,16 @@ def rank_run(run_dir: str | os.PathLike, *, genotypes: Optional[str | os.PathLik
     ranker = SupernetRanker(supernet, strategy, ctx, bn_batches=bn_batches, loss_batches=loss_batches,
                             batch_size=batch_size, probabilities=probs)
     choices, labels = ranker.choices, ranker.labels
+    cands: Iterable[Candidate]
     if genotypes is not None:
         cands = load_candidates(genotypes, choices, ctx.recipe.space.name, ctx.recipe.space.kwargs)
+        total = len(cands)
     elif sample is not None:
         cands = sample_candidates(choices, int(sample), seed)
+        total = len(cands)
     else:
-        cands = enumerate_candidates(choices)
-        echo(f"--all: the space holds {len(cands)} candidates")
+        cands, total = enumerate_candidates(choices), _space_size(choices)
+        echo(f"--all: the space holds {total} candidates")
 
     out_dir = Path(out) if out is not None else run / "rank"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -650,7 +654,7 @@ def rank_run(run_dir: str | os.PathLike, *, genotypes: Optional[str | os.PathLik
     if spath.is_file():
         old = json.loads(spath.read_text())
         for k, v in settings.items():
-            if k in old and old[k] != v:
+            if k != "run" and k in old and old[k] != v:  # the folder may have been moved or renamed
                 raise RankingError(f"{spath}: {k} is {old[k]!r} there, this ranking asks for {v!r}; rank into "
                                    "another folder (--out) or remove it")
     elif csv_path.is_file():
@@ -658,15 +662,9 @@ def rank_run(run_dir: str | os.PathLike, *, genotypes: Optional[str | os.PathLik
     write_json(spath, settings)
 
     done = {r["key"] for r in _read_rows(csv_path)}
-    todo, seen = [], set(done)
-    for c in cands:
-        k = genotype_key(c.sample, labels)
-        if k not in seen:
-            seen.add(k)
-            todo.append(c)
-    skipped = len(cands) - len(todo)
-    if skipped:
-        echo(f"{skipped} of {len(cands)} candidates already in {csv_path}: skipped")
+    n_done = len(done) if all_candidates else sum(genotype_key(c.sample, labels) in done for c in cands)
+    if n_done:
+        echo(f"{n_done} of {total} candidates already in {csv_path}: skipped")
     fields = ["key", "source", *labels, "val_rank1", "val_mAP", "val_mINP", "train_loss", "arch_logprob",
               "seconds", "note"]
     new_file = not csv_path.is_file() or csv_path.stat().st_size == 0
@@ -675,19 +673,27 @@ def rank_run(run_dir: str | os.PathLike, *, genotypes: Optional[str | os.PathLik
             header = next(csv.reader(f), [])
         if header != fields:
             raise RankingError(f"{csv_path}: its columns {header} are not this ranking's {fields}")
+    remaining = total - n_done
     bar = None
-    if ctx.progress and todo:
+    if ctx.progress and remaining > 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(todo), desc="rank", unit="cand")
+        bar = tqdm(total=remaining, desc="rank", unit="cand")
     t0 = time.perf_counter()
-    n = 0
+    n, skipped = 0, 0
+    seen = set(done)
     with csv_path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         if new_file:
             w.writeheader()
             f.flush()
-        for c in todo:
+        for c in cands:
+            key = genotype_key(c.sample, labels)
+            if key in seen:  # already ranked (resume), or listed twice
+                skipped += 1
+                continue
+            if not all_candidates:
+                seen.add(key)
             res = ranker.score(c.sample)
             row = {"source": c.source, "note": c.note, **{label: c.sample[label] for label in labels}, **res}
             w.writerow({k: _fmt(row[k]) for k in fields})
@@ -696,9 +702,9 @@ def rank_run(run_dir: str | os.PathLike, *, genotypes: Optional[str | os.PathLik
             n += 1
             if bar is not None:
                 bar.update(1)
-            if all_candidates and n == 1 and len(todo) > 1:
+            if all_candidates and n == 1 and remaining > 1:
                 echo(f"--all: first candidate took {res['seconds']:.1f} s: about "
-                     f"{res['seconds'] * (len(todo) - 1) / 60:.1f} min for the remaining {len(todo) - 1}")
+                     f"{res['seconds'] * (remaining - 1) / 60:.1f} min for the remaining {remaining - 1}")
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t0

@@ -263,3 +263,35 @@ def test_refusals_name_the_cause(runs, tmp_path, capsys):
         rank_run(runs["gumbel"], genotypes=bad, out=tmp_path / "o")
     with pytest.raises(RankingError, match="4096 candidates"):
         rank_run(runs["gumbel"], sample=5000, out=tmp_path / "o")
+
+
+def test_a_killed_ranking_keeps_its_rows_and_all_prints_size_and_time_first(runs, tmp_path, monkeypatch):
+    run = runs["gumbel"]
+    orig = SupernetRanker.score
+    calls = []
+
+    def killed_at(n):
+        def score(self, sample):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt("simulated kill")
+            return orig(self, sample)
+        return score
+
+    monkeypatch.setattr(SupernetRanker, "score", killed_at(3))
+    with pytest.raises(KeyboardInterrupt):
+        rank_run(run, sample=3, seed=2, bn_batches=1, out=tmp_path / "s", echo=lambda s: None)
+    assert len(_rows(tmp_path / "s" / "rank.csv")) == 2  # every finished candidate was written
+    monkeypatch.setattr(SupernetRanker, "score", orig)
+    res = rank_run(run, sample=3, seed=2, bn_batches=1, out=tmp_path / "s", echo=lambda s: None)
+    assert (res.scored, res.skipped) == (1, 2) and len(_rows(res.csv)) == 3
+
+    said: list[str] = []
+    calls.clear()
+    monkeypatch.setattr(SupernetRanker, "score", killed_at(3))
+    with pytest.raises(KeyboardInterrupt):
+        rank_run(run, all_candidates=True, bn_batches=1, out=tmp_path / "all", echo=said.append)
+    assert said[0] == "--all: the space holds 4096 candidates"
+    assert said[1].startswith("--all: first candidate took") and "remaining 4095" in said[1]
+    rows = _rows(tmp_path / "all" / "rank.csv")
+    assert [r["key"] for r in rows] == ["os/os/os/os/os/os", "os/os/os/os/os/os_in_in"]
