@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nasreid.config import load_recipe, loader_workers
 from nasreid.engine.checkpoint import load_checkpoint

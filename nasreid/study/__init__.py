@@ -48,6 +48,7 @@ from .schema import (
                      StudyArm,
                      StudyBootstrap,
                      StudyEvaluation,
+                     StudyRanking,
                      StudyRecipe,
                      StudyRetrain,
                      StudySearch,
@@ -57,7 +58,7 @@ from .schema import (
 from .statistics import BootstrapResult, decision_entropy, entropy_per_epoch, genotype_agreement, paired_bootstrap
 
 __all__ = [
-    "StudyRecipe", "StudyArm", "StudySearch", "StudyRetrain", "StudyEvaluation", "StudySelection",
+    "StudyRecipe", "StudyArm", "StudySearch", "StudyRetrain", "StudyEvaluation", "StudySelection", "StudyRanking",
     "StudyBootstrap", "StudyJob", "BootstrapResult", "load_study", "enumerate_jobs", "run_study",
     "print_commands", "collect_results", "build_report", "paired_bootstrap", "decision_entropy",
     "genotype_agreement", "find_evaluation", "entropy_per_epoch",

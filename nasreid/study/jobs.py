@@ -20,6 +20,8 @@ from nasreid.errors import RunFolderError
 from .schema import StudyRecipe, _eval_targets, _retrain_sets, _search_sets, load_study
 
 NEW, PARTIAL, EVALUATE, DONE = "new", "partial", "evaluate", "done"
+#: the phases of a study in the order they run (``pool`` and ``score``: a ranking study's ``nasreid rank`` jobs)
+PHASES = ("search", "pool", "score", "train")
 
 
 def _yaml_value(v: Any) -> str:
@@ -78,10 +80,15 @@ class StudyJob:
     """One job of a study: a ``nasreid search`` (phase ``search``) or ``nasreid train`` (phase ``train``) run
     in its own folder ``run_dir``.
 
+    A ranking study (:class:`~nasreid.study.schema.StudyRanking`) adds ``nasreid rank`` jobs between them: phase
+    ``pool`` (the selecting supernet scores a uniform pool) and phase ``score`` (every supernet scores the fixed
+    selection, with and without BN recalibration), and train jobs of kind ``ranked`` for the selected genotypes.
+
     Attributes:
-        phase: ``"search"`` or ``"train"`` (all searches run before any retrain).
-        arm: the genotype source: a search arm's name or a preset name.
-        kind: ``"searched"``, ``"random"`` or ``"hand"``.
+        phase: ``"search"``, ``"pool"``, ``"score"`` or ``"train"`` (the phases run in that order).
+        arm: the genotype source: a search arm's name, a preset name, or a ranked genotype's name (``r007``: place
+            7 of the pool by the selecting supernet's score); a rank job's supernet arm.
+        kind: ``"searched"``, ``"random"``, ``"hand"`` or ``"ranked"``.
         split: the value of the study's ``split_key`` (CUHK01's ``split_seed``).
         search_seed: the search seed (``None`` for a hand design).
         retrain_seed: the retrain seed (``None`` for a search job).
@@ -91,11 +98,13 @@ class StudyJob:
         genotype: a train job's ``--genotype``: ``<search run>/genotype.json`` or ``preset:NAME``.
         search_run: the search run folder a train job depends on (``None`` for a hand design).
         targets: the cross-domain evaluations a finished train job must hold (same-domain is always expected).
+        rank_args: a rank job's selection and settings (``--sample N --seed S`` or ``--genotypes FILE``, then
+            ``--bn-batches K``), after ``nasreid rank <search_run>``.
     """
 
-    phase: Literal["search", "train"]
+    phase: Literal["search", "pool", "score", "train"]
     arm: str
-    kind: Literal["searched", "random", "hand"]
+    kind: Literal["searched", "random", "hand", "ranked"]
     split: int
     search_seed: Optional[int]
     retrain_seed: Optional[int]
@@ -105,6 +114,7 @@ class StudyJob:
     genotype: Optional[str] = None
     search_run: Optional[Path] = None
     targets: list[DatasetRef] = field(default_factory=list)
+    rank_args: list[str] = field(default_factory=list)
 
     @property
     def id(self) -> str:
@@ -126,6 +136,10 @@ class StudyJob:
         ``nasreid evaluate`` adds it); ``"new"``. A search is done when its ``metrics.json`` says
         ``search_done`` and ``genotype.json`` exists; a retrain when its ``metrics.json`` holds ``evaluation``
         with every expected dataset."""
+        if self.phase in ("pool", "score"):  # rank.md is written once every candidate is scored
+            if (self.run_dir / "rank.md").is_file():
+                return DONE
+            return PARTIAL if (self.run_dir / "rank.csv").is_file() else NEW
         m = self.metrics()
         if self.phase == "search":
             if m.get("search_done") and (self.run_dir / "genotype.json").is_file():
@@ -135,8 +149,15 @@ class StudyJob:
         return PARTIAL if (self.run_dir / "recipe.yaml").is_file() else NEW
 
     def ready(self) -> bool:
-        """Whether the job can start: a retrain of a searched genotype needs its search's ``genotype.json``."""
-        return self.search_run is None or (self.search_run / "genotype.json").is_file()
+        """Whether the job can start: a retrain of a searched genotype and a rank job need the search's
+        ``genotype.json`` (a finished search), a score job the fixed selection, a ranked retrain its genotype."""
+        if self.search_run is not None and not (self.search_run / "genotype.json").is_file():
+            return False
+        if self.phase == "score":
+            return Path(self.rank_args[self.rank_args.index("--genotypes") + 1]).is_file()
+        if self.kind == "ranked":
+            return Path(str(self.genotype)).is_file()
+        return True
 
     def command(self, state: Optional[str] = None) -> list[str]:
         """The command line of this job in ``state`` (default: its current :meth:`state`): a fresh run
@@ -144,6 +165,8 @@ class StudyJob:
         done job gets its fresh command (what it ran)."""
         state = state or self.state()
         py = [sys.executable, "-m", "nasreid"]
+        if self.phase in ("pool", "score"):  # the same command resumes (rows already in rank.csv are skipped)
+            return [*py, "rank", str(self.search_run), *self.rank_args, "--out", str(self.run_dir)]
         if self.phase == "search":
             if state == PARTIAL:
                 return [*py, "search", "--resume", str(self.run_dir), "--no-retrain"]
@@ -206,6 +229,8 @@ def enumerate_jobs(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[StudyJo
                         retrain_seed=None, run_dir=root / "search" / arm.name / f"split{split}_seed{s}",
                         recipe=Path(arm.recipe or study.search.recipe), sets=_search_sets(study, arm, s, split)))
     jobs += searches
+    if study.ranking is not None:
+        jobs += _rank_jobs(study, searches)
     for sj in searches:
         if not study.arm(sj.arm).retrain:
             continue
@@ -222,19 +247,73 @@ def enumerate_jobs(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[StudyJo
                     phase="train", arm=name, kind="hand", split=split, search_seed=None, retrain_seed=r,
                     run_dir=root / "train" / name / f"split{split}_seed{r}", recipe=Path(study.retrain.recipe),
                     sets=_retrain_sets(study, split, r), genotype=f"preset:{name}", targets=targets))
+    if study.ranking is not None:
+        jobs += _ranked_train_jobs(study, targets)
     # retrains in the order that completes paired units first: split by split, retrain seed by retrain seed, and
     # within them every source's first search seed (with the hand designs) before the next search seeds
-    n_search = len(searches)
+    n_search = sum(1 for j in jobs if j.phase != "train")
     order = {a.name: i for i, a in enumerate(study.search.arms)} if study.search is not None else {}
     seeds = list(study.search.seeds) if study.search is not None else []
     hands = {name: i for i, name in enumerate(study.hand_designed)}
 
     def key(j: StudyJob):
         k = seeds.index(j.search_seed) if j.search_seed is not None else 0
-        src = order[j.arm] if j.kind != "hand" else len(order) + hands[j.arm]
+        src = (order[j.arm] if j.kind in ("searched", "random") else
+               len(order) + hands[j.arm] if j.kind == "hand" else len(order) + len(hands) + int(j.arm[1:]))
         return (study.splits.index(j.split), j.retrain_seed, k, src)
 
     return jobs[:n_search] + sorted(jobs[n_search:], key=key)
+
+
+def ranking_dir(study: StudyRecipe, split: int) -> Path:
+    """``<study>/ranking/split<K>``: the pool and score outputs, ``selected.json`` and the ranked genotypes."""
+    return study.study_dir / "ranking" / f"split{split}"
+
+
+#: the file that fixes a split's selection (written once by :func:`nasreid.study.ranking.select_genotypes`)
+SELECTED_FILE = "selected.json"
+#: the ``nasreid rank --genotypes`` list of a split's selection (the ranked genotypes and the hand designs)
+CANDIDATES_FILE = "candidates.json"
+
+
+def _rank_jobs(study: StudyRecipe, searches: list[StudyJob]) -> list[StudyJob]:
+    """The ``nasreid rank`` jobs of a ranking study: per split, the selecting supernet's pool (phase ``pool``) and
+    every supernet's scores of the selection with ``bn_batches`` and without recalibration (phase ``score``). The
+    supernet of an arm is its first search seed's run."""
+    rk = study.ranking
+    assert rk is not None and study.search is not None
+    first = study.search.seeds[0]
+    out: list[StudyJob] = []
+    for split in study.splits:
+        d = ranking_dir(study, split)
+        run = {sj.arm: sj for sj in searches if sj.split == split and sj.search_seed == first}
+        sel = run[rk.selector]
+        out.append(StudyJob(phase="pool", arm=rk.selector, kind=sel.kind, split=split, search_seed=first,
+                            retrain_seed=None, run_dir=d / "pool", recipe=sel.recipe, search_run=sel.run_dir,
+                            rank_args=["--sample", str(rk.pool), "--seed", str(rk.pool_seed),
+                                       "--bn-batches", str(rk.bn_batches)]))
+        for arm in rk.supernets:
+            for k in (rk.bn_batches, 0):
+                out.append(StudyJob(phase="score", arm=arm, kind=run[arm].kind, split=split, search_seed=first,
+                                    retrain_seed=None, run_dir=d / f"{arm}_bn{k}", recipe=run[arm].recipe,
+                                    search_run=run[arm].run_dir,
+                                    rank_args=["--genotypes", str(d / CANDIDATES_FILE), "--bn-batches", str(k)]))
+    return out
+
+
+def _ranked_train_jobs(study: StudyRecipe, targets: list[DatasetRef]) -> list[StudyJob]:
+    """Stand-alone retrains of each split's fixed selection (none before ``selected.json`` exists)."""
+    out: list[StudyJob] = []
+    for split in study.splits:
+        d = ranking_dir(study, split)
+        for name in _read_json(d / SELECTED_FILE).get("ranked", {}):
+            for r in study.retrain.seeds:
+                out.append(StudyJob(
+                    phase="train", arm=name, kind="ranked", split=split, search_seed=None, retrain_seed=r,
+                    run_dir=study.study_dir / "train" / name / f"split{split}_seed{r}",
+                    recipe=Path(study.retrain.recipe), sets=_retrain_sets(study, split, r),
+                    genotype=str(d / "genotypes" / f"{name}.json"), targets=targets))
+    return out
 
 
 def print_commands(recipe: Union[StudyRecipe, str, os.PathLike], pending_only: bool = True,
@@ -242,7 +321,9 @@ def print_commands(recipe: Union[StudyRecipe, str, os.PathLike], pending_only: b
     """Print one shell command per job, phase by phase (``# phase 1: search`` / ``# phase 2: train`` comment
     lines between them), for an external scheduler: every command of a phase may run in parallel, and a
     phase starts when the previous one is finished. Each command is resumable: a job interrupted after
-    this was printed is best re-listed (its command then carries ``--resume``).
+    this was printed is best re-listed (its command then carries ``--resume``). A ranking study's score and
+    ranked train jobs appear once its selection is fixed (``nasreid study --print-commands`` fixes it when the pool
+    is scored: :func:`nasreid.study.ranking.selection_pending`).
 
     Args:
         recipe: a :class:`StudyRecipe`, a study YAML file or a study folder.
@@ -255,7 +336,8 @@ def print_commands(recipe: Union[StudyRecipe, str, os.PathLike], pending_only: b
     file = file or sys.stdout
     jobs = enumerate_jobs(recipe)
     out = []
-    for i, phase in enumerate(("search", "train"), 1):
+    phases = [ph for ph in PHASES if ph in ("search", "train") or any(j.phase == ph for j in jobs)]
+    for i, phase in enumerate(phases, 1):
         sel = [j for j in jobs if j.phase == phase]
         cmds = []
         for j in sel:

@@ -100,8 +100,8 @@ def collect_results(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[dict[s
     size = (retrain.data.height, retrain.data.width)
     cols = _eval_columns(study)
     rows = []
-    for job in (j for j in enumerate_jobs(study) if j.phase == "train"):
-        m = job.metrics()
+    for job in (j for j in enumerate_jobs(study) if j.phase == "train" and j.kind != "ranked"):  # ranked: the
+        m = job.metrics()                                                # ranking section (nasreid.study.ranking)
         ev = m.get("evaluation") or {}
         row: dict[str, Any] = {
             "source": job.arm, "kind": job.kind,
@@ -497,6 +497,10 @@ def build_report(recipe_or_dir: Union[StudyRecipe, str, os.PathLike], out: Optio
     rep = _Report(study, rows, enumerate_jobs(study), out_dir)
     lines = [*rep.header(), *rep.per_source(), *rep.selection(), *rep.paired(), *rep.decided(), *rep.agreement(),
              *rep.cost(), *rep.points()]
+    if study.ranking is not None:
+        from .ranking import build_ranking_report
+
+        lines += build_ranking_report(study, out_dir)
     path = out_dir / "study_report.md"
     path.write_text("\n".join(lines))
     return path

@@ -13,7 +13,8 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from nasreid.config import RecipeError
 
-from .jobs import DONE, StudyJob, _as_study, enumerate_jobs, print_commands
+from .jobs import DONE, PHASES, StudyJob, _as_study, enumerate_jobs, print_commands
+from .ranking import selection_pending
 from .report import build_report
 from .schema import StudyRecipe
 
@@ -71,9 +72,15 @@ def run_study(recipe: Union[StudyRecipe, str, os.PathLike], workers: Optional[in
     env = dict(os.environ)
     env["NASREID_NO_PROGRESS"] = "1"
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    jobs = enumerate_jobs(study)
     out: dict[str, Any] = {"skipped": [], "ran": [], "failed": [], "blocked": [], "report": None}
-    for i, phase in enumerate(("search", "train"), 1):
+    i = 0
+    for phase in PHASES:
+        if phase == "score" and study.ranking is not None:
+            selection_pending(study)  # fix each split's selection once its pool is scored (never rewritten)
+        jobs = enumerate_jobs(study)  # anew each phase: a ranking study's train jobs follow its selection
+        if phase in ("pool", "score") and not any(j.phase == phase for j in jobs):
+            continue
+        i += 1
         todo = []
         for j in (j for j in jobs if j.phase == phase):
             if j.state() == DONE:

@@ -124,6 +124,42 @@ class StudySelection(_Strict):
     metric: Literal["rank1", "mAP", "mINP"] = "mAP"
 
 
+class StudyRanking(_Strict):
+    """The ranking study (does a supernet's score predict stand-alone accuracy?): the supernets of the search arms
+    named in ``supernets`` (trained on the training identities minus ``data.val_ids``) score candidates with
+    inherited weights (``nasreid rank``, :mod:`nasreid.ranking`). First the supernet ``select_by`` scores a ``pool``
+    of uniformly drawn candidates (``pool_seed``) with ``bn_batches`` BN recalibration; ``select`` of them, spread
+    evenly over the range of its ``score`` (ranks 0, ..., pool - 1 at even steps), plus the study's
+    ``hand_designed`` presets, are then fixed (``ranking/split<K>/selected.json``, written once, before any
+    stand-alone run) and every supernet scores them with and without recalibration; each is fine-tuned stand-alone
+    with the retrain recipe and seeds, and the report gives Kendall tau / Spearman rho between each score and the
+    stand-alone test mAP (:mod:`nasreid.study.ranking`)."""
+
+    supernets: list[str] = Field(min_length=1, description="search arms whose supernets score the candidates")
+    select_by: Optional[str] = Field(None, description="the supernet whose pool scores spread the selection "
+                                     "(default: the first of supernets)")
+    pool: int = Field(100, ge=2, description="candidates drawn uniformly and scored by select_by")
+    pool_seed: int = 0
+    select: int = Field(17, ge=2, description="candidates fixed from the pool, spread over its score range")
+    score: Literal["val_mAP", "val_rank1"] = "val_mAP"
+    bn_batches: int = Field(10, ge=1, description="training batches of BN recalibration (the scores are also taken "
+                            "without it)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_unique(self.supernets, "ranking.supernets")
+        if self.select_by is not None and self.select_by not in self.supernets:
+            raise ValueError(f"ranking.select_by {self.select_by!r} is not one of ranking.supernets {self.supernets}")
+        if self.select > self.pool:
+            raise ValueError(f"ranking.select ({self.select}) exceeds ranking.pool ({self.pool})")
+        return self
+
+    @property
+    def selector(self) -> str:
+        """The supernet whose pool scores spread the selection."""
+        return self.select_by or self.supernets[0]
+
+
 class StudyBootstrap(_Strict):
     """Paired percentile bootstrap settings of the report (:func:`paired_bootstrap`)."""
 
@@ -147,6 +183,7 @@ class StudyRecipe(_Strict):
                            description="dotted recipe key that receives each split (search and retrain)")
     evaluation: StudyEvaluation = Field(default_factory=StudyEvaluation)
     selection: Optional[StudySelection] = None
+    ranking: Optional[StudyRanking] = None
     bootstrap: StudyBootstrap = Field(default_factory=StudyBootstrap)
     workers: int = Field(1, ge=1, description="local worker processes of run_study")
     source: Optional[str] = Field(None, description="file the study recipe was loaded from")
@@ -168,6 +205,10 @@ class StudyRecipe(_Strict):
             raise ValueError(f"search arm names and hand_designed presets share names: {', '.join(clash)}")
         if not arms and not self.hand_designed:
             raise ValueError("a study needs search arms or hand_designed presets")
+        if self.ranking is not None:
+            unknown = [n for n in self.ranking.supernets if n not in arms]
+            if unknown:
+                raise ValueError(f"ranking.supernets names no search arm: {', '.join(unknown)} (arms: {arms})")
         return self
 
     @property
@@ -290,6 +331,16 @@ def _check_study(study: StudyRecipe) -> None:
         if rec.space.name != retrain.space.name:
             raise RecipeError(f"{where}: the search recipe searches space {rec.space.name!r} but the retrain recipe "
                               f"trains {retrain.space.name!r}")
+        if study.ranking is not None and arm.name in study.ranking.supernets:
+            if rec.data.val_ids is None:
+                raise RecipeError(f"{where}: ranking.supernets: arm {arm.name!r} searches without data.val_ids; its "
+                                  "supernet scores candidates on validation identities (set data.val_ids in "
+                                  "search.set)")
+            if rec.data.val_ids != retrain.data.val_ids:
+                raise RecipeError(f"{src}: ranking: the retrain holds out data.val_ids={retrain.data.val_ids!r}, the "
+                                  f"supernet of arm {arm.name!r} {rec.data.val_ids!r}; stand-alone runs must train "
+                                  "on the identities the supernet trained on (set the same data.val_ids in "
+                                  "retrain.set)")
 
 
 def _checked(fn, *args, where: str, **kwargs):
