@@ -3,6 +3,7 @@ list``.
 
     nasreid search recipes/osnet_ain.yaml              # one-shot search, writes results/<run>/
     nasreid derive results/<run>                       # genotype.json (+ GraphML) from the last checkpoint
+    nasreid derive results/<run> --top-k 5             # gumbel: the best on validation of the 5 most probable
     nasreid train recipes/osnet_ain_retrain.yaml --genotype results/<run>/genotype.json
     nasreid evaluate results/<retrain-run> [--target market1501=/data/market1501]
     nasreid plot results/<run>                         # architecture-weight trajectories (PNG/SVG)
@@ -126,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("derive", parents=[plugin], help="derive genotype.json from a search run")
     d.add_argument("run")
     d.add_argument("--out", help="folder for genotype.json (default: the run folder)")
+    d.add_argument("--top-k", type=int, metavar="K", help="gumbel: score the K most probable genotypes under the final "
+                   "softmax(pi) on the run's validation identities (data.val_ids) with the supernet's weights and "
+                   "derive the best (RUN/derive_top_k.csv); default: argmax pi")
+    d.add_argument("--bn-batches", type=int, metavar="N", help="with --top-k: training batches of BN recalibration "
+                   "per genotype (default: the recipe's validate_bn_batches, 10)")
 
     t = sub.add_parser("train", parents=[plugin], help="retrain a fixed network from a genotype and evaluate it")
     t.add_argument("recipe", nargs="?", help="retrain recipe YAML (omit with --resume)")
@@ -383,7 +389,11 @@ def _cmd_hpo_worker(args) -> int:
 def _cmd_derive(args) -> int:
     from nasreid.engine import pipeline
 
-    g = pipeline.derive(args.run, args.out)
+    if args.bn_batches is not None and args.top_k is None:
+        from nasreid.config import RecipeError
+
+        raise RecipeError("--bn-batches needs --top-k K")
+    g = pipeline.derive(args.run, args.out, top_k=args.top_k, bn_batches=args.bn_batches)
     print(g.summary())
     print(f"wrote {Path(args.out or args.run) / 'genotype.json'}")
     return 0

@@ -7,6 +7,7 @@ from . import (
     gumbel,  # noqa: F401  (registers "gumbel")
     optuna_hpo,  # noqa: F401  (registers "optuna")
     random,  # noqa: F401  (registers "random")
+    spos,  # noqa: F401  (registers "spos")
 )
 from .base import OneShotStrategy, SamplingStrategy, Strategy, StrategyConfigError
 

@@ -337,6 +337,19 @@ class OneShotStrategy(Strategy):
         they weigh (unless ``open_layers`` names them). A new classifier's random gradients would otherwise wash
         out the pretrained blocks (measured: loss at chance after 3 epochs of the warm-started CPU search
         without it)."""
+        history = self.train_supernet(ctx)
+        return self._genotype(self.export(), self.probabilities(), ctx, epoch=len(history),
+                              run=ctx.run_dir.name, rule="argmax of architecture weights per choice")
+
+    def train_supernet(self, ctx) -> list[dict[str, Any]]:
+        """The shared loop of :meth:`search` without the derivation: attach, train for ``optim.epochs`` (resuming
+        from ``checkpoints/last.pt``; a finished checkpoint only loads its weights), log ``alphas.csv``. Returns
+        the trainer's per-epoch history (every epoch of the run, the resumed ones included). A strategy that
+        selects its genotype otherwise after training (``spos``: an evolutionary search on validation) calls it
+        and then works on the trained supernet ``self.model``.
+
+        Raises:
+            RecipeError / NonFiniteLossError: as the trainer (no batch, a diverged loss)."""
         from nasreid.engine.hooks import ArchitectureLogHook, FreezeBackboneHook, StrategyStateHook
 
         supernet = self.attach()
@@ -358,9 +371,7 @@ class OneShotStrategy(Strategy):
         trainer = ctx.trainer(model, step, loader=ctx.loader(), optimizer=optimizer, scheduler=scheduler,
                               hooks=hooks)
         self.forward_model = trainer.forward_model
-        trainer.fit()
-        return self._genotype(self.export(), self.probabilities(), ctx, epoch=len(trainer.history),
-                              run=ctx.run_dir.name, rule="argmax of architecture weights per choice")
+        return trainer.fit()
 
     def state_dict(self) -> dict[str, Any]:
         # probabilities and the derived sample ride along, so derive needs no supernet rebuild

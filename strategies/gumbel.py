@@ -29,25 +29,43 @@ Modes:
   followed by a scale-invariant layer (a BN right after the block, e.g. OSNet's transitions and conv5):
   ``dL/dh = <dL/dy, y> = 0`` there, which is why ``full`` is the default.
 
-At the end the derived architecture takes ``argmax pi`` per block ("Search Outcome").
+At the end the derived architecture takes ``argmax pi`` per block ("Search Outcome"). With ``validate_top_k: K``
+(or ``nasreid derive RUN --top-k K``) it is instead chosen on validation among the K most probable genotypes under
+the final ``prod_l softmax(pi_l)`` (:func:`top_k_samples`, exact), each scored with the supernet's inherited weights
+and recalibrated BN on the recipe's validation identities (:func:`select_on_validation`, ``RUN/derive_top_k.csv``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Mapping
+import csv
+import heapq
+import itertools
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
+from nasreid.config import RecipeError
 from nasreid.engine.trainer import Hook, optimizer_step
+from nasreid.genotype import Genotype, GenotypeError
 from nasreid.mutables import LayerChoice
 from nasreid.registry import register_strategy
 
-from .base import OneShotStrategy, mix_outputs
+from .base import OneShotStrategy, make_genotype, mix_outputs
 
 __all__ = ["GumbelMixedOp", "GumbelStrategy", "StraightThroughMix", "LambdaScheduleHook", "gumbel_softmax_sample",
-           "lambda_schedule"]
+           "lambda_schedule", "top_k_samples", "select_on_validation", "TOP_K_CSV"]
+
+log = logging.getLogger("nasreid")
+
+#: the file of the validation derive (one row per genotype of the top K by probability)
+TOP_K_CSV = "derive_top_k.csv"
 
 
 def gumbel_softmax_sample(pi: torch.Tensor, lam: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -200,9 +218,16 @@ class GumbelStrategy(OneShotStrategy):
             ``lambda_rate`` (0.5).
         arch_lr: learning rate of pi (None: the weights' lr); arch_weight_decay: weight decay of pi.
         seed: seed of the Gumbel noise generator.
+        validate_top_k: 0 (default): the derived genotype is ``argmax pi`` per choice. K > 0: the best on validation
+            (``validate_score``) of the K most probable genotypes under ``prod_l softmax(pi_l)``, each scored with the
+            supernet's weights after ``validate_bn_batches`` batches of BN recalibration (:func:`select_on_validation`;
+            the recipe must set ``data.val_ids``); ``nasreid derive`` of the run does the same.
+        validate_bn_batches: K batches of BN recalibration per scored genotype (10). validate_score: ``val_mAP``
+            (default) or ``val_rank1``.
 
     Raises:
-        StrategyConfigError: unknown or invalid kwargs (names the key).
+        StrategyConfigError: unknown or invalid kwargs (names the key). RecipeError (from :meth:`search` / derive):
+            ``validate_top_k`` > 0 in a recipe without ``data.val_ids``.
     """
 
     name = "gumbel"
@@ -222,6 +247,9 @@ class GumbelStrategy(OneShotStrategy):
         arch_weight_decay: float = Field(0.0, ge=0)
         init_std: float = Field(1e-3, ge=0)
         seed: int = 0
+        validate_top_k: int = Field(0, ge=0)
+        validate_bn_batches: int = Field(10, ge=0)
+        validate_score: Literal["val_mAP", "val_rank1"] = "val_mAP"
 
     cfg: Config  # the validated ``strategy.kwargs`` (set by Strategy.__init__)
 
@@ -279,9 +307,201 @@ class GumbelStrategy(OneShotStrategy):
     def probabilities(self) -> dict[str, dict[str, float]]:
         return {label: op.probabilities() for label, op in self.ops.items()}
 
+    def search(self, ctx) -> Genotype:
+        """The shared one-shot loop (:meth:`OneShotStrategy.search`: ``argmax pi``); with ``validate_top_k`` K > 0 the
+        trained supernet then scores the K most probable genotypes on validation and the best is returned
+        (:func:`select_on_validation`).
+
+        Raises:
+            RecipeError: ``validate_top_k`` > 0 and the recipe sets no ``data.val_ids`` (checked before training).
+        """
+        k = self.cfg.validate_top_k
+        if not k:
+            return super().search(ctx)
+        _require_val_ids(ctx.recipe, f"{ctx.recipe.source or '<recipe>'}: strategy.kwargs.validate_top_k")
+        history = self.train_supernet(ctx)
+        assert self.model is not None
+        probs = self.probabilities()
+        sample, prov = select_on_validation(self.model, self, ctx, probs, k, bn_batches=self.cfg.validate_bn_batches,
+                                            score=self.cfg.validate_score, out_csv=Path(ctx.run_dir) / TOP_K_CSV)
+        return self._genotype(sample, probs, ctx, epoch=len(history), run=Path(ctx.run_dir).name, **prov)
+
+    @classmethod
+    def derive(cls, run_dir: str | Path, recipe) -> Genotype:
+        """``argmax pi`` per choice from the checkpoint (:meth:`OneShotStrategy.derive`), or, when the recipe sets
+        ``strategy.kwargs.validate_top_k`` > 0, the validation choice among the top K (:meth:`derive_validated`).
+
+        Raises:
+            CheckpointError / GenotypeError: as :meth:`OneShotStrategy.derive`; RecipeError: as
+            :meth:`derive_validated`."""
+        kw = cls.Config(**dict(recipe.strategy.kwargs)) if recipe.strategy is not None else cls.Config()
+        if kw.validate_top_k:
+            return cls.derive_validated(run_dir, recipe, kw.validate_top_k, kw.validate_bn_batches)
+        return super().derive(run_dir, recipe)
+
+    @classmethod
+    def derive_validated(cls, run_dir: str | Path, recipe, top_k: int, bn_batches: Optional[int] = None,
+                         device: Optional[str] = None) -> Genotype:
+        """The genotype of a gumbel search run chosen on validation (``nasreid derive RUN --top-k K``): the supernet
+        of ``checkpoints/last.pt`` (:func:`nasreid.ranking.load_supernet`) scores the ``top_k`` most probable
+        genotypes under its final ``prod_l softmax(pi_l)`` on the run's validation identities
+        (:func:`select_on_validation`; ``RUN/derive_top_k.csv``). ``bn_batches`` defaults to the recipe's
+        ``validate_bn_batches`` (10).
+
+        Raises:
+            RecipeError: the run's recipe sets no ``data.val_ids``; ``top_k`` < 1. RankingError / CheckpointError:
+            no checkpoint, or one that does not fit the rebuilt supernet. GenotypeError: non-finite weights.
+        """
+        from nasreid.ranking import load_supernet
+
+        from .base import _check_finite
+
+        run = Path(run_dir)
+        if top_k < 1:
+            raise RecipeError(f"--top-k must be >= 1, got {top_k}")
+        _require_val_ids(recipe, f"{run}: --top-k")
+        kw = cls.Config(**dict(recipe.strategy.kwargs)) if recipe.strategy is not None else cls.Config()
+        supernet, strategy, ctx, ckpt = load_supernet(run, device=device, progress=False)
+        st = (ckpt.get("hooks") or {}).get("strategy") or {}
+        probs = st.get("probabilities")
+        if not probs:
+            raise GenotypeError(f"{run}: the checkpoint holds no architecture weights (is this a gumbel search run?)")
+        _check_finite(probs, f"{run}: ")
+        sample, prov = select_on_validation(
+            supernet, strategy, ctx, probs, top_k, bn_batches=kw.validate_bn_batches if bn_batches is None
+            else bn_batches, score=kw.validate_score, out_csv=run / TOP_K_CSV)
+        return make_genotype(recipe, sample, probs, epoch=int(ckpt["epoch"]) + 1, run=run.name, **prov)
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "lambda": self.lam, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.set_lambda(float(state["lambda"]))
         self.generator.set_state(state["generator"])
+
+
+# ---- the validation derive -------------------------------------------------------------------------------
+def _require_val_ids(recipe, where: str) -> None:
+    if recipe.data.val_ids is None:
+        raise RecipeError(f"{where}: choosing among the top-k genotypes reads validation identities, and the recipe "
+                          "sets no data.val_ids (the test split is never read); search with --set data.val_ids=N")
+
+
+def top_k_samples(probabilities: Mapping[str, Mapping[str, float]], k: int,
+                  enumerate_max: int = 65536) -> list[tuple[dict[str, str], float]]:
+    """The ``k`` most probable samples under the product distribution ``P(a) = prod_l p_l(a_l)`` (independent
+    choices: the final ``softmax(pi_l)`` of each Gumbel op, OSNet-AIN Eq. 7), with their log-probabilities (nats),
+    most probable first; ties go to the sample whose values come earlier in each choice's order (by probability,
+    then as listed). Exact either way:
+
+    * the space holds at most ``enumerate_max`` samples: every sample is scored and sorted;
+    * else best-first search over the lattice of per-choice ranks (each choice's values sorted by probability,
+      sample = one rank per choice; a successor raises one rank by one): the log-probability of a successor is at
+      most its predecessor's and its rank tuple is larger, so popping ``(-log P, ranks)`` from a heap yields the
+      samples in exactly the sorted order, after ``O(k L)`` pushes for L choices.
+
+    Args:
+        probabilities: ``{label: {value: p}}`` (values as strings, as ``probabilities()`` gives them).
+        k: samples wanted (fewer when the space is smaller).
+
+    Raises:
+        ValueError: ``k`` < 1 or a choice without values.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    labels = list(probabilities)
+    ordered: list[list[tuple[str, float]]] = []
+    for label in labels:
+        items = list(probabilities[label].items())
+        if not items:
+            raise ValueError(f"choice {label!r} has no values")
+        idx = sorted(range(len(items)), key=lambda i: (-float(items[i][1]), i))
+        ordered.append([(items[i][0], math.log(max(float(items[i][1]), 1e-45))) for i in idx])
+
+    def logp(ranks: tuple[int, ...]) -> float:
+        total = 0.0
+        for o, r in zip(ordered, ranks):
+            total += o[r][1]
+        return total
+
+    def sample(ranks: tuple[int, ...]) -> dict[str, str]:
+        return {label: o[r][0] for label, o, r in zip(labels, ordered, ranks)}
+
+    size = math.prod(len(o) for o in ordered)
+    if size <= enumerate_max:
+        every = sorted(((-logp(r), r) for r in itertools.product(*(range(len(o)) for o in ordered))))
+        return [(sample(r), -neg) for neg, r in every[:k]]
+    start = tuple(0 for _ in ordered)
+    heap = [(-logp(start), start)]
+    seen = {start}
+    out: list[tuple[dict[str, str], float]] = []
+    while heap and len(out) < k:
+        neg, ranks = heapq.heappop(heap)
+        out.append((sample(ranks), -neg))
+        for i in range(len(ranks)):
+            if ranks[i] + 1 < len(ordered[i]):
+                nxt = ranks[:i] + (ranks[i] + 1,) + ranks[i + 1:]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    heapq.heappush(heap, (-logp(nxt), nxt))
+    return out
+
+
+def select_on_validation(supernet, strategy, ctx, probabilities: Mapping[str, Mapping[str, float]], k: int, *,
+                         bn_batches: int = 10, score: str = "val_mAP",
+                         out_csv: Optional[Path] = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Choose among the ``k`` most probable genotypes (:func:`top_k_samples`) the best on validation: each is scored
+    by :class:`nasreid.ranking.SupernetRanker` (inherited weights, BN recalibrated on ``bn_batches`` fixed training
+    batches -- SPOS Sec. 3.3 --, rank-1 / mAP in percent on ``ctx``'s validation identities, never the test split)
+    and written to ``out_csv`` (``prob_rank``, ``key``, ``log_prob`` in nats, ``prob``, validation scores, seconds,
+    ``choices`` as JSON), one row per genotype in order of probability. Ties of ``score`` go to the more probable.
+
+    Args:
+        supernet / strategy / ctx: as :class:`~nasreid.ranking.SupernetRanker` (the trained supernet, its strategy, a
+            context whose dataset holds validation identities).
+        probabilities: ``{label: {value: p}}``, the final ``softmax(pi)``.
+        score: ``val_mAP`` or ``val_rank1``.
+
+    Returns:
+        ``(sample, provenance)``: the chosen sample (the space's typed values) and ``rule``, ``top_k``, ``prob_rank``
+        (1 = the argmax genotype), ``log_prob``, ``score``, ``score_value``, ``val_rank1``, ``val_mAP``.
+
+    Raises:
+        RankingError: no validation identities in ``ctx.dataset``. ValueError: ``k`` < 1.
+    """
+    from nasreid.ranking import SupernetRanker, genotype_key
+
+    ranker = SupernetRanker(supernet, strategy, ctx, bn_batches=bn_batches, loss_batches=0,
+                            probabilities=probabilities)
+    labels = ranker.labels
+    top = top_k_samples({label: probabilities[label] for label in labels}, k)
+    fields = ["prob_rank", "key", "log_prob", "prob", "val_rank1", "val_mAP", "val_mINP", "seconds", "choices"]
+    rows: list[dict[str, Any]] = []
+    f = out_csv.open("w", newline="") if out_csv is not None else None
+    try:
+        w = csv.DictWriter(f, fieldnames=fields) if f is not None else None
+        if w is not None and f is not None:
+            w.writeheader()
+            f.flush()
+        for i, (s, lp) in enumerate(top, 1):
+            typed = {label: next(v for v in ranker.choices[label].values if str(v) == s[label]) for label in labels}
+            res = ranker.score(typed)
+            row = {"prob_rank": i, "key": genotype_key(typed, labels), "log_prob": lp, "prob": math.exp(lp),
+                   **{m: float(res[m]) for m in ("val_rank1", "val_mAP", "val_mINP", "seconds")},
+                   "choices": json.dumps(s)}
+            rows.append({**row, "sample": typed})
+            if w is not None and f is not None:
+                w.writerow({k2: (f"{v:.10g}" if isinstance(v, float) else v) for k2, v in row.items()})
+                f.flush()
+                os.fsync(f.fileno())
+            log.info("top-%d derive: #%d %s p=%.4g %s %.2f", k, i, row["key"], row["prob"], score, row[score])
+    finally:
+        if f is not None:
+            f.close()
+    best = min(rows, key=lambda r: (-(r[score] if math.isfinite(r[score]) else -math.inf), r["prob_rank"]))
+    prov = {"rule": f"best validation {score} among the {len(rows)} most probable genotypes under prod softmax(pi) "
+                    "(inherited weights, BN recalibrated)",
+            "top_k": k, "prob_rank": best["prob_rank"], "log_prob": best["log_prob"], "score": score,
+            "score_value": best[score], "val_rank1": best["val_rank1"], "val_mAP": best["val_mAP"],
+            "bn_batches": bn_batches}
+    return dict(best["sample"]), prov

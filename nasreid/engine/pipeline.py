@@ -145,16 +145,20 @@ def _then_retrain(recipe: Recipe, run: Path, metrics: dict, progress: Optional[b
     return run
 
 
-def derive(run_dir: str | os.PathLike, out: Optional[str | os.PathLike] = None) -> Genotype:
+def derive(run_dir: str | os.PathLike, out: Optional[str | os.PathLike] = None, top_k: Optional[int] = None,
+           bn_batches: Optional[int] = None) -> Genotype:
     """Derive the architecture of a search run from its files: the run's strategy reads back what it
     checkpointed (``Strategy.derive``; one-shot strategies take the argmax of the architecture weights,
-    OSNet-AIN "Search Outcome").
+    OSNet-AIN "Search Outcome"). With ``top_k`` (``nasreid derive RUN --top-k K``), the strategy's
+    ``derive_validated(run, recipe, top_k, bn_batches)`` instead (gumbel: the best on validation of the K most
+    probable genotypes, :func:`nasreid.strategies.gumbel.select_on_validation`).
 
     Writes ``genotype.json`` and ``genotype.graphml`` into the run folder (or ``out``).
 
     Raises:
         RunFolderError / CheckpointError / GenotypeError: not a search run folder, no checkpoint yet, or
-            architecture weights that are not finite.
+            architecture weights that are not finite. RecipeError: ``top_k`` for a strategy without a validation
+            derive, or a run without ``data.val_ids``.
     """
     run = Path(run_dir)
     recipe = load_run_recipe(run)
@@ -162,7 +166,14 @@ def derive(run_dir: str | os.PathLike, out: Optional[str | os.PathLike] = None) 
         raise RunFolderError(f"{run} is not a search run (its recipe has no strategy)")
     if recipe.plugins:
         check_recipe(recipe)  # imports the plugins that may define the strategy
-    geno = STRATEGIES.get(recipe.strategy.name).derive(run, recipe)
+    cls = STRATEGIES.get(recipe.strategy.name)
+    if top_k is not None:
+        if not hasattr(cls, "derive_validated"):
+            raise RecipeError(f"--top-k: strategy {recipe.strategy.name!r} of {run} has no validation derive (gumbel "
+                              "has; spos selects on validation during its search)")
+        geno = cls.derive_validated(run, recipe, int(top_k), bn_batches)
+    else:
+        geno = cls.derive(run, recipe)
     out_dir = Path(out) if out is not None else run
     out_dir.mkdir(parents=True, exist_ok=True)
     geno.save(out_dir / "genotype.json")
