@@ -238,6 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--out", help="output folder (default: RUN/rank)")
     rk.add_argument("--device", help="override the recipe's device (cpu, cuda)")
 
+    ip = sub.add_parser("interpolate", parents=[plugin], help="WiSE-FT: evaluate weight-space mixes (1 - alpha) * "
+                        "init + alpha * fine-tuned of a retrain run started from model.pretrained (same- and "
+                        "cross-domain curve over alpha; resumable)")
+    ip.add_argument("run", help="a retrain run folder whose recipe names model.pretrained")
+    ip.add_argument("--alpha", default="0,0.25,0.5,0.75,1", metavar="A,B,...|START:STOP:STEP",
+                    help="mixing coefficients in [0, 1] (0: the pretrained init, 1: the fine-tuned run); a comma "
+                    "list or an inclusive range, e.g. 0:1:0.1 (default 0,0.25,0.5,0.75,1)")
+    ip.add_argument("--target", action="append", default=[], metavar="NAME[=ROOT][:k=v,...]",
+                    help="cross-domain dataset (repeatable); default: the recipe's eval.targets")
+    ip.add_argument("--no-same-domain", action="store_true", help="skip the training dataset's test split")
+    ip.add_argument("--out", help="output folder (default: RUN/wise_ft)")
+    ip.add_argument("--device", help="override the recipe's device (cpu, cuda)")
+
     st = sub.add_parser("study", help="does the search beat random and hand design? searches, retrains and a "
                         "paired report over seeds and splits (resumable)")
     st.add_argument("recipe", help="study recipe YAML (see recipes/study_osnet_ain_cpu.yaml), or a study folder")
@@ -515,12 +528,23 @@ def _cmd_rank(args) -> int:
     return 0
 
 
+def _cmd_interpolate(args) -> int:
+    from nasreid.evaluation.wise_ft import parse_alphas, run_wise_ft
+
+    alphas = parse_alphas(args.alpha, "--alpha")
+    out = run_wise_ft(args.run, alphas, targets=_targets(args.target) or None, out=args.out,
+                      same_domain=not args.no_same_domain, device=args.device)
+    print((out / "wise_ft.md").read_text())
+    print(f"wrote {out / 'wise_ft.csv'}, {out / 'wise_ft.md'}, {out / 'wise_ft.png'}")
+    return 0
+
+
 #: sub-command -> handler (every sub-command of :func:`build_parser` has one)
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "search": _cmd_search, "hpo": _cmd_hpo, "hpo-worker": _cmd_hpo_worker, "derive": _cmd_derive,
     "train": _cmd_train, "evaluate": _cmd_evaluate, "plot": _cmd_plot, "export": _cmd_export,
     "visualize": _cmd_visualize, "match": _cmd_match, "profile": _cmd_profile, "study": _cmd_study,
-    "rank": _cmd_rank, "list": _cmd_list,
+    "rank": _cmd_rank, "interpolate": _cmd_interpolate, "list": _cmd_list,
 }
 
 
