@@ -1,6 +1,7 @@
 """Shared pytest fixtures. Keep minimal: other test files add their own fixtures."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -53,6 +54,33 @@ def market_root(tmp_path, cuhk01_dir) -> Path:
     build_market_tree(root, cuhk01_dir, market_name)
     add_junk_and_distractors(root, cuhk01_dir)
     return root
+
+
+@contextlib.contextmanager
+def opened_images():
+    """Record every image file opened inside the context (``PIL.Image.open``: the readers of every loader go through
+    it): yields the list of absolute paths, filled as files are opened."""
+    import PIL.Image
+
+    opened: list[str] = []
+    orig = PIL.Image.open
+
+    def spy(fp, *a, **k):
+        opened.append(os.path.abspath(os.fspath(fp)) if isinstance(fp, (str, os.PathLike)) else repr(fp))
+        return orig(fp, *a, **k)
+
+    PIL.Image.open = spy  # type: ignore[assignment]
+    try:
+        yield opened
+    finally:
+        PIL.Image.open = orig  # type: ignore[assignment]
+
+
+@pytest.fixture
+def read_paths():
+    """Every image file opened during the test (:func:`opened_images`)."""
+    with opened_images() as opened:
+        yield opened
 
 
 @pytest.fixture(scope="module")

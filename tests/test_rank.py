@@ -10,7 +10,6 @@ import math
 import os
 from pathlib import Path
 
-import PIL.Image
 import pytest
 import torch
 import yaml
@@ -67,18 +66,6 @@ def runs(tmp_path_factory, shared_data):
         torch.set_num_threads(n)
 
 
-@pytest.fixture
-def read_paths(monkeypatch):
-    """Every image file opened from now on (PIL.Image.open: every loader's reader goes through it)."""
-    opened: list[str] = []
-    orig = PIL.Image.open
-
-    def spy(fp, *a, **k):
-        opened.append(os.path.abspath(os.fspath(fp)) if isinstance(fp, (str, os.PathLike)) else repr(fp))
-        return orig(fp, *a, **k)
-
-    monkeypatch.setattr(PIL.Image, "open", spy)
-    return opened
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

@@ -21,12 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-import PIL.Image
 import pytest
 import torch
 import yaml
 
-from conftest import missing
+from conftest import missing, opened_images
 from nasreid.config import RecipeError, load_recipe
 from nasreid.engine import pipeline
 from nasreid.engine.checkpoint import load_checkpoint
@@ -91,21 +90,11 @@ def runs(tmp_path_factory, shared_data):
     if not (shared_data / "cuhk01" / "campus").is_dir():
         missing(f"cuhk01 not present in {shared_data}")
     root = tmp_path_factory.mktemp("spos")
-    opened: list[str] = []
-    orig = PIL.Image.open
-
-    def spy(fp, *a, **k):
-        opened.append(os.path.abspath(os.fspath(fp)) if isinstance(fp, (str, os.PathLike)) else repr(fp))
-        return orig(fp, *a, **k)
-
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     recipe = _write(root, shared_data, SPOS, "spos")
-    PIL.Image.open = spy  # type: ignore[assignment]
-    try:
+    with opened_images() as opened:
         ref = pipeline.run_search(load_recipe(recipe), run_dir=root / "ref", progress=False)
-    finally:
-        PIL.Image.open = orig  # type: ignore[assignment]
     try:
         gumbel = pipeline.run_search(load_recipe(_write(root, shared_data, GUMBEL, "gumbel")), run_dir=root / "g",
                                      progress=False)

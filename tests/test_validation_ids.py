@@ -8,7 +8,6 @@ import json
 import os
 from pathlib import Path
 
-import PIL.Image
 import pytest
 
 from nasreid.config import RecipeError, load_recipe
@@ -45,18 +44,6 @@ def cuhk01(shared_data):
     return build_dataset("cuhk01", shared_data / "cuhk01", split_seed=0)
 
 
-@pytest.fixture
-def read_paths(monkeypatch):
-    """Every image file opened from now on (PIL.Image.open: the readers of every loader go through it)."""
-    opened: list[str] = []
-    orig = PIL.Image.open
-
-    def spy(fp, *a, **k):
-        opened.append(os.path.abspath(os.fspath(fp)) if isinstance(fp, (str, os.PathLike)) else repr(fp))
-        return orig(fp, *a, **k)
-
-    monkeypatch.setattr(PIL.Image, "open", spy)
-    return opened
 
 
 def _paths(records) -> set[str]:
