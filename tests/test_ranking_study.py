@@ -134,6 +134,13 @@ def test_ranking_study_recipe_checks(tmp_path):
     assert pool.command()[3:] == ["rank", str(real.study_dir / "search" / "gumbel" / "split0_seed0"), "--sample",
                                   "100", "--seed", "0", "--bn-batches", "10", "--out", str(pool.run_dir)]
     assert not pool.ready()  # its search has not run
+    # the selection study (issue 27 item 5): 3 arms x 2 seeds x 3 splits, searches on 385 ids, retrains on all 485
+    sel = S.load_study(ROOT / "recipes" / "study_selection_osnet_ain_warm_cpu.yaml")
+    jobs = S.enumerate_jobs(sel)
+    assert [j.phase for j in jobs].count("search") == 18 and [j.phase for j in jobs].count("train") == 27
+    search = next(j for j in jobs if j.arm == "gumbel_val")
+    assert ("data.val_ids", 100) in search.sets and ("strategy.kwargs.validate_top_k", 8) in search.sets
+    assert all(k != "data.val_ids" for j in jobs if j.phase == "train" for k, _ in j.sets)
 
 
 def test_tiny_ranking_study_end_to_end_and_resumed(tmp_path):
