@@ -40,13 +40,24 @@ class UniformPathOp(LayerChoice):
 
 @register_strategy("random")
 class RandomStrategy(OneShotStrategy):
-    """Uniform random sampling baseline. Kwargs: ``seed`` (int)."""
+    """Uniform random sampling baseline.
+
+    Kwargs:
+        seed: seed of the path sampling and of the exported draw.
+        fair: strict fairness (Chu et al., "FairNAS: Rethinking Evaluation Fairness of Weight Sharing Neural
+            Architecture Search", ICCV 2021, Sec. 3.2, Alg. 1): each step draws, per choice, a random permutation of
+            its m candidates and runs m single paths (path k takes the k-th entry of every permutation), their
+            gradients accumulated (each loss divided by m) before one optimiser step, so every candidate of every
+            choice is trained exactly once per step (m times the forward/backward work of a uniform step).
+            Default off: one uniformly drawn path per step (SPOS, Eq. 4-5).
+    """
 
     name = "random"
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         seed: int = 0
+        fair: bool = False
 
     cfg: Config  # the validated ``strategy.kwargs`` (set by Strategy.__init__)
 
@@ -64,11 +75,29 @@ class RandomStrategy(OneShotStrategy):
         return self._replace_choices(factory)
 
     def train_step(self, batch, loss_fn, optimizer, scaler=None, grad_clip=None, autocast=None):
-        """One SGD step of the supernet with one uniformly sampled path per choice."""
+        """One SGD step of the supernet: one uniformly sampled path per choice, or with ``fair`` the m paths of
+        strict fairness (FairNAS Alg. 1; losses averaged over the paths, which the returned scalars are)."""
         optimizer.zero_grad(set_to_none=True)
-        parts = self._forward_backward(batch, loss_fn, scaler, autocast)
+        if not getattr(self.cfg, "fair", False):
+            parts = self._forward_backward(batch, loss_fn, scaler, autocast)
+            out = {k: float(v) for k, v in parts.items()}
+        else:
+            ops = list(self.ops.values())
+            perms = [self.rng.sample(op._keys, len(op._keys)) for op in ops]
+            m = max(len(p) for p in perms)
+            out = {}
+            try:
+                for k in range(m):
+                    for op, perm in zip(ops, perms):
+                        op.fixed = perm[k % len(perm)]
+                    parts = self._forward_backward(batch, loss_fn, scaler, autocast, scale=1.0 / m)
+                    for key, v in parts.items():
+                        out[key] = out.get(key, 0.0) + float(v) / m
+            finally:
+                for op in ops:
+                    op.fixed = None
         optimizer_step(optimizer, self.weight_parameters(), scaler, grad_clip)
-        return {k: float(v) for k, v in parts.items()}
+        return out
 
     def probabilities(self) -> dict[str, dict[str, float]]:
         """One-hot on the drawn sample (the baseline has no learned weights)."""

@@ -131,6 +131,8 @@ class SPOSStrategy(RandomStrategy):
             many (128).
         fixed: ``{label: value}`` choices held fixed during the selection (Algorithm 1's constraints ``C``); the
             supernet still trains every path.
+        fair: train the supernet with FairNAS strict fairness instead of one uniform path per step (see
+            :class:`~nasreid.strategies.random.RandomStrategy`).
 
     ``probabilities()`` is uniform (the sampling distribution ``Gamma(A)`` of Eq. 4) until a candidate is scored,
     then one-hot on the best candidate so far; the genotype's probabilities are one-hot on the selected one.
@@ -157,6 +159,7 @@ class SPOSStrategy(RandomStrategy):
         score: Literal["val_mAP", "val_rank1"] = "val_mAP"
         exhaustive_max: int = Field(128, ge=0)
         fixed: dict[str, str] = Field(default_factory=dict)
+        fair: bool = False
 
         @model_validator(mode="after")
         def _counts(self) -> "SPOSStrategy.Config":

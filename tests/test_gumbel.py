@@ -220,6 +220,35 @@ def test_random_baseline_is_seeded_and_valid():
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_fair_sampling_trains_every_candidate_once_per_step():
+    """``fair: true`` (FairNAS strict fairness): in one step every candidate of every choice runs exactly once, the
+    k-th paths of the choices follow seeded permutations, and the returned loss is the mean over the m paths; the
+    default keeps one path per step."""
+    def calls_per_step(fair: bool, seed: int = 3):
+        torch.manual_seed(0)
+        space = get_space("osnet_ain")(num_classes=4, width_mult=0.125, feature_dim=16)
+        strat = get_strategy("random")(space, seed=seed, fair=fair)
+        model = strat.attach().train()
+        seen: dict[str, list[str]] = {}
+        for label, op in strat.ops.items():
+            for key, cand in op.candidates.items():
+                cand.register_forward_hook(lambda m, i, o, label=label, key=key: seen.setdefault(label, []).append(key))
+        opt = torch.optim.SGD(strat.param_groups(0.01, 0.0), lr=0.01)
+        batch = {"img": torch.randn(4, 3, 64, 32), "pid": torch.tensor([0, 0, 1, 1])}
+        parts = strat.train_step(batch, build_reid_loss(4), opt)
+        assert all(op.fixed is None for op in strat.ops.values()) and model.training
+        return seen, parts
+
+    seen, parts = calls_per_step(True)
+    assert set(seen) == {"conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv4_1", "conv4_2"}
+    assert all(sorted(v) == ["os", "os_in_in", "os_in_in_out", "os_in_out"] for v in seen.values())
+    assert seen != calls_per_step(True, seed=4)[0] and seen == calls_per_step(True)[0]  # seeded permutations
+    assert parts["loss"] > 0
+    plain, _ = calls_per_step(False)
+    assert all(len(v) == 1 for v in plain.values())
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_a_one_shot_search_honours_optim_lr_mult(tmp_path):
     """``optim.lr_mult`` in a one-shot search recipe takes effect: the weights split into the multiplier groups
     (every weight in exactly one, pi in none), pi keeps its own ``arch_lr``; seen in the search's checkpointed

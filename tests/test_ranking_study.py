@@ -128,7 +128,9 @@ def test_ranking_study_recipe_checks(tmp_path):
         ranking_study(tmp_path, val_ids=(2, 3))
     real = S.load_study(ROOT / "recipes" / "study_ranking_osnet_ain_warm_cpu.yaml")
     jobs = S.enumerate_jobs(real)
-    assert [j.phase for j in jobs].count("search") == 2 and [j.phase for j in jobs].count("score") == 4
+    assert [j.phase for j in jobs].count("search") == 4 and [j.phase for j in jobs].count("score") == 8
+    fair = next(j for j in jobs if j.arm == "uniform_fair" and j.phase == "search")
+    assert ("strategy.kwargs", {"fair": True}) in fair.sets
     assert [j.id for j in jobs if j.phase == "pool"] == ["ranking/split0/pool"]
     pool = next(j for j in jobs if j.phase == "pool")
     assert pool.command()[3:] == ["rank", str(real.study_dir / "search" / "gumbel" / "split0_seed0"), "--sample",
