@@ -33,6 +33,13 @@ cross-domain mAP on a validation domain that is not the final test domain" (the 
 Generalisable Omni-Scale Representations for Person Re-Identification" (OSNet-AIN), TPAMI 2021, Sec. 4: the
 search is run with several seeds and the architecture that is best on a validation domain is kept).
 
+A *methods study* (``retrain_arms``, issue 28) compares training methods / recipes on fixed genotypes instead:
+every hand design and fixed genotype file (``genotypes``) is trained by each retrain arm (``train/<arm>/<genotype>/
+split<K>_seed<R>``, with the arm's extra evaluations such as re-ranking, ``nasreid evaluate RUN --set eval.*``), and
+with ``zero_shot`` each arm's init is evaluated without training (phase ``zero_shot``, ``nasreid evaluate
+--weights``, ``zero_shot/<genotype>/<label>_split<K>``); the report pairs trained − zero-shot, evaluation − own,
+arm − arm and genotype − genotype over (split, retrain seed) units (docs/study.md).
+
 The package: :mod:`~nasreid.study.schema` (the study recipe and its checks), :mod:`~nasreid.study.jobs` (the job
 graph, job states and commands), :mod:`~nasreid.study.runner` (the local runner), :mod:`~nasreid.study.statistics`
 (bootstrap, entropy, agreement), :mod:`~nasreid.study.report` (results table and report) and
@@ -40,7 +47,18 @@ graph, job states and commands), :mod:`~nasreid.study.runner` (the local runner)
 """
 from __future__ import annotations
 
-from .jobs import DONE, EVALUATE, NEW, PARTIAL, StudyJob, enumerate_jobs, find_evaluation, print_commands
+from .jobs import (
+    DONE,
+    EVALUATE,
+    NEW,
+    PARTIAL,
+    StudyJob,
+    enumerate_jobs,
+    evaluation_tag,
+    find_evaluation,
+    find_tagged_evaluation,
+    print_commands,
+)
 from .report import METRICS, build_report, collect_results
 from .runner import run_study
 from .schema import (
@@ -48,9 +66,11 @@ from .schema import (
                      StudyArm,
                      StudyBootstrap,
                      StudyEvaluation,
+                     StudyEvalVariant,
                      StudyRanking,
                      StudyRecipe,
                      StudyRetrain,
+                     StudyRetrainArm,
                      StudySearch,
                      StudySelection,
                      load_study,
@@ -61,6 +81,7 @@ __all__ = [
     "StudyRecipe", "StudyArm", "StudySearch", "StudyRetrain", "StudyEvaluation", "StudySelection", "StudyRanking",
     "StudyBootstrap", "StudyJob", "BootstrapResult", "load_study", "enumerate_jobs", "run_study",
     "print_commands", "collect_results", "build_report", "paired_bootstrap", "decision_entropy",
-    "genotype_agreement", "find_evaluation", "entropy_per_epoch",
+    "genotype_agreement", "find_evaluation", "entropy_per_epoch", "StudyRetrainArm", "StudyEvalVariant",
+    "evaluation_tag", "find_tagged_evaluation",
     "DONE", "EVALUATE", "NEW", "PARTIAL", "METRICS", "Seeds",
 ]

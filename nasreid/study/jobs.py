@@ -17,11 +17,12 @@ import yaml
 from nasreid.config import DatasetRef
 from nasreid.errors import RunFolderError
 
-from .schema import StudyRecipe, _eval_targets, _retrain_sets, _search_sets, load_study
+from .schema import StudyRecipe, _arm_sets, _eval_targets, _retrain_sets, _search_sets, load_study
 
 NEW, PARTIAL, EVALUATE, DONE = "new", "partial", "evaluate", "done"
-#: the phases of a study in the order they run (``pool`` and ``score``: a ranking study's ``nasreid rank`` jobs)
-PHASES = ("search", "pool", "score", "train")
+#: the phases of a study in the order they run (``pool`` and ``score``: a ranking study's ``nasreid rank`` jobs;
+#: ``zero_shot``: a methods study's evaluations of the init, ``nasreid evaluate --weights``)
+PHASES = ("search", "pool", "score", "zero_shot", "train")
 
 
 def _yaml_value(v: Any) -> str:
@@ -67,6 +68,22 @@ def find_evaluation(evaluation: Mapping[str, Mapping[str, Any]], ref: Optional[D
     return None
 
 
+def evaluation_tag(sets: Mapping[str, Any]) -> str:
+    """The suffix :func:`~nasreid.evaluation.runner.run_evaluate` gives the result keys of ``nasreid evaluate RUN
+    --set k=v ...`` (``" [k=v, ...]"``, each value as the CLI parses it back)."""
+    return " [" + ", ".join(f"{k}={yaml.safe_load(_yaml_value(v))}" for k, v in sets.items()) + "]"
+
+
+def find_tagged_evaluation(evaluation: Mapping[str, Mapping[str, Any]], ref: Optional[DatasetRef],
+                           tag: str) -> Optional[dict]:
+    """Like :func:`find_evaluation` for the results of one ``nasreid evaluate RUN --set ...`` (keys ending in
+    ``tag``, :func:`evaluation_tag`); ``tag=""`` is :func:`find_evaluation`."""
+    if not tag:
+        return find_evaluation(evaluation, ref)
+    stripped = {k[: -len(tag)]: v for k, v in evaluation.items() if k.endswith(tag)}
+    return find_evaluation(stripped, ref)
+
+
 def _target_spec(ref: DatasetRef) -> str:
     """``name[=root][:k=v,...]`` as ``nasreid evaluate --target`` reads it."""
     s = ref.name + (f"={ref.root}" if ref.root else "")
@@ -84,11 +101,18 @@ class StudyJob:
     ``pool`` (the selecting supernet scores a uniform pool) and phase ``score`` (every supernet scores the fixed
     selection, with and without BN recalibration), and train jobs of kind ``ranked`` for the selected genotypes.
 
+    A methods study (:class:`~nasreid.study.schema.StudyRetrainArm`) has train jobs of kind ``hand`` (a preset) or
+    ``fixed`` (a genotype file) per retrain arm in ``train/<arm>/<genotype>/split<K>_seed<R>``, each with the
+    arm's extra evaluations (``variants``), and phase ``zero_shot`` jobs (kind ``zero_shot``): ``nasreid evaluate
+    --weights`` of an arm's init in ``zero_shot/<genotype>/<label>_split<K>`` (one job per distinct command;
+    ``owners`` lists the ``<arm>`` / ``<arm>+<evaluation>`` labels whose init it is).
+
     Attributes:
-        phase: ``"search"``, ``"pool"``, ``"score"`` or ``"train"`` (the phases run in that order).
+        phase: ``"search"``, ``"pool"``, ``"score"``, ``"zero_shot"`` or ``"train"`` (the phases run in that
+            order).
         arm: the genotype source: a search arm's name, a preset name, or a ranked genotype's name (``r007``: place
             7 of the pool by the selecting supernet's score); a rank job's supernet arm.
-        kind: ``"searched"``, ``"random"``, ``"hand"`` or ``"ranked"``.
+        kind: ``"searched"``, ``"random"``, ``"hand"``, ``"ranked"``, ``"fixed"`` or ``"zero_shot"``.
         split: the value of the study's ``split_key`` (CUHK01's ``split_seed``).
         search_seed: the search seed (``None`` for a hand design).
         retrain_seed: the retrain seed (``None`` for a search job).
@@ -100,11 +124,15 @@ class StudyJob:
         targets: the cross-domain evaluations a finished train job must hold (same-domain is always expected).
         rank_args: a rank job's selection and settings (``--sample N --seed S`` or ``--genotypes FILE``, then
             ``--bn-batches K``), after ``nasreid rank <search_run>``.
+        retrain_arm: a methods study's retrain arm of a train job (``None`` otherwise).
+        variants: a train job's extra evaluations ``(name, eval sets)`` (``nasreid evaluate RUN --set ...``).
+        weights_args: a zero-shot job's arguments after ``nasreid evaluate`` (``--weights ... --target ...``).
+        owners: a zero-shot job's ``<arm>`` / ``<arm>+<evaluation>`` labels.
     """
 
-    phase: Literal["search", "pool", "score", "train"]
+    phase: Literal["search", "pool", "score", "zero_shot", "train"]
     arm: str
-    kind: Literal["searched", "random", "hand", "ranked"]
+    kind: Literal["searched", "random", "hand", "ranked", "fixed", "zero_shot"]
     split: int
     search_seed: Optional[int]
     retrain_seed: Optional[int]
@@ -115,11 +143,16 @@ class StudyJob:
     search_run: Optional[Path] = None
     targets: list[DatasetRef] = field(default_factory=list)
     rank_args: list[str] = field(default_factory=list)
+    retrain_arm: Optional[str] = None
+    variants: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    weights_args: list[str] = field(default_factory=list)
+    owners: list[str] = field(default_factory=list)
 
     @property
     def id(self) -> str:
-        """The run folder relative to the study folder, e.g. ``search/gumbel/split0_seed1``."""
-        return "/".join(self.run_dir.parts[-3:])
+        """The run folder relative to the study folder, e.g. ``search/gumbel/split0_seed1`` (a methods study's
+        train job: ``train/<arm>/<genotype>/split<K>_seed<R>``)."""
+        return "/".join(self.run_dir.parts[-4:] if self.retrain_arm is not None else self.run_dir.parts[-3:])
 
     def metrics(self) -> dict:
         """The run's ``metrics.json`` (``{}`` when absent or unreadable)."""
@@ -129,6 +162,17 @@ class StudyJob:
         """Evaluations a train job's ``metrics.json`` lacks (``None`` stands for the same-domain split)."""
         ev = self.metrics().get("evaluation") or {}
         return [t for t in [None, *self.targets] if find_evaluation(ev, t) is None]
+
+    def missing_variants(self) -> list[tuple[str, dict[str, Any], list[Optional[DatasetRef]]]]:
+        """The extra evaluations a train job's ``metrics.json`` lacks: ``(name, eval sets, missing datasets)``."""
+        ev = self.metrics().get("evaluation") or {}
+        out = []
+        for name, sets in self.variants:
+            tag = evaluation_tag(sets)
+            miss = [t for t in [None, *self.targets] if find_tagged_evaluation(ev, t, tag) is None]
+            if miss:
+                out.append((name, sets, miss))
+        return out
 
     def state(self) -> str:
         """``"done"``; ``"partial"`` (started: the run folder holds ``recipe.yaml``, resumed with ``--resume``);
@@ -141,11 +185,15 @@ class StudyJob:
                 return DONE
             return PARTIAL if (self.run_dir / "rank.csv").is_file() else NEW
         m = self.metrics()
+        if self.phase == "zero_shot":  # one evaluation command: rerun whole when anything is missing
+            ev = m.get("evaluation") or {}
+            ok = m.get("kind") == "zero_shot" and all(find_evaluation(ev, t) is not None for t in self.targets)
+            return DONE if ok else NEW
         if self.phase == "search":
             if m.get("search_done") and (self.run_dir / "genotype.json").is_file():
                 return DONE
         elif m.get("evaluation"):
-            return DONE if not self.missing_targets() else EVALUATE
+            return DONE if not self.missing_targets() and not self.missing_variants() else EVALUATE
         return PARTIAL if (self.run_dir / "recipe.yaml").is_file() else NEW
 
     def ready(self) -> bool:
@@ -167,11 +215,24 @@ class StudyJob:
         py = [sys.executable, "-m", "nasreid"]
         if self.phase in ("pool", "score"):  # the same command resumes (rows already in rank.csv are skipped)
             return [*py, "rank", str(self.search_run), *self.rank_args, "--out", str(self.run_dir)]
+        if self.phase == "zero_shot":
+            return [*py, "evaluate", *self.weights_args, "--out", str(self.run_dir)]
         if self.phase == "search":
             if state == PARTIAL:
                 return [*py, "search", "--resume", str(self.run_dir), "--no-retrain"]
             cmd = [*py, "search", str(self.recipe), "--out", str(self.run_dir), "--no-retrain"]
         else:
+            if state == EVALUATE and not self.missing_targets():  # an extra evaluation (variant) is missing
+                _, sets, missing = self.missing_variants()[0]
+                cmd = [*py, "evaluate", str(self.run_dir)]
+                for k, v in sets.items():
+                    cmd += ["--set", f"{k}={_yaml_value(v)}"]
+                for t in missing:
+                    if t is not None:
+                        cmd += ["--target", _target_spec(t)]
+                if None not in missing:
+                    cmd.append("--no-same-domain")
+                return cmd
             if state == EVALUATE:
                 missing = self.missing_targets()
                 cmd = [*py, "evaluate", str(self.run_dir)]
@@ -210,7 +271,9 @@ def enumerate_jobs(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[StudyJo
         ``len(arms) * len(search seeds) * len(splits)`` search jobs followed by
         ``(len(arms) * len(search seeds) + len(hand_designed)) * len(retrain seeds) * len(splits)`` train jobs,
         ordered so that paired units complete first (split, retrain seed, then each arm's first search seed
-        with the hand designs before the later search seeds).
+        with the hand designs before the later search seeds). A methods study (``retrain_arms``): its zero-shot
+        jobs, then ``len(retrain_arms) x genotypes x retrain seeds x splits`` train jobs (each arm its own
+        genotypes), ordered by split, retrain seed, genotype and arm (:func:`_methods_jobs`).
 
     Raises:
         RecipeError: an invalid study recipe; RunFolderError: a folder without ``study.yaml``.
@@ -218,6 +281,8 @@ def enumerate_jobs(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[StudyJo
     study = _as_study(recipe)
     root = study.study_dir
     targets = _eval_targets(study)
+    if study.retrain_arms:
+        return _methods_jobs(study)
     jobs: list[StudyJob] = []
     searches: list[StudyJob] = []
     if study.search is not None:
@@ -263,6 +328,74 @@ def enumerate_jobs(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[StudyJo
         return (study.splits.index(j.split), j.retrain_seed, k, src)
 
     return jobs[:n_search] + sorted(jobs[n_search:], key=key)
+
+
+def _methods_jobs(study: StudyRecipe) -> list[StudyJob]:
+    """The jobs of a methods study (``retrain_arms``): the zero-shot evaluations (one per distinct ``nasreid evaluate
+    --weights`` command, when ``zero_shot``), then per split and retrain seed every (arm, genotype) train job."""
+    from nasreid.config import load_recipe
+
+    root, targets = study.study_dir, _eval_targets(study)
+    trains: list[StudyJob] = []
+    zero: dict[str, StudyJob] = {}
+    for arm in study.retrain_arms:
+        recipe = Path(arm.recipe or study.retrain.recipe)
+        variants = [(e.name, dict(e.set)) for e in arm.evaluations]
+        for g in study.arm_genotypes(arm):
+            kind: Literal["hand", "fixed"] = "fixed" if g in study.genotypes else "hand"
+            for split in study.splits:
+                for r in study.retrain.seeds:
+                    trains.append(StudyJob(
+                        phase="train", arm=g, kind=kind, split=split, search_seed=None, retrain_seed=r,
+                        run_dir=root / "train" / arm.name / g / f"split{split}_seed{r}", recipe=recipe,
+                        sets=_arm_sets(study, arm, split, r), genotype=study.genotype_arg(g), targets=targets,
+                        retrain_arm=arm.name, variants=variants))
+        if not study.zero_shot:
+            continue
+        for split in study.splits:
+            rec = load_recipe(recipe, dict(_arm_sets(study, arm, split, study.retrain.seeds[0])))
+            for vname, vsets in [("", {}), *variants]:
+                label = f"{arm.name}+{vname}" if vname else arm.name
+                for g in study.arm_genotypes(arm):
+                    args, refs = _zero_shot_args(study, rec, g, vsets, targets)
+                    key = json.dumps([args, split])
+                    if key not in zero:
+                        zero[key] = StudyJob(
+                            phase="zero_shot", arm=g, kind="zero_shot", split=split, search_seed=None,
+                            retrain_seed=None, run_dir=root / "zero_shot" / g / f"{label}_split{split}",
+                            recipe=recipe, genotype=study.genotype_arg(g), targets=refs, weights_args=args)
+                    zero[key].owners.append(label)
+    order = {a.name: i for i, a in enumerate(study.retrain_arms)}
+    names = [*study.hand_designed, *study.genotypes]
+    trains.sort(key=lambda j: (study.splits.index(j.split), j.retrain_seed, names.index(j.arm),
+                               order[str(j.retrain_arm)]))
+    return [*zero.values(), *trains]
+
+
+def _zero_shot_args(study: StudyRecipe, rec, g: str, vsets: Mapping[str, Any],
+                    targets: list[DatasetRef]) -> tuple[list[str], list[DatasetRef]]:
+    """The ``nasreid evaluate --weights`` arguments that evaluate the init of a run of recipe ``rec`` (its
+    ``model`` section but the preset: the same file loaded the same way; its input size, width, device and
+    evaluation settings, with the evaluation variant ``vsets`` but any ``eval.matcher``: a matcher trained with the
+    network, such as QAConv's, has no zero-shot form) on the run's training dataset (its test split, as a
+    target) and on every study target; and the datasets its ``metrics.json`` must hold."""
+    model = rec.model.model_dump(mode="json", exclude={"preset", "genotype"})
+    src = DatasetRef(name=rec.data.dataset.name, root=rec.data.dataset.root, kwargs=dict(rec.data.dataset.kwargs))
+    refs = [src, *(t for t in targets if not (t.name == src.name and t.root == src.root
+                                            and dict(t.kwargs) == dict(src.kwargs)))]
+    sets: list[tuple[str, Any]] = [
+        ("space.kwargs", dict(rec.space.kwargs)), ("model", model), ("device", rec.device),
+        ("data.height", rec.data.height), ("data.width", rec.data.width),
+        *([("data.workers", rec.data.workers)] if rec.data.workers is not None else []),
+        ("eval.metric", rec.eval.metric), ("eval.flip", rec.eval.flip), ("eval.batch_size", rec.eval.batch_size),
+        ("eval.postprocessors", [p.model_dump(mode="json") for p in rec.eval.postprocessors])]
+    sets += [(k, v) for k, v in vsets.items() if not k.startswith("eval.matcher")]
+    args = ["--weights", str(rec.model.pretrained), "--genotype", study.genotype_arg(g), "--space", rec.space.name]
+    for k, v in sets:
+        args += ["--set", f"{k}={_yaml_value(v)}"]
+    for t in refs:
+        args += ["--target", _target_spec(t)]
+    return args, refs
 
 
 def ranking_dir(study: StudyRecipe, split: int) -> Path:

@@ -16,7 +16,16 @@ import numpy as np
 
 from nasreid.config import DatasetRef, load_recipe
 
-from .jobs import DONE, StudyJob, _as_study, _read_json, enumerate_jobs, find_evaluation
+from .jobs import (
+    DONE,
+    StudyJob,
+    _as_study,
+    _read_json,
+    enumerate_jobs,
+    evaluation_tag,
+    find_evaluation,
+    find_tagged_evaluation,
+)
 from .plots import _plot, _plot_entropy, _plot_triplet, _triplet_margin
 from .schema import StudyRecipe
 from .statistics import BootstrapResult, _finite, decision_entropy, genotype_agreement, paired_bootstrap
@@ -96,6 +105,8 @@ def collect_results(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[dict[s
     from nasreid.genotype import Genotype, GenotypeError, preset_genotype
 
     study = _as_study(recipe)
+    if study.retrain_arms:
+        return _methods_rows(study)
     retrain = load_recipe(study.retrain.recipe)
     size = (retrain.data.height, retrain.data.width)
     cols = _eval_columns(study)
@@ -145,6 +156,47 @@ def collect_results(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[dict[s
         row["run_dir"] = str(job.run_dir)
         row["search_run"] = str(job.search_run) if job.search_run is not None else ""
         rows.append(row)
+    return rows
+
+
+def _methods_rows(study: StudyRecipe) -> list[dict[str, Any]]:
+    """:func:`collect_results` of a methods study: one row per (train job, evaluation) and per (zero-shot job,
+    owner). ``source`` is ``<arm>[+<evaluation>]/<genotype>``; ``arm``, ``evaluation`` ("" for the run's own),
+    ``genotype`` (the name), ``kind`` (``hand`` / ``fixed`` trained, ``zero_shot``), ``retrain_seed`` ("" for
+    zero-shot), ``split``, ``status`` (``done`` when every dataset of that evaluation is there), metrics in % per
+    evaluation column (``nan`` when missing; a zero-shot row's ``same`` is its evaluation of the training dataset's
+    test split), ``train_seconds``, ``train_acc`` (last epoch), ``device`` and ``run_dir``."""
+    cols = _eval_columns(study)
+    rows: list[dict[str, Any]] = []
+    for job in enumerate_jobs(study):
+        m = job.metrics()
+        ev = m.get("evaluation") or {}
+        if job.phase == "zero_shot":
+            entries: list[tuple[str, dict]] = [(o, {}) for o in job.owners]
+        else:
+            entries = [(str(job.retrain_arm), {}), *((f"{job.retrain_arm}+{n}", v) for n, v in job.variants)]
+        for label, vsets in entries:
+            row: dict[str, Any] = {"source": f"{label}/{job.arm}", "arm": label.split("+")[0],
+                                   "evaluation": label.split("+", 1)[1] if "+" in label else "",
+                                   "genotype": job.arm, "kind": job.kind,
+                                   "retrain_seed": job.retrain_seed if job.retrain_seed is not None else "",
+                                   "split": job.split}
+            vals = {}
+            for pre, _, ref in cols:
+                if job.phase == "zero_shot":
+                    r = find_evaluation(ev, job.targets[0] if ref is None else ref)
+                else:
+                    r = find_tagged_evaluation(ev, ref, evaluation_tag(vsets) if vsets else "")
+                vals[pre] = r
+                for met in METRICS:
+                    row[f"{pre}_{met}"] = float((r or {}).get(met, float("nan")))
+            row["status"] = DONE if all(v is not None for v in vals.values()) else job.state()
+            last = (m.get("history") or [{}])[-1]
+            row["train_seconds"] = float(m.get("train_seconds", float("nan")))
+            row["train_acc"] = float(last.get("acc", float("nan")))
+            row["device"] = str(m.get("device", ""))
+            row["run_dir"] = str(job.run_dir)
+            rows.append(row)
     return rows
 
 
@@ -458,6 +510,167 @@ class _Report:
                 "Per-job rows with parameters, MACs, search seconds and entropies: `study_results.csv`.\n"]
 
 
+def _cells(r: Mapping[str, Any], pre: str) -> str:
+    return " / ".join("–" if not math.isfinite(r[f"{pre}_{m}"]) else f"{r[f'{pre}_{m}']:.2f}" for m in METRICS)
+
+
+@dataclass
+class _MethodsReport:
+    """The report of a methods study (``retrain_arms``): per (arm [+ evaluation], genotype) its trained runs and
+    its zero-shot init, and paired comparisons over (split, retrain seed) units."""
+
+    study: StudyRecipe
+    rows: list[dict]
+    jobs: list[StudyJob]
+    out_dir: Path
+
+    def __post_init__(self) -> None:
+        st = self.study
+        self.cols = _eval_columns(st)
+        self.done = [r for r in self.rows if r["status"] == DONE]
+        self.trained = [r for r in self.done if r["kind"] != "zero_shot"]
+        self.labels: list[str] = []  # <arm> and <arm>+<evaluation>, recipe order
+        for a in st.retrain_arms:
+            self.labels += [a.name, *(f"{a.name}+{e.name}" for e in a.evaluations)]
+        self.pairs_of: dict[str, list[str]] = {}  # label -> its genotypes
+        for a in st.retrain_arms:
+            for lab in [a.name, *(f"{a.name}+{e.name}" for e in a.evaluations)]:
+                self.pairs_of[lab] = st.arm_genotypes(a)
+
+    def _boot(self, a: Sequence[float], b: Sequence[float]) -> str:
+        bs = self.study.bootstrap
+        return _fmt_ci(paired_bootstrap(a, b, n_boot=bs.n_boot, seed=bs.seed, level=bs.level))
+
+    def _units(self, source: str, col: str) -> dict:
+        """``{(split, retrain_seed): value}`` of a trained source."""
+        return {(r["split"], r["retrain_seed"]): r[col] for r in self.trained
+                if r["source"] == source and math.isfinite(r[col])}
+
+    def _zero(self, source: str, col: str) -> dict:
+        """``{split: value}`` of a source's zero-shot init."""
+        return {r["split"]: r[col] for r in self.done
+                if r["kind"] == "zero_shot" and r["source"] == source and math.isfinite(r[col])}
+
+    def header(self) -> list[str]:
+        st, jobs = self.study, self.jobs
+        tgt = ", ".join(f"`{t.name}`" + (f" ({t.root})" if t.root else "") for t in st.evaluation.targets) or "none"
+        L = [f"# Study `{st.name}`\n",
+             f"Jobs finished: {sum(j.state() == DONE for j in jobs)} of {len(jobs)} "
+             f"({sum(j.phase == 'train' for j in jobs)} trainings, {sum(j.phase == 'zero_shot' for j in jobs)} "
+             f"zero-shot evaluations). Splits ({st.split_key}): {st.splits}; retrain seeds: {st.retrain.seeds}.",
+             f"Evaluation: the training dataset's own test split of each split (same-domain) and {tgt} "
+             "(cross-domain). All metrics in %; mean ± sample std over every finished run (splits x seeds).",
+             "Zero-shot: the arm's init (its `model.pretrained` file, loaded as the run loads it) evaluated without "
+             "training by `nasreid evaluate --weights`, with the arm's input size and evaluation settings (a trained "
+             "matcher such as QAConv's has no zero-shot form: distance evaluation instead).\n",
+             "Retrain arms (each trains every genotype it lists with the same seeds and splits):\n"]
+        for a in st.retrain_arms:
+            sets = ", ".join(f"`{k}={_yaml_short(v)}`" for k, v in a.set.items()) or "none"
+            evs = "; ".join(f"`{e.name}`: " + ", ".join(f"`{k}={_yaml_short(v)}`" for k, v in e.set.items())
+                            for e in a.evaluations) or "none"
+            L.append(f"- **{a.name}**: recipe `{_shown(a.recipe or st.retrain.recipe)}`; set {sets}; genotypes "
+                     f"{', '.join(st.arm_genotypes(a))}; extra evaluations {evs}")
+        return L + [""]
+
+    def per_source(self) -> list[str]:
+        body = []
+        for lab in self.labels:
+            for g in self.pairs_of[lab]:
+                src = f"{lab}/{g}"
+                rs = [r for r in self.trained if r["source"] == src]
+                body.append([lab, g, "trained", len(rs), *(" / ".join(_ms(r[f"{pre}_{m}"] for r in rs) for m in METRICS)
+                                                         for pre, _, _ in self.cols)])
+                zs = [r for r in self.done if r["kind"] == "zero_shot" and r["source"] == src]
+                if self.study.zero_shot:
+                    body.append([lab, g, "zero-shot", len(zs),
+                                 *(" / ".join(_ms(r[f"{pre}_{m}"] for r in zs) for m in METRICS)
+                                   for pre, _, _ in self.cols)])
+        L = ["## Results per arm and genotype\n",
+             *_table(["arm", "genotype", "", "n", *(f"{t} R1 / mAP / mINP" for _, t, _ in self.cols)], body)]
+        srcs = [f"{lab}/{g}" for lab in self.labels for g in self.pairs_of[lab]]
+        for pre, title, _ in self.cols:
+            p = _plot(self.trained, srcs, f"{pre}_mAP", f"{self.study.name}: mAP, {title}",
+                      self.out_dir / "plots" / f"mAP_{pre}.png")
+            if p is not None:
+                L.append(f"![mAP {title}](plots/{p.name})")
+        return L + [""]
+
+    def _pair_list(self) -> list[tuple[str, str, str]]:
+        """``(X, Y, what)`` of the paired comparisons (sources ``<label>/<genotype>``; Y ``zero-shot`` = X's init)."""
+        st = self.study
+        out: list[tuple[str, str, str]] = []
+        if st.zero_shot:
+            out += [(f"{lab}/{g}", "zero-shot", "training") for lab in self.labels for g in self.pairs_of[lab]]
+        for a in st.retrain_arms:
+            for e in a.evaluations:
+                out += [(f"{a.name}+{e.name}/{g}", f"{a.name}/{g}", "evaluation") for g in st.arm_genotypes(a)]
+        for i, x in enumerate(self.labels):
+            for y in self.labels[:i]:
+                xv, yv = x.split("+", 1)[1:] or [""], y.split("+", 1)[1:] or [""]
+                if x.split("+")[0] == y.split("+")[0] or xv != yv:
+                    continue
+                out += [(f"{x}/{g}", f"{y}/{g}", "method") for g in self.pairs_of[x] if g in self.pairs_of[y]]
+        for lab in self.labels:
+            gs = self.pairs_of[lab]
+            out += [(f"{lab}/{g}", f"{lab}/{gs[0]}", "genotype") for g in gs[1:]]
+        return out
+
+    def paired(self) -> list[str]:
+        bs = self.study.bootstrap
+        L = ["## Paired comparisons\n",
+             f"Difference X − Y over the (split, retrain seed) units both have; \"zero-shot\": X's own init on the "
+             f"same split (what the training added or cost). Rows: trained − zero-shot; an extra evaluation − the "
+             f"run's own; an arm − each earlier arm (same evaluation, same genotype); a genotype − the arm's first "
+             f"genotype. Interval: {bs.level:.0%} percentile bootstrap over units ({bs.n_boot} resamples, Efron & "
+             f"Tibshirani 1993, Ch. 13); with a handful of units it is optimistic (narrow): an interval that includes "
+             f"0 means no evidence of a difference.\n"]
+        pairs = self._pair_list()
+        for pre, title, _ in self.cols:
+            L.append(f"### {title}\n")
+            body = []
+            for x, y, what in pairs:
+                cells, n = [], 0
+                for met in METRICS:
+                    col = f"{pre}_{met}"
+                    vx = self._units(x, col)
+                    if y == "zero-shot":
+                        z = self._zero(x, col)
+                        vy = {u: z[u[0]] for u in vx if u[0] in z}
+                    else:
+                        vy = self._units(y, col)
+                    units = sorted(set(vx) & set(vy))
+                    n = max(n, len(units))
+                    cells.append(self._boot([vy[u] for u in units], [vx[u] for u in units]) if units else "–")
+                body.append([f"{x} − {y}", what, n, *cells])
+            L += _table(["X − Y", "what", "n", "Δ rank-1 [CI]", "Δ mAP [CI]", "Δ mINP [CI]"], body)
+        return L
+
+    def cost(self) -> list[str]:
+        body = []
+        for a in self.study.retrain_arms:
+            for g in self.study.arm_genotypes(a):
+                rs = [r for r in self.trained if r["source"] == f"{a.name}/{g}"]
+                body.append([a.name, g, len(rs), _ms([r["train_seconds"] for r in rs], "{:.1f}"),
+                             ", ".join(sorted({r["device"] for r in rs if r["device"]})) or "–"])
+        return ["## Cost\n", "Seconds of training (summed epoch times, evaluation excluded), mean ± std per run; "
+                "seconds compare only between runs on the same device.\n",
+                *_table(["arm", "genotype", "runs", "train s", "device"], body)]
+
+    def points(self) -> list[str]:
+        body = [[r["source"], r["kind"], r["split"], r["retrain_seed"], *(_cells(r, pre) for pre, _, _ in self.cols)]
+                for r in self.done]
+        return ["## All points\n",
+                *_table(["source", "kind", "split", "retrain seed", *(f"{t} R1 / mAP / mINP" for _, t, _ in self.cols)],
+                        body),
+                "Per-row values with train seconds and devices: `study_results.csv`.\n"]
+
+
+def _yaml_short(v: Any) -> str:
+    from .jobs import _yaml_value
+
+    return _yaml_value(v)
+
+
 def build_report(recipe_or_dir: Union[StudyRecipe, str, os.PathLike], out: Optional[Union[str, os.PathLike]] = None
                  ) -> Path:
     """Write ``study_report.md``, ``study_results.csv`` (:func:`collect_results`) and ``plots/*.png`` of a
@@ -494,6 +707,11 @@ def build_report(recipe_or_dir: Union[StudyRecipe, str, os.PathLike], out: Optio
         w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["source"])
         w.writeheader()
         w.writerows(rows)
+    if study.retrain_arms:
+        mr = _MethodsReport(study, rows, enumerate_jobs(study), out_dir)
+        path = out_dir / "study_report.md"
+        path.write_text("\n".join([*mr.header(), *mr.per_source(), *mr.paired(), *mr.cost(), *mr.points()]))
+        return path
     rep = _Report(study, rows, enumerate_jobs(study), out_dir)
     lines = [*rep.header(), *rep.per_source(), *rep.selection(), *rep.paired(), *rep.decided(), *rep.agreement(),
              *rep.cost(), *rep.points()]

@@ -13,23 +13,34 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from nasreid.config import RecipeError
 
-from .jobs import DONE, PHASES, StudyJob, _as_study, enumerate_jobs, print_commands
+from .jobs import DONE, EVALUATE, PHASES, StudyJob, _as_study, enumerate_jobs, print_commands
 from .ranking import selection_pending
 from .report import build_report
 from .schema import StudyRecipe
 
 
 def _run_job(job: StudyJob, env: Mapping[str, str]) -> dict:
-    """Run one job's command with its output appended to ``<run>/job.log``; the job's record."""
+    """Run one job's command with its output appended to ``<run>/job.log``; the job's record. A train job that
+    still lacks an evaluation afterwards (state ``evaluate``: a methods study's extra evaluations, one ``nasreid
+    evaluate RUN --set ...`` each) gets the next command at once, as long as each succeeds and changes the
+    command."""
     state = job.state()
-    cmd = job.command(state)
     job.run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    done: list[list[str]] = []
     with open(job.run_dir / "job.log", "a") as fh:
-        fh.write(f"# {_dt.datetime.now().isoformat(timespec='seconds')} ({state}) $ {shlex.join(cmd)}\n")
-        fh.flush()
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(env), check=False).returncode
-        fh.write(f"# exit {rc} after {time.time() - t0:.1f} s\n")
+        now, rc = state, 0
+        while True:
+            cmd = job.command(now)
+            fh.write(f"# {_dt.datetime.now().isoformat(timespec='seconds')} ({now}) $ {shlex.join(cmd)}\n")
+            fh.flush()
+            t1 = time.time()
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(env), check=False).returncode
+            fh.write(f"# exit {rc} after {time.time() - t1:.1f} s\n")
+            done.append(cmd)
+            now = job.state()
+            if rc != 0 or now != EVALUATE or job.command(now) in done:
+                break
     return {"id": job.id, "state_before": state, "rc": rc, "seconds": time.time() - t0,
             "state": job.state(), "log": str(job.run_dir / "job.log")}
 
@@ -78,7 +89,7 @@ def run_study(recipe: Union[StudyRecipe, str, os.PathLike], workers: Optional[in
         if phase == "score" and study.ranking is not None:
             selection_pending(study)  # fix each split's selection once its pool is scored (never rewritten)
         jobs = enumerate_jobs(study)  # anew each phase: a ranking study's train jobs follow its selection
-        if phase in ("pool", "score") and not any(j.phase == phase for j in jobs):
+        if phase in ("pool", "score", "zero_shot") and not any(j.phase == phase for j in jobs):
             continue
         i += 1
         todo = []

@@ -107,6 +107,63 @@ class StudyRetrain(_Strict):
         return self
 
 
+class StudyEvalVariant(_Strict):
+    """An extra evaluation of every run of a retrain arm (and of its zero-shot init): ``set`` holds evaluation
+    keys only (``eval.*``, e.g. ``{eval.postprocessors: [{name: rerank}]}`` for k-reciprocal re-ranking), passed
+    as ``nasreid evaluate RUN --set key=value`` (:func:`~nasreid.evaluation.runner.run_evaluate`, which tags the
+    result keys with them, e.g. ``"cuhk03np (same-domain) [eval.postprocessors=[{'name': 'rerank'}]]"``). The
+    report shows it as the source ``<arm>+<name>``."""
+
+    name: str
+    set: dict[str, Any] = Field(min_length=1, description="evaluation keys (eval.*) of this evaluation")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"an evaluation name may hold letters, digits, '_', '-' and '.' only, got {v!r}")
+        return v
+
+    @field_validator("set")
+    @classmethod
+    def _eval_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = [k for k in v if not k.startswith("eval.")]
+        if bad:
+            raise ValueError(f"an evaluation variant sets evaluation keys (eval.*) only, got {', '.join(bad)} (a "
+                             "training key belongs in the retrain arm's set)")
+        return v
+
+
+class StudyRetrainArm(_Strict):
+    """One training method / recipe of a methods study: every hand design and fixed genotype (or the ones named in
+    ``genotypes``) is trained by it with every retrain seed on every split, in ``train/<arm>/<genotype>/
+    split<K>_seed<R>``. ``recipe``: its run recipe (relative to the study recipe; default ``retrain.recipe``);
+    ``set``: dotted overrides applied after ``retrain.set``; ``evaluations``: extra evaluations of its runs
+    (:class:`StudyEvalVariant`, e.g. with and without re-ranking)."""
+
+    name: str
+    recipe: Optional[str] = Field(None, description="run recipe of this arm (default: retrain.recipe), relative to "
+                                  "the study recipe")
+    set: dict[str, Any] = Field(default_factory=dict)
+    genotypes: Optional[list[str]] = Field(None, description="hand_designed presets / genotypes names this arm "
+                                           "trains (default: all)")
+    evaluations: list[StudyEvalVariant] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v) or "+" in v:
+            raise ValueError(f"a retrain arm name may hold letters, digits, '_', '-' and '.' only, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self):
+        _check_unique([e.name for e in self.evaluations], "evaluations names")
+        if self.genotypes is not None:
+            _check_unique(self.genotypes, "genotypes")
+        return self
+
+
 class StudyEvaluation(_Strict):
     """Final test domains: the training dataset's own test split of each split (same-domain, always) and
     ``targets`` (cross-domain datasets, e.g. ``{name: cuhk03np, root: cuhk03}``); they replace the retrain
@@ -177,10 +234,18 @@ class StudyRecipe(_Strict):
     output_root: str = "runs"
     search: Optional[StudySearch] = None
     hand_designed: list[str] = Field(default_factory=list, description="presets of the retrain recipe's space")
+    genotypes: dict[str, str] = Field(default_factory=dict, description="fixed genotype files (genotype.json, "
+                                      "relative to the study recipe) retrained like hand designs; needs "
+                                      "retrain_arms")
     retrain: StudyRetrain
+    retrain_arms: list[StudyRetrainArm] = Field(default_factory=list, description="a methods study: training "
+                                                "methods / recipes compared on the same genotypes")
+    zero_shot: bool = Field(False, description="with retrain_arms: evaluate each arm's init (model.pretrained) "
+                            "without training, per genotype and split (nasreid evaluate --weights)")
     splits: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    split_key: str = Field("data.dataset.kwargs.split_seed",
-                           description="dotted recipe key that receives each split (search and retrain)")
+    split_key: Optional[str] = Field("data.dataset.kwargs.split_seed",
+                                     description="dotted recipe key that receives each split (search and retrain); "
+                                     "null: the dataset has one fixed split (one split only, e.g. CUHK03)")
     evaluation: StudyEvaluation = Field(default_factory=StudyEvaluation)
     selection: Optional[StudySelection] = None
     ranking: Optional[StudyRanking] = None
@@ -203,8 +268,32 @@ class StudyRecipe(_Strict):
         clash = sorted(set(arms) & set(self.hand_designed))
         if clash:
             raise ValueError(f"search arm names and hand_designed presets share names: {', '.join(clash)}")
-        if not arms and not self.hand_designed:
-            raise ValueError("a study needs search arms or hand_designed presets")
+        if not arms and not self.hand_designed and not self.genotypes:
+            raise ValueError("a study needs search arms, hand_designed presets or genotypes")
+        if self.split_key is None and len(self.splits) > 1:
+            raise ValueError(f"split_key: null (one fixed split) allows one split, got splits {self.splits}")
+        for g in self.genotypes:
+            if not _NAME.match(g):
+                raise ValueError(f"genotypes: a name may hold letters, digits, '_', '-' and '.' only, got {g!r}")
+        clash = sorted(set(self.genotypes) & (set(self.hand_designed) | set(arms)))
+        if clash:
+            raise ValueError(f"genotypes: names shared with hand_designed presets or search arms: {', '.join(clash)}")
+        if self.genotypes and not self.retrain_arms:
+            raise ValueError("genotypes: fixed genotype files are retrained by retrain_arms (give at least one)")
+        if self.zero_shot and not self.retrain_arms:
+            raise ValueError("zero_shot: needs retrain_arms (the init of each arm is evaluated)")
+        if self.retrain_arms:
+            _check_unique([a.name for a in self.retrain_arms], "retrain_arms names")
+            for key in ("search", "selection", "ranking"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: a methods study (retrain_arms) compares training methods on fixed "
+                                     "genotypes (hand_designed, genotypes); it has no search, selection or ranking")
+            names = [*self.hand_designed, *self.genotypes]
+            for i, a in enumerate(self.retrain_arms):
+                unknown = [g for g in a.genotypes or [] if g not in names]
+                if unknown:
+                    raise ValueError(f"retrain_arms.{i}.genotypes: {', '.join(unknown)} is neither a hand_designed "
+                                     f"preset nor a genotypes name ({names})")
         if self.ranking is not None:
             unknown = [n for n in self.ranking.supernets if n not in arms]
             if unknown:
@@ -222,6 +311,15 @@ class StudyRecipe(_Strict):
             if a.name == name:
                 return a
         raise KeyError(name)
+
+    def arm_genotypes(self, arm: StudyRetrainArm) -> list[str]:
+        """The genotype names (presets, then genotype files) that retrain arm ``arm`` trains, in recipe order."""
+        names = [*self.hand_designed, *self.genotypes]
+        return [g for g in names if arm.genotypes is None or g in arm.genotypes]
+
+    def genotype_arg(self, name: str) -> str:
+        """``--genotype`` of a methods study's genotype ``name``: ``preset:NAME`` or the genotype file."""
+        return self.genotypes[name] if name in self.genotypes else f"preset:{name}"
 
     def to_yaml(self) -> str:
         """The resolved study recipe as YAML."""
@@ -243,7 +341,10 @@ def load_study(path: Union[str, os.PathLike], overrides: Optional[Mapping[str, A
     Beyond its own schema, every job's effective recipe is checked up front (:func:`~nasreid.engine.validate.
     check_recipe`: strategy names and kwargs, the split key on the dataset, evaluation targets), the presets
     must exist in the retrain recipe's space, search and retrain recipes must search/train the same space,
-    and the selection's validation domain must be neither the training dataset nor a final test target.
+    and the selection's validation domain must be neither the training dataset nor a final test target. A methods
+    study (``retrain_arms``) has each arm's effective recipe checked, its genotypes found in its space (presets;
+    ``genotypes`` files of that space), each extra evaluation checked on it, and with ``zero_shot`` a
+    ``model.pretrained`` file named (``retrain_arms.<i>``).
 
     Args:
         path: the study YAML file, or a study folder (its ``study.yaml``, written by :func:`run_study`).
@@ -275,6 +376,11 @@ def load_study(path: Union[str, os.PathLike], overrides: Optional[Mapping[str, A
     base = p.parent
     study.output_root = str(Path(os.path.expanduser(study.output_root)).resolve())  # a copy works from anywhere
     study.retrain.recipe = _resolve_path(base, study.retrain.recipe, f"{p}: retrain.recipe")
+    for i, rarm in enumerate(study.retrain_arms):
+        if rarm.recipe is not None:
+            rarm.recipe = _resolve_path(base, rarm.recipe, f"{p}: retrain_arms.{i}.recipe")
+    for name, gfile in study.genotypes.items():
+        study.genotypes[name] = _resolve_path(base, gfile, f"{p}: genotypes.{name}")
     if study.search is not None:
         study.search.recipe = _resolve_path(base, study.search.recipe, f"{p}: search.recipe")
         for i, arm in enumerate(study.search.arms):
@@ -294,6 +400,9 @@ def _check_study(study: StudyRecipe) -> None:
     from nasreid.registry import STRATEGIES
 
     src = study.source or "<study>"
+    if study.retrain_arms:
+        _check_methods(study, src)
+        return
     retrain = _load_with(study.retrain.recipe, _retrain_sets(study, study.splits[0], study.retrain.seeds[0]),
                          f"{src}: retrain")
     _checked(check_recipe, retrain, where=f"{src}: retrain")
@@ -310,7 +419,8 @@ def _check_study(study: StudyRecipe) -> None:
                 raise RecipeError(f"{src}: selection.validation: the validation domain is the final test target "
                                   f"evaluation.targets.{i} ({t.name}); choose a domain that is not tested on")
         # the training dataset itself (any split): same name, root and options, the split's own kwarg aside
-        split_kw = study.split_key.split(".")[-1] if study.split_key.startswith("data.dataset.kwargs.") else None
+        split_kw = (study.split_key.split(".")[-1]
+                    if study.split_key and study.split_key.startswith("data.dataset.kwargs.") else None)
         strip = lambda kw: {k: v for k, v in kw.items() if k != split_kw}
         if (val.name == train_ref.name and (val.root or None) == (train_ref.root or None)
                 and strip(val.kwargs) == strip(train_ref.kwargs)):
@@ -341,6 +451,38 @@ def _check_study(study: StudyRecipe) -> None:
                                   f"supernet of arm {arm.name!r} {rec.data.val_ids!r}; stand-alone runs must train "
                                   "on the identities the supernet trained on (set the same data.val_ids in "
                                   "retrain.set)")
+
+
+def _check_methods(study: StudyRecipe, src: str) -> None:
+    """The checks of a methods study (``retrain_arms``): each arm's effective recipe (:func:`check_recipe`), its
+    genotypes in its space (a preset of the space, a genotype file of the space), its evaluation variants on its
+    recipe, and with ``zero_shot`` a ``model.pretrained`` file to evaluate."""
+    from nasreid.config import apply_overrides
+    from nasreid.engine.validate import check_recipe
+    from nasreid.genotype import Genotype, preset_genotype
+
+    for i, arm in enumerate(study.retrain_arms):
+        where = f"{src}: retrain_arms.{i}"
+        rec = _load_with(arm.recipe or study.retrain.recipe,
+                         _arm_sets(study, arm, study.splits[0], study.retrain.seeds[0]), where)
+        _checked(check_recipe, rec, where=where)
+        for name in study.arm_genotypes(arm):
+            try:
+                if name in study.genotypes:
+                    g = Genotype.load(study.genotypes[name])
+                    if g.space != rec.space.name:
+                        raise RecipeError(f"genotypes.{name}: {study.genotypes[name]} is a genotype of space "
+                                          f"{g.space!r}, the arm trains space {rec.space.name!r}")
+                else:
+                    preset_genotype(rec.space.name, name)
+            except NasreidError as e:
+                raise RecipeError(f"{where}: {e}") from None
+        for k, ev in enumerate(arm.evaluations):
+            evrec = _checked(apply_overrides, rec, dict(ev.set), where=f"{where}.evaluations.{k}.set")
+            _checked(check_recipe, evrec, where=f"{where}.evaluations.{k}")
+        if study.zero_shot and not rec.model.pretrained:
+            raise RecipeError(f"{where}: zero_shot: the arm's recipe has no model.pretrained (the init that the "
+                              "zero-shot row evaluates); set it or switch zero_shot off")
 
 
 def _checked(fn, *args, where: str, **kwargs):
@@ -376,7 +518,8 @@ def _search_sets(study: StudyRecipe, arm: StudyArm, seed: int, split: int) -> li
     cfg = getattr(STRATEGIES.get(arm.strategy_name), "Config", None)
     if cfg is not None and "seed" in getattr(cfg, "model_fields", {}):
         sets.append(("strategy.kwargs.seed", seed))
-    sets.append((study.split_key, split))
+    if study.split_key is not None:
+        sets.append((study.split_key, split))
     return sets
 
 
@@ -391,5 +534,17 @@ def _retrain_sets(study: StudyRecipe, split: int, seed: int) -> list[tuple[str, 
     sets: list[tuple[str, Any]] = list(study.retrain.set.items())
     sets.append(("eval.targets", [t.model_dump(mode="json") for t in _eval_targets(study)]))
     sets.append(("seed", seed))
-    sets.append((study.split_key, split))
+    if study.split_key is not None:
+        sets.append((study.split_key, split))
+    return sets
+
+
+def _arm_sets(study: StudyRecipe, arm: StudyRetrainArm, split: int, seed: int) -> list[tuple[str, Any]]:
+    """Dotted overrides of one train job of retrain arm ``arm``: ``retrain.set``, the arm's ``set``, then the
+    evaluation targets, the seed and the split."""
+    sets: list[tuple[str, Any]] = list(study.retrain.set.items()) + list(arm.set.items())
+    sets.append(("eval.targets", [t.model_dump(mode="json") for t in _eval_targets(study)]))
+    sets.append(("seed", seed))
+    if study.split_key is not None:
+        sets.append((study.split_key, split))
     return sets
