@@ -260,3 +260,58 @@ def test_an_in_standing_for_the_file_bn_reproduces_it(shared_weights, shared_dat
     cos = torch.nn.functional.cosine_similarity
     assert cos(out[True], r).mean() > 0.65 > 0.5 > cos(out[False], r).mean()
     assert 0.8 < out[True].norm(dim=1).mean() / r.norm(dim=1).mean() < 1.25
+
+
+def test_zero_shot_of_a_warm_start_calibrates_its_in_layers_as_a_run_start(tmp_path, shared_weights, shared_data,
+                                                                             capsys):
+    """``nasreid evaluate --weights ... --set model.warm_start=true`` of an IN genotype calibrates the IN layers the
+    file lacks on the training images of ``data.dataset`` (the first target), as a fine-tune's start does, so the
+    zero-shot figure is that start's; a dataset without training images is refused by name."""
+    import json
+
+    from nasreid import cli
+    from nasreid.data.loaders import calibration_batches
+
+    if not (shared_data / "cuhk01" / "campus").is_dir():
+        from conftest import missing
+
+        missing(f"cuhk01 not present in {shared_data}")
+    zoo = shared_weights / "osnet_x0_25_msmt17/osnet_x0_25_msmt17.pth"
+    base = ["evaluate", "--weights", str(zoo), "--genotype", "preset:osnet_ain_torchreid", "--set",
+            "space.kwargs.width_mult=0.25", "--set", "model.warm_start=true", "--set", "data.height=64", "--set",
+            "data.width=32"]
+    assert cli.main([*base, "--target", f"cuhk01={shared_data / 'cuhk01'}", "--out", str(tmp_path / "zs")]) == 0
+    m = json.loads((tmp_path / "zs" / "metrics.json").read_text())
+    rep = m["load_report"]
+    assert rep["calibrated"] and sorted(rep["calibrated"]) == sorted(rep["identity"])
+    (zero_shot,) = m["evaluation"].values()
+    # the same start built directly (warm start + calibration on the same training images) gives the same figures;
+    # left uncalibrated (gamma 1 / beta 0) it does not
+    from nasreid.engine.runs import load_run_recipe
+    from nasreid.engine.trainer import device_context
+    from nasreid.evaluation.runner import evaluate_run_model
+
+    recipe = load_run_recipe(tmp_path / "zs")
+    ctx = device_context(recipe.device, recipe.amp, recipe.channels_last)
+    ds = build_dataset("cuhk01", shared_data / "cuhk01")
+    figures = []
+    for calib in (lambda n: calibration_batches(ds, n, height=64, width=32), None):
+        net = preset_genotype("osnet_ain", "osnet_ain_torchreid", width_mult=0.25).build(num_classes=0)
+        init_weights_for_test(net, zoo, calib)
+        (res,) = evaluate_run_model(ctx.model(net.eval()), recipe, ctx, targets=recipe.eval.targets,
+                                    same_domain=False).values()
+        figures.append(res["mAP"])
+    assert figures[0] == pytest.approx(zero_shot["mAP"], abs=1e-6)
+    assert abs(figures[1] - zero_shot["mAP"]) > 0.1, figures
+    capsys.readouterr()
+    target = f"cuhk01={shared_data / 'cuhk01'}:protocol=all_ids,max_ids=20"
+    assert cli.main([*base, "--target", target, "--out", str(tmp_path / "zs2")]) == 2
+    assert "data.dataset 'cuhk01': no training images" in capsys.readouterr().err
+
+
+def init_weights_for_test(net, zoo, calibration_images):
+    """The runs' entry point with a warm start of ``zoo`` (64 calibration images, the recipe default)."""
+    from nasreid.config import ModelConfig
+    from nasreid.models.pretrained import init_weights
+
+    return init_weights(net, ModelConfig(pretrained=str(zoo), warm_start=True), calibration_images=calibration_images)

@@ -278,3 +278,26 @@ def build_test_loaders(
             )
         )
     return loaders[0], loaders[1]
+
+
+def calibration_batches(dataset: ReIDDataset, n: int, *, height: int, width: int, batch_size: int = 32,
+                        on_corrupt: str = "error", workers: int = 0):
+    """The ``n`` training images a warm start calibrates its new IN layers on
+    (:func:`~nasreid.models.pretrained.calibrate_instance_norms`): evenly spaced over ``dataset.train`` in record
+    order (every ``len(train) // n``-th, the first ``n``), the test transform, batches of ``batch_size``. One
+    definition for a run's start and for a zero-shot evaluation of the same start.
+
+    Returns:
+        An iterator of image batches ``[B, 3, height, width]`` (float, normalised, on the CPU).
+
+    Raises:
+        ValueError: the dataset has no training images.
+    """
+    train = list(dataset.train)
+    if not train:
+        raise ValueError(f"{dataset.name}: no training images to calibrate IN layers on")
+    records = train[:: max(1, len(train) // n)][:n]
+    ds = ImageDataset(records, dataset.read_image, build_transforms(height, width, is_train=False),
+                      on_corrupt=on_corrupt)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, drop_last=False)
+    return (b["img"] for b in loader)

@@ -191,12 +191,14 @@ class RunContext:
         Raises:
             PretrainedWeightsError: a file that cannot be read or does not fit ``net``.
         """
+        from nasreid.data.loaders import calibration_batches
         from nasreid.models.pretrained import init_weights
 
+        d = self.recipe.data
+
         def calibration_images(n: int):
-            train = list(self.dataset.train)
-            records = train[:: max(1, len(train) // n)][:n]
-            return (b["img"] for b in self.feature_loader(records, batch_size=32))
+            return calibration_batches(self.dataset, n, height=d.height, width=d.width, on_corrupt=d.on_corrupt,
+                                       workers=loader_workers(self.recipe))
 
         return init_weights(net, self.recipe.model, supernet=supernet, calibration_images=calibration_images)
 

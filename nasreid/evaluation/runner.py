@@ -202,6 +202,31 @@ def run_evaluate(run_dir: str | os.PathLike, targets: Optional[list[DatasetRef]]
     return results
 
 
+def _calibration_source(recipe: Recipe):
+    """``calibration_images(n)`` for a zero-shot warm start (``model.warm_start``): the IN layers the file lacks are
+    calibrated as a run's start calibrates them (:func:`~nasreid.data.loaders.calibration_batches` over the training
+    split of ``data.dataset``, by default the first target), so the zero-shot figure is the figure of the weights a
+    fine-tune from the same recipe starts from. Built only when a layer needs it.
+
+    Raises (when called):
+        RecipeError: ``data.dataset`` has no training images (names it: set ``data.dataset`` to the training set).
+    """
+    from nasreid.data import build_dataset
+    from nasreid.data.loaders import calibration_batches
+
+    d = recipe.data
+
+    def images(n: int):
+        src = d.dataset
+        ds = build_dataset(src.name, resolve_data_root(src.root), **src.kwargs)
+        if not ds.train:
+            raise RecipeError(f"data.dataset {src.name!r}: no training images to calibrate the warm start's IN layers "
+                              "on; set data.dataset to the dataset a fine-tune would train on (--set data.dataset=...)")
+        return calibration_batches(ds, n, height=d.height, width=d.width, on_corrupt=d.on_corrupt)
+
+    return images
+
+
 def run_evaluate_weights(weights: str | os.PathLike, genotype: str | os.PathLike, *,
                          targets: list[DatasetRef], space: str = "osnet_ain",
                          overrides: Optional[dict[str, Any]] = None, out: Optional[str | os.PathLike] = None,
@@ -259,7 +284,7 @@ def run_evaluate_weights(weights: str | os.PathLike, genotype: str | os.PathLike
     geno = Genotype(space=geno.space, choices=geno.choices, space_kwargs={**geno.space_kwargs, **recipe.space.kwargs},
                     provenance=geno.provenance)
     net = geno.build(num_classes=0)
-    report = init_weights(net, recipe.model)
+    report = init_weights(net, recipe.model, calibration_images=_calibration_source(recipe))
     assert report is not None  # the recipe names the weights file
     log.info("zero-shot: %s into %s (%d tensors; left out: %s)", weights, geno.provenance.get("preset", g),
              report["loaded"], ", ".join(report["skipped"]) or "nothing")
