@@ -222,20 +222,14 @@ class StudyJob:
                 return [*py, "search", "--resume", str(self.run_dir), "--no-retrain"]
             cmd = [*py, "search", str(self.recipe), "--out", str(self.run_dir), "--no-retrain"]
         else:
-            if state == EVALUATE and not self.missing_targets():  # an extra evaluation (variant) is missing
-                _, sets, missing = self.missing_variants()[0]
+            if state == EVALUATE:  # a missing target, else a missing extra evaluation (variant)
+                missing = self.missing_targets()
+                sets: Mapping[str, Any] = {}
+                if not missing:
+                    _, sets, missing = self.missing_variants()[0]
                 cmd = [*py, "evaluate", str(self.run_dir)]
                 for k, v in sets.items():
                     cmd += ["--set", f"{k}={_yaml_value(v)}"]
-                for t in missing:
-                    if t is not None:
-                        cmd += ["--target", _target_spec(t)]
-                if None not in missing:
-                    cmd.append("--no-same-domain")
-                return cmd
-            if state == EVALUATE:
-                missing = self.missing_targets()
-                cmd = [*py, "evaluate", str(self.run_dir)]
                 for t in missing:
                     if t is not None:
                         cmd += ["--target", _target_spec(t)]
