@@ -101,7 +101,7 @@ def main() -> None:
     report["loadavg_1_5_15_after"] = [round(x, 2) for x in os.getloadavg()]
     lines.append(f"load average (1, 5, 15 min) before {report['loadavg_1_5_15_before']}, after "
                  f"{report['loadavg_1_5_15_after']} on {os.cpu_count()} cores (this benchmark's own threads count in "
-                 "it; well above the thread count, another job shared the cores and the figures are too slow)")
+                 "it; a 1-min figure well above the thread count would mean another job shared the cores)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rank_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
