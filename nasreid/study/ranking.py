@@ -35,6 +35,7 @@ from nasreid.engine.checkpoint import write_json
 from .jobs import CANDIDATES_FILE, DONE, SELECTED_FILE, StudyJob, enumerate_jobs, find_evaluation, ranking_dir
 from .plots import _pyplot, _save
 from .schema import StudyRecipe
+from .statistics import rng_keyword
 
 __all__ = ["select_genotypes", "ranking_scores", "rank_correlation", "regret", "build_ranking_report",
            "selection_pending"]
@@ -153,17 +154,9 @@ def rank_correlation(score: Sequence[float], target: Sequence[float], n_boot: in
             warnings.simplefilter("ignore")
             res = bootstrap((x, y), stat, n_resamples=int(n_boot), paired=True, vectorized=False,
                             confidence_level=level, method="percentile",
-                            **{_rng_kw(bootstrap): np.random.default_rng(seed)})
+                            **{rng_keyword(bootstrap): np.random.default_rng(seed)})
         out[f"{name}_low"], out[f"{name}_high"] = (float(v) for v in res.confidence_interval)
     return out
-
-
-def _rng_kw(fn) -> str:
-    """scipy >= 1.15 takes ``rng``; older releases (the dependency floor is 1.10) the same Generator as
-    ``random_state`` (as :func:`~nasreid.study.statistics.paired_bootstrap`)."""
-    import inspect
-
-    return "rng" if "rng" in inspect.signature(fn).parameters else "random_state"
 
 
 def regret(score: Sequence[float], target: Sequence[float], k: int) -> float:

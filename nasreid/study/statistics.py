@@ -62,13 +62,16 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 10000
     from scipy.stats import bootstrap
 
     rng = np.random.default_rng(seed)
-    # scipy >= 1.15 takes ``rng``; older releases (the dependency floor is 1.10) take the same Generator as
-    # ``random_state``
-    rng_kw = "rng" if "rng" in inspect.signature(bootstrap).parameters else "random_state"
     res = bootstrap((x, y), _mean_difference, n_resamples=int(n_boot), vectorized=True, paired=True,
-                    confidence_level=level, method="percentile", **{rng_kw: rng})
+                    confidence_level=level, method="percentile", **{rng_keyword(bootstrap): rng})
     lo, hi = res.confidence_interval
     return BootstrapResult(float(d.mean()), float(lo), float(hi), int(d.size), int(n_boot), float(level))
+
+
+def rng_keyword(fn) -> str:
+    """The keyword a scipy.stats resampling function takes its Generator by: ``rng`` (scipy >= 1.15) or
+    ``random_state`` (older releases; the dependency floor is 1.10)."""
+    return "rng" if "rng" in inspect.signature(fn).parameters else "random_state"
 
 
 def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
