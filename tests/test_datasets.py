@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
 from pathlib import Path
@@ -156,6 +157,9 @@ def test_market1501_layout(market_root):
     assert img.mode == "RGB" and img.size == (60, 160)
     text = ds.summary()
     assert "train" in text and "gallery" in text and "24" in text
+    # the root as the log shows it: relative to the current folder, so a committed log names no machine path
+    assert text.splitlines()[0] == f"=> market1501 ({os.path.relpath(market_root)})"
+    assert Path(ds.root).is_absolute() and not os.path.relpath(market_root).startswith("/")
 
 
 def test_market1501_bad_name_strict_and_lenient(market_root, cuhk01_dir):

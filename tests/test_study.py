@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -229,16 +230,22 @@ def test_resume_skips_finished_jobs_and_resumes_started_ones(tmp_path, monkeypat
     assert len(S.print_commands(st, file=out)) == 3  # s1, t0, t1
     assert len(S.print_commands(st, pending_only=False, file=io.StringIO())) == 5
 
-    calls = []
+    calls, envs = [], []
 
     def fake_run(cmd, **kw):  # the runner's only way out: a plain CLI command
         calls.append(cmd[3:])
+        envs.append(kw["env"])
         if cmd[3:5] == ["search", "--resume"]:
             _finish_search(s1)
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(S.runner.subprocess, "run", fake_run)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     res = S.run_study(st, workers=2, report=False, echo=lambda s: None)
+    cores = max(1, (os.cpu_count() or 1) // 2)
+    assert all(e["OMP_WAIT_POLICY"] == "PASSIVE" and e["OMP_NUM_THREADS"] == str(cores)
+               and e["NASREID_NO_PROGRESS"] == "1" for e in envs)  # idle OpenMP threads sleep
     assert calls[0] == ["search", "--resume", str(s1.run_dir), "--no-retrain"]
     assert sorted(c[0] for c in calls[1:]) == ["train", "train"]
     assert ["train", "--resume", str(t0.run_dir), "--genotype", str(s0.run_dir / "genotype.json")] in calls
@@ -380,6 +387,8 @@ def test_tiny_study_end_to_end(tmp_path):
         for c in ("same_mAP", "cross_synthetic_mAP", "val_synthetic_mAP"):
             assert 0 <= float(r[c]) <= 100
     assert float(rows[0]["search_seconds"]) > 0 and not rows[1]["search_run"]
+    assert rows[0]["search_run"] == "search/gumbel/split0_seed0" and rows[1]["run_dir"].startswith("train/osnet/")
+    assert (st.study_dir / rows[1]["run_dir"] / "metrics.json").is_file()  # relative to the study: no machine paths
     assert (st.study_dir / "plots" / "mAP_same.png").is_file()
     assert (st.study_dir / "plots" / "decision_entropy.png").is_file()  # from the search's alphas.csv
     assert all(0.0 <= float(r["train_acc"]) <= 1.0 and float(r["train_triplet"]) >= 0.0 for r in rows)
@@ -474,8 +483,8 @@ COMMITTED = ROOT / "results" / "study_osnet_ain_cpu"
 def test_committed_study_report_is_rebuilt_byte_for_byte(tmp_path, monkeypatch):
     """``nasreid study recipes/study_osnet_ain_cpu.yaml --report-only`` on a copy of the committed runs gives the
     committed ``study_report.md`` byte for byte: every mean, std, Spearman rho and paired-bootstrap interval
-    (scipy.stats.bootstrap, paired percentile, seed 0) as committed; and the same ``study_results.csv`` but for
-    the machine's run folders."""
+    (scipy.stats.bootstrap, paired percentile, seed 0) as committed; and the same ``study_results.csv``, run
+    folders included (they are relative to the study's folder, so the copy names them as the committed one)."""
     monkeypatch.chdir(ROOT)  # the report shows the recipes relative to the current folder
     shutil.copytree(COMMITTED, tmp_path / COMMITTED.name)
     st = S.load_study(ROOT / "recipes" / "study_osnet_ain_cpu.yaml", {"output_root": str(tmp_path)})
@@ -484,8 +493,7 @@ def test_committed_study_report_is_rebuilt_byte_for_byte(tmp_path, monkeypatch):
     assert report.read_bytes() == (COMMITTED / "study_report.md").read_bytes()
 
     def table(path):
-        return [{k: v for k, v in r.items() if k not in ("run_dir", "search_run")}
-                for r in csv.DictReader(io.StringIO(path.read_text()))]
+        return list(csv.DictReader(io.StringIO(path.read_text())))
 
     assert table(report.parent / "study_results.csv") == table(COMMITTED / "study_results.csv")
 

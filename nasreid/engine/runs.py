@@ -233,7 +233,7 @@ def _hold_out(recipe: Recipe, dataset, run: Optional[Path]):
     log.info("validation identities (data.val_ids %s, seed %d): %d held out of the train split (%d query, "
              "%d gallery images); %d identities left to train on%s", val_ids, seed, len(info["labels"]),
              info["num_query"], info["num_gallery"], info["train_ids"],
-             f" ({path})" if path is not None else "")
+             f" (written to the run's {path.name})" if path is not None else "")
     return held
 
 

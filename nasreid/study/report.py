@@ -43,6 +43,15 @@ def _shown(path: Union[str, os.PathLike]) -> str:
         return p.name
 
 
+def _relative(path: Union[str, os.PathLike], study: StudyRecipe) -> str:
+    """A run folder as the results table names it: relative to the study's folder (a committed table carries no
+    machine's absolute paths); a folder outside it keeps its name only."""
+    try:
+        return Path(path).resolve().relative_to(study.study_dir.resolve()).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", s).strip("_")
 
@@ -97,7 +106,7 @@ def collect_results(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[dict[s
     ``log k``), ``train_seconds``, ``device`` (the retrain's), ``train_triplet`` / ``train_acc`` (the retrain's
     last-epoch training triplet loss and accuracy: a triplet term that ends at about its margin marks a retrain whose
     training features do not separate the identities by the margin; in the CPU study those runs had the lowest test
-    mAP), ``genotype`` (the choices in label order), ``run_dir``, ``search_run``.
+    mAP), ``genotype`` (the choices in label order), ``run_dir``, ``search_run`` (relative to the study's folder).
 
     Raises:
         RecipeError / RunFolderError: see :func:`enumerate_jobs`.
@@ -153,8 +162,8 @@ def collect_results(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[dict[s
         row["train_triplet"] = float(last.get("triplet", float("nan")))  # a term stuck at its margin: see README
         row["train_acc"] = float(last.get("acc", float("nan")))
         row["device"] = str(m.get("device", ""))
-        row["run_dir"] = str(job.run_dir)
-        row["search_run"] = str(job.search_run) if job.search_run is not None else ""
+        row["run_dir"] = _relative(job.run_dir, study)
+        row["search_run"] = _relative(job.search_run, study) if job.search_run is not None else ""
         rows.append(row)
     return rows
 
@@ -165,7 +174,8 @@ def _methods_rows(study: StudyRecipe) -> list[dict[str, Any]]:
     ``genotype`` (the name), ``kind`` (``hand`` / ``fixed`` trained, ``zero_shot``), ``retrain_seed`` ("" for
     zero-shot), ``split``, ``status`` (``done`` when every dataset of that evaluation is there), metrics in % per
     evaluation column (``nan`` when missing; a zero-shot row's ``same`` is its evaluation of the training dataset's
-    test split), ``train_seconds``, ``train_acc`` (last epoch), ``device`` and ``run_dir``."""
+    test split), ``train_seconds``, ``train_acc`` (last epoch), ``device`` and ``run_dir`` (relative to the study's
+    folder)."""
     cols = _eval_columns(study)
     rows: list[dict[str, Any]] = []
     for job in enumerate_jobs(study):
@@ -195,7 +205,7 @@ def _methods_rows(study: StudyRecipe) -> list[dict[str, Any]]:
             row["train_seconds"] = float(m.get("train_seconds", float("nan")))
             row["train_acc"] = float(last.get("acc", float("nan")))
             row["device"] = str(m.get("device", ""))
-            row["run_dir"] = str(job.run_dir)
+            row["run_dir"] = _relative(job.run_dir, study)
             rows.append(row)
     return rows
 

@@ -196,7 +196,8 @@ class ReIDDataset:
 
     def summary(self) -> str:
         """A plain-text table of ``#ids``, ``#images`` and ``#cams`` per split (with ``val query`` / ``val gallery``
-        rows when validation identities are held out, :func:`hold_out_validation`)."""
+        rows when validation identities are held out, :func:`hold_out_validation`), under the dataset's root relative
+        to the current folder (a committed log names no machine's absolute paths)."""
         rows = [(split, getattr(self, split)) for split in ("train", "query", "gallery")]
         val_query, val_gallery = getattr(self, "val_query", []), getattr(self, "val_gallery", [])
         if val_query or val_gallery:
@@ -204,7 +205,7 @@ class ReIDDataset:
         w = max(8, *(len(name) for name, _ in rows))
         dashes = "  " + "-" * (w + 32)
         lines = [
-            f"=> {self.name}" + (f" ({self.root})" if self.root else ""),
+            f"=> {self.name}" + (f" ({os.path.relpath(self.root)})" if self.root else ""),  # logs stay portable
             dashes,
             f"  {'subset':<{w}} | # ids | # images | # cameras",
             dashes,
