@@ -503,5 +503,6 @@ def select_on_validation(supernet, strategy, ctx, probabilities: Mapping[str, Ma
                     "(inherited weights, BN recalibrated)",
             "top_k": k, "prob_rank": best["prob_rank"], "log_prob": best["log_prob"], "score": score,
             "score_value": best[score], "val_rank1": best["val_rank1"], "val_mAP": best["val_mAP"],
-            "bn_batches": bn_batches}
+            "bn_batches": bn_batches, "candidates_scored": len(rows),
+            "scoring_seconds": float(sum(max(r["seconds"], 0.0) for r in rows))}
     return dict(best["sample"]), prov

@@ -167,6 +167,9 @@ def test_evolution_returns_the_best_row_never_rescores_and_reads_no_test_image(r
     assert prov["selection"] == "evolution" and prov["selection_done"] is True
     assert prov["score_value"] == pytest.approx(float(rows[best]["val_mAP"]))
     assert prov["train_seconds"] > 0 and prov["scoring_seconds"] > 0
+    sel = json.loads((run / "metrics.json").read_text())["selection"]  # the same figures in metrics.json
+    assert sel["candidates_scored"] == len(rows) and sel["scoring_seconds"] == prov["scoring_seconds"]
+    assert sel["val_mAP"] == prov["val_mAP"] and sel["selection"] == "evolution" and sel["rule"] == prov["rule"]
     state = json.loads((run / "evolution.json").read_text())
     assert state["done"] and state["generation"] == 4 and state["summary"]["candidates_scored"] == len(rows)
     assert main(["derive", str(run), "--out", str(tmp_path / "d")]) == 0
@@ -292,6 +295,10 @@ def test_gumbel_derive_top_k_scores_the_most_probable_on_validation(runs, tmp_pa
     assert [{k: r[k] for k in ("key", "log_prob", "val_rank1", "val_mAP")} for r in kw_rows] == strip
     j = min(range(2), key=lambda i: (-float(kw_rows[i]["val_mAP"]), i))
     assert json.loads((kw / "genotype.json").read_text())["choices"] == json.loads(kw_rows[j]["choices"])
+    sel = json.loads((kw / "metrics.json").read_text())["selection"]  # what the selection did and cost
+    assert sel["candidates_scored"] == 2 and sel["top_k"] == 2 and sel["prob_rank"] == j + 1
+    assert sel["scoring_seconds"] == pytest.approx(sum(float(r["seconds"]) for r in kw_rows))
+    assert json.loads((run / "metrics.json").read_text())["selection"] == {}  # plain argmax: nothing scored
     # a run without validation identities is refused by name, nothing scored
     noval = _edit_run(run, tmp_path / "noval")
     d = yaml.safe_load((noval / "recipe.yaml").read_text())

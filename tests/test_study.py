@@ -524,3 +524,13 @@ def test_paired_bootstrap_draws_match_a_plain_resampling_loop():
         r = S.paired_bootstrap(a, b, n_boot=3000, seed=seed, level=level)
         assert (r.low, r.high) == pytest.approx((lo, hi), abs=1e-12)
         assert r.mean_diff == pytest.approx(d.mean(), abs=1e-12)
+
+
+def test_search_seconds_count_the_validation_selection():
+    """A search that selects on validation costs its supernet's epochs plus the scoring of its candidates (spos's
+    evolution, gumbel's ``validate_top_k``); a plain search its epochs only; no search: nan."""
+    from nasreid.study.report import _search_seconds
+
+    assert _search_seconds({"search_seconds": 100.0}, {"provenance": {"scoring_seconds": 250.5}}) == 350.5
+    assert _search_seconds({"search_seconds": 100.0}, {"provenance": {"rule": "argmax"}}) == 100.0
+    assert math.isnan(_search_seconds({}, {}))

@@ -66,6 +66,22 @@ def strategy_kwargs(recipe: Recipe) -> dict[str, Any]:
     return kw
 
 
+#: provenance keys of a genotype chosen by scoring candidates on validation (spos, gumbel ``validate_top_k``)
+SELECTION_KEYS = ("rule", "score", "score_value", "val_rank1", "val_mAP", "candidates_scored", "scoring_seconds",
+                  "selection", "selection_done", "bn_batches", "top_k", "prob_rank", "generation")
+
+
+def selection_record(geno: Genotype) -> dict:
+    """What a search's validation selection did, for its ``metrics.json`` (key ``selection``): the genotype's
+    provenance keys :data:`SELECTION_KEYS` it has -- the rule, the score and its value, the candidates scored and the
+    seconds spent scoring them (``scoring_seconds``: wall seconds, not in ``search_seconds``, which sums the supernet's
+    epochs). Empty for a strategy that does not score candidates on validation (``candidates_scored`` absent)."""
+    prov = geno.provenance or {}
+    if "candidates_scored" not in prov:
+        return {}
+    return {k: prov[k] for k in SELECTION_KEYS if k in prov}
+
+
 def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resume: bool = False,
                progress: Optional[bool] = None) -> Path:
     """Search ``recipe.space`` with ``recipe.strategy``; returns the run folder.
@@ -105,6 +121,7 @@ def run_search(recipe: Recipe, run_dir: Optional[str | os.PathLike] = None, resu
         history = load_checkpoint(ckpt).get("history", []) if ckpt.is_file() else []
         metrics.update({"kind": "search", "space": recipe.space.name, "strategy": recipe.strategy.name,
                         "history": history, "search_seconds": sum(h.get("epoch_seconds", 0.0) for h in history),
+                        "selection": selection_record(geno),
                         "search_wall_seconds": t_search,  # this process (an HPO run: after its workers, if any)
                         "final_probabilities": geno.probabilities, "device": str(ctx.device.device),
                         "world_size": D.world_size(), "search_done": True, **_identities(ctx.dataset)})

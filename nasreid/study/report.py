@@ -52,6 +52,20 @@ def _relative(path: Union[str, os.PathLike], study: StudyRecipe) -> str:
         return Path(path).name
 
 
+def _search_seconds(metrics: Mapping[str, Any], genotype: Mapping[str, Any]) -> float:
+    """A search's cost in seconds as the study reports it: the supernet's summed epoch time (``metrics.json``
+    ``search_seconds``) plus, for a strategy that selects on validation (spos, gumbel ``validate_top_k``), the
+    seconds it spent scoring candidates (the genotype's provenance ``scoring_seconds``); ``nan`` without a search."""
+    scoring = (genotype.get("provenance") or {}).get("scoring_seconds", 0.0)
+    return float(metrics.get("search_seconds", float("nan"))) + float(scoring)
+
+
+def _job_search_seconds(job: StudyJob) -> float:
+    """:func:`_search_seconds` of a search job's run folder."""
+    g = job.run_dir / "genotype.json"
+    return _search_seconds(job.metrics(), _read_json(g) if g.is_file() else {})
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", s).strip("_")
 
@@ -101,7 +115,7 @@ def collect_results(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[dict[s
     ``retrain_seed``, ``split``, ``status``; ``<prefix>_rank1`` / ``_mAP`` / ``_mINP`` in % for every
     evaluation (prefix ``same``, ``cross_<target>``, ``val_<validation>``; ``nan`` when missing); ``params``
     (without the identity classifier) and ``macs`` (multiply-adds of one image at the retrain input size,
-    :mod:`nasreid.models.complexity`); ``search_seconds`` (the search's summed epoch time), ``entropy_mean``
+    :mod:`nasreid.models.complexity`); ``search_seconds`` (:func:`_search_seconds`), ``entropy_mean``
     (mean over decisions of the entropy of the search's final probabilities, nats), ``entropy_max`` (mean
     ``log k``), ``train_seconds``, ``device`` (the retrain's), ``train_triplet`` / ``train_acc`` (the retrain's
     last-epoch training triplet loss and accuracy: a triplet term that ends at about its margin marks a retrain whose
@@ -150,10 +164,12 @@ def collect_results(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[dict[s
             row["params"], row["macs"] = _complexity(geno, size)
             row["genotype"] = _genotype_str(geno.choices)
         sm = _read_json(job.search_run / "metrics.json") if job.search_run is not None else {}
-        row["search_seconds"] = float(sm.get("search_seconds", float("nan")))
+        sg = (_read_json(job.search_run / "genotype.json")
+              if job.search_run is not None and (job.search_run / "genotype.json").is_file() else {})
+        row["search_seconds"] = _search_seconds(sm, sg)
         probs = sm.get("final_probabilities")
-        if probs is None and job.search_run is not None and (job.search_run / "genotype.json").is_file():
-            probs = _read_json(job.search_run / "genotype.json").get("probabilities")
+        if probs is None:
+            probs = sg.get("probabilities")
         ent = decision_entropy(probs or {})
         row["entropy_mean"] = float(np.mean([h for h, _ in ent.values()])) if ent else float("nan")
         row["entropy_max"] = float(np.mean([k for _, k in ent.values()])) if ent else float("nan")
@@ -421,7 +437,7 @@ class _Report:
             if not per:
                 continue
             labels = list(per)
-            secs = _ms([j.metrics().get("search_seconds", float("nan")) for j in runs], "{:.0f}")
+            secs = _ms([_job_search_seconds(j) for j in runs], "{:.0f}")
             L.append(f"**{a}** ({len(runs)} searches; search seconds {secs})\n")
             L += _table(["", *labels, "mean"], [
                 ["entropy (nats)", *(_ms(per[lab], "{:.3f}") for lab in labels), _ms(run_means, "{:.3f}")],
@@ -475,16 +491,20 @@ class _Report:
         body = []
         for s in self.sources:
             sm = [j.metrics() for j in self.searches if j.arm == s]
-            ss = [m.get("search_seconds", float("nan")) for m in sm]
+            ss = [_job_search_seconds(j) for j in self.searches if j.arm == s]
             ts = [r["train_seconds"] for r in self.done if r["source"] == s]
             tm = [r for r in self.done if r["source"] == s]  # collect_results already read their metrics.json
             body.append([s, len(ss), len(ts), _ms(ss, "{:.1f}"), _ms(ts, "{:.1f}"),
                          f"{devices(sm) if sm else '–'} / {devices(tm)}"])
-        tot_s = sum(_finite(j.metrics().get("search_seconds", float("nan")) for j in self.searches))
+        tot_s = sum(_finite(_job_search_seconds(j) for j in self.searches))
+        scoring = any((_read_json(j.run_dir / "genotype.json").get("provenance") or {}).get("scoring_seconds")
+                      for j in self.searches if (j.run_dir / "genotype.json").is_file())
         body.append(["all", len(self.searches), len(self.done), f"{tot_s:.1f} in all",
                      f"{sum(_finite(r['train_seconds'] for r in self.done)):.1f} in all", ""])
-        return ["## Cost\n", "Seconds of training (summed epoch times, evaluation excluded), mean ± std per run; "
-                "seconds compare only between runs on the same device (last column).\n",
+        return ["## Cost\n", "Seconds of training (summed epoch times, evaluation excluded"
+                + ("; a search that selects on validation adds the wall seconds of scoring its candidates"
+                   if scoring else "")
+                + "), mean ± std per run; seconds compare only between runs on the same device (last column).\n",
                 *_table(["source", "searches", "retrains", "search s", "retrain s", "device (search / retrain)"],
                         body)]
 
