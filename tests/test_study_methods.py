@@ -139,7 +139,8 @@ def test_domainmix_rsa_and_in_study_job_graphs(tmp_path):
     assert dm[0].owners == ["a_only", "directmix_initial", "directmix_refined", "domainmix"]
     by = {j.retrain_arm: _cmd(j) for j in dm if j.retrain_seed == 0}
     assert "training.kwargs.unlabelled=null" in by["a_only"]
-    assert "training.kwargs.adversarial=false --set training.kwargs.cluster.every=100" in by["directmix_initial"]
+    assert ("training.kwargs.adversarial=false --set training.kwargs.cluster.b_l=1 "
+            "--set training.kwargs.cluster.b_h=1000000") in by["directmix_initial"]  # Table 1 "initial": no Eq. 1
     assert "training.kwargs.cluster.every=1 " in by["directmix_refined"] + " "
     assert "training.kwargs.adversarial=true" in by["domainmix"]
     assert "--target synthetic:" in _cmd(dm[0]) and "--target cuhk03np=cuhk03" in _cmd(dm[0])
