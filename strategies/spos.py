@@ -212,7 +212,10 @@ class SPOSStrategy(RandomStrategy):
     # ---- the search --------------------------------------------------------------------------------------
     def search(self, ctx) -> Genotype:
         """Train the supernet (uniform single paths, Sec. 3.2), then select on validation (Algorithm 1, or every
-        candidate of a space of at most ``exhaustive_max``); returns the best candidate's genotype.
+        candidate of a space of at most ``exhaustive_max``); returns the best candidate's genotype. Under torchrun
+        every rank trains the supernet and rank 0 alone runs the selection while the others wait at a barrier (the
+        process group's timeout, 30 min by default, bounds the selection's time), then every rank derives the same
+        genotype from ``evolution.csv``.
 
         Raises:
             RecipeError: the recipe sets no ``data.val_ids`` (checked before training).
@@ -233,9 +236,13 @@ class SPOSStrategy(RandomStrategy):
         if ranker.labels != list(self.values):
             raise StrategyConfigError(f"spos: the supernet's choices {ranker.labels} are not the space's "
                                       f"{list(self.values)}")
+        from nasreid.engine import distributed as D
+
         t1 = time.time()
         train_seconds = sum(float(h.get("epoch_seconds", 0.0)) for h in history)
-        self.evolve(ranker, Path(ctx.run_dir), train_seconds=train_seconds)
+        if D.is_main():  # under torchrun rank 0 alone scores (one evolution.csv); the ranker runs the bare
+            self.evolve(ranker, Path(ctx.run_dir), train_seconds=train_seconds)  # supernet: no collective
+        D.barrier()  # the other ranks read the selection from rank 0's files
         t_evo = time.time() - t1
         geno = self.derive(ctx.run_dir, ctx.recipe)
         geno.provenance.update(epoch=len(history), train_wall_seconds_this_process=t_train,

@@ -327,3 +327,35 @@ def test_average_gradients_is_a_no_op_in_one_process():
     assert p.grad.tolist() == [1.0, 2.0, 3.0]
     assert all_gather_cat(torch.arange(4)).tolist() == [0, 1, 2, 3]
     assert not info().enabled
+
+
+def test_spos_under_torchrun_scores_each_candidate_once_on_rank_0(tmp_path, shared_data):
+    """spos under torchrun: both ranks train the supernet, rank 0 alone runs the evolution (one ``evolution.csv``,
+    no candidate scored twice, no interleaved rows), and the genotype is its best row."""
+    import csv
+
+    import yaml
+
+    if not (shared_data / "cuhk01").is_dir():
+        missing(f"cuhk01 missing in {shared_data}")
+    recipe = {**{k: v for k, v in BASE.items() if k != "plugins"}, "name": "ddp_spos",
+              "output_root": str(tmp_path / "results"),
+              "strategy": {"name": "spos", "kwargs": {"population": 4, "iterations": 2, "parents": 2,
+                                                      "bn_batches": 1, "exhaustive_max": 0}},
+              "optim": {**BASE["optim"], "epochs": 1}, "eval": {"flip": False, "batch_size": 64}}
+    recipe["data"] = {**BASE["data"], "val_ids": 4,
+                      "dataset": {**BASE["data"]["dataset"], "root": str(shared_data / "cuhk01")}}
+    (tmp_path / "spos.yaml").write_text(yaml.safe_dump(recipe))
+    _run(["search", str(tmp_path / "spos.yaml"), "--out", str(tmp_path / "run"), "--no-retrain"], tmp_path / "probe",
+         nproc=2)
+    run = tmp_path / "run"
+    with (run / "evolution.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert 4 <= len(rows) <= 8 and len({r["key"] for r in rows}) == len(rows)
+    assert {r["generation"] for r in rows} == {"0", "1"}
+    best = min(range(len(rows)), key=lambda j: (-float(rows[j]["val_mAP"]), j))
+    geno = json.loads((run / "genotype.json").read_text())
+    assert geno["choices"] == json.loads(rows[best]["choices"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["selection"]["candidates_scored"] == len(rows)
+    assert (run / "train.log").read_text().count("spos: generation 2/2 done") == 1  # rank 0's evolution only
