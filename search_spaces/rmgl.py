@@ -19,6 +19,15 @@ backbone split into three stages ``s2, s3, s4`` with weights of its own::
                                            s2 = conv3 (2 OS blocks) + transition, s3 = conv4 (2 OS blocks),
                                            s4 = conv5 (1x1 conv-BN-ReLU)
 
+Pretrained OSNet (``backbone="osnet"``): torchreid's plain OSNet files (``osnet_x1_0`` .. ``osnet_x0_25``, e.g. the
+MSMT17 ``osnet_x0_25_msmt17.pth``) load through ``model.pretrained`` (exactly, or ``model.warm_start``) at the file's
+``width_mult``: its weights format names the keys as the ``osnet_ain`` space's preset ``osnet``
+(:func:`nasreid.models.torchreid.to_nasreid`), then :meth:`RMGLSpace.pretrained_places` puts conv1, conv2 and its
+transition into ``trunk`` and conv3 + transition, conv4, conv5 into *every* branch's ``stages.0/1/2`` (each its own
+copy, :data:`OSNET_PLACES`); the file's ``fc`` / ``classifier`` are dropped, the reductions and classifiers stay at
+their initialisation. The paper fine-tunes an ImageNet-pretrained backbone (Sec. IV-A) whose later stages every
+branch copies (Sec. III-A); OSNet's stages are Table 1 of Zhou et al., ICCV 2019.
+
 Branch ``b`` has ``n_b`` stripes. Its original path pools the output map into a global feature (GMP,
 ``k = 0``) and ``n_b`` uniform stripe features (max pooling). With receptive partition (``rp_depth`` not
 ``"off"``) the *input* of the chosen stage is cut into ``n_b`` horizontal stripes that run through the
@@ -71,7 +80,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -89,8 +98,11 @@ __all__ = [
     "PRESET_GENOTYPES",
     "RP_DEPTHS",
     "RSA_CHOICES",
+    "OSNET_PLACES",
     "RMGLSpace",
     "load_resnet50_weights",
+    "osnet_name",
+    "osnet_places",
 ]
 
 #: Backbones of the space.
@@ -133,6 +145,10 @@ PRESET_GENOTYPES: dict[str, dict[str, Any]] = {
     "rmgl_1_2_3": {"choices": _choices("stage2", (1, 2, 3), True), "space_kwargs": {}},
     # Table V "RMGL (2+3+4)": an extra Local-4 branch with its RP path
     "rmgl_2_3_4": {"choices": _choices("stage2", (2, 3, 4), True), "space_kwargs": {}},
+    # not in the paper: the plain global head in RMGL's framework -- one branch of one stripe (its GMP feature and
+    # a whole-map "stripe", each with its reduction and classifier), no RP, no ABP -- with rmgl_paper's RSA, so that
+    # rmgl_paper - global_rsa on the same pretrained OSNet trunk is the RMGL head (2+3 stripes, RP, ABP) alone
+    "global_rsa": {"choices": _choices("off", (1,), False), "space_kwargs": {}},
 }
 
 
@@ -186,6 +202,64 @@ def load_resnet50_weights(net: nn.Module, path: str | os.PathLike) -> int:
     return int(report["loaded"])
 
 
+#: Where the osnet backbone's modules are in the ``osnet_ain`` space's plain OSNet (preset ``osnet``; torchreid's
+#: ``osnet_x*`` files, translated by :func:`nasreid.models.torchreid.to_nasreid`): ``(osnet prefix, rmgl prefix)``,
+#: ``{b}`` standing for every branch (each has its own copy of conv3 .. conv5). OSNet, ICCV 2019, Table 1: conv1,
+#: max pool, conv2 (2 OS blocks) + transition, conv3 (2) + transition, conv4 (2), conv5 (1x1); RMGL, TIP 2020,
+#: Sec. III-A / Fig. 2: a shared trunk up to the first partition point, then per-branch copies of the later stages.
+OSNET_PLACES: tuple[tuple[str, str], ...] = (
+    ("conv1.", "trunk.0."),
+    ("conv2.0.", "trunk.2."),
+    ("conv2.1.", "trunk.3."),
+    ("trans2.", "trunk.4."),
+    ("conv3.0.", "branches.{b}.stages.0.0."),
+    ("conv3.1.", "branches.{b}.stages.0.1."),
+    ("trans3.", "branches.{b}.stages.0.2."),
+    ("conv4.0.", "branches.{b}.stages.1.0."),
+    ("conv4.1.", "branches.{b}.stages.1.1."),
+    ("conv5.", "branches.{b}.stages.2."),
+)
+#: The plain OSNet's head (torchreid ``fc`` -> ``head.embed``, ``classifier`` -> ``head.classifier``): no place in
+#: RMGL, whose own reductions and classifiers (``branches.{b}.reductions`` / ``.classifiers``) start at their init.
+OSNET_DROPPED = ("head.",)
+
+
+def osnet_places(name: str, num_branches: int) -> tuple[str, ...] | None:
+    """The rmgl ``osnet``-backbone keys of a key of the ``osnet_ain`` space's plain OSNet (:data:`OSNET_PLACES`):
+    one trunk key, or one key per branch for conv3 .. conv5; ``()`` for the OSNet's head (dropped); ``None`` for a
+    name of no OSNet module the rmgl backbone has (e.g. an IN layer ``conv2.0.in_in.weight`` of OSNet-AIN).
+
+    >>> osnet_places("conv2.1.residual.gate.fc1.weight", 2)
+    ('trunk.3.residual.gate.fc1.weight',)
+    >>> osnet_places("conv5.1.running_var", 2)
+    ('branches.0.stages.2.1.running_var', 'branches.1.stages.2.1.running_var')
+    """
+    if name.startswith(OSNET_DROPPED):
+        return ()
+    for src, dst in OSNET_PLACES:
+        if name.startswith(src):
+            rest = name[len(src):]
+            if "{b}" not in dst:
+                return (dst + rest,)
+            return tuple(dst.format(b=b) + rest for b in range(num_branches))
+    return None
+
+
+def osnet_name(key: str) -> str | None:
+    """The plain OSNet name (``osnet_ain`` space) of an rmgl ``osnet``-backbone key (trunk or any branch's stages;
+    the inverse of :func:`osnet_places`), ``None`` for RMGL's own layers (reductions, classifiers)."""
+    for src, dst in OSNET_PLACES:
+        head, _, tail = dst.partition("{b}")
+        if not tail:
+            if key.startswith(head):
+                return src + key[len(head):]
+        elif key.startswith(head):
+            b, dot, rest = key[len(head):].partition(".")
+            if b.isdigit() and dot and rest.startswith(tail[1:]):
+                return src + rest[len(tail) - 1:]
+    return None
+
+
 @register_space("rmgl", presets=PRESET_GENOTYPES)
 class RMGLSpace(ModelSpace, ReIDNetwork):
     """RMGL network for the current sample of its choices (Wang et al., TIP 2020, Fig. 2; see the module
@@ -218,6 +292,9 @@ class RMGLSpace(ModelSpace, ReIDNetwork):
     Raises:
         ValueError: an invalid keyword argument (the message names it and the allowed values).
         PretrainedWeightsError: ``imagenet_weights`` missing, unreadable or not a ResNet-50 state dict.
+
+    Pretrained OSNet: ``load_pretrained`` / ``warm_start`` (a recipe's ``model.pretrained``) of a torchreid plain
+    OSNet file place it through :meth:`pretrained_places` (osnet backbone: trunk + every branch's stages).
     """
 
     space_name = "rmgl"
@@ -348,6 +425,69 @@ class RMGLSpace(ModelSpace, ReIDNetwork):
                     ConvBNReLU(c3, c3, 1)]
 
         return trunk, stages, c3
+
+    def pretrained_places(self, names: Collection[str], *, strict: bool = True
+                          ) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]] | None:
+        """Where the tensors of a plain OSNet weights file go in this network (``backbone="osnet"``); the hook
+        :func:`~nasreid.models.pretrained.load_pretrained` and :func:`~nasreid.models.pretrained.warm_start` call
+        with the file's keys once its weights format has renamed them (a torchreid ``osnet_x*`` file: format
+        ``torchreid``, :func:`nasreid.models.torchreid.to_nasreid`, to the ``osnet_ain`` space's preset ``osnet``).
+
+        conv1, conv2 and its transition go to ``trunk.*``; conv3 + transition, conv4 and conv5 to
+        ``branches.{b}.stages.{0,1,2}`` of *every* branch (each takes its own copy of the same tensors: RMGL,
+        TIP 2020, Sec. III-A / IV-A, the branches copy the backbone after the trunk); the OSNet's ``head.*``
+        (torchreid ``fc`` / ``classifier``) is dropped, and this network's reductions and classifiers
+        (:attr:`head_prefixes`) stay at their initialisation. OSNet channels (ICCV 2019, Table 1) times
+        ``width_mult`` must be the file's (a shape mismatch is reported by the loader).
+
+        Args:
+            names: the file's keys after its format's renaming.
+            strict: every backbone tensor of this network must come from the file and every file name (but the
+                OSNet head) have a place here; ``False``: the names that fit are placed, the others reported by
+                the loader (``load_pretrained(strict=False)``).
+
+        Returns:
+            ``({OSNet name: (rmgl key, ...)}, head prefixes)``; ``None`` for the resnet50 backbone, or when no
+            name is an OSNet module's (the file already has this network's names, e.g. an rmgl run's
+            ``model.pt``).
+
+        Raises:
+            PretrainedWeightsError: with ``strict``, OSNet names with no place here (an OSNet-AIN / OSNet-IBN file's
+                IN layers, the BN-less conv3 of OSNet-AIN's blocks ...) or backbone keys of this network the file
+                lacks; the message names a few of each and how many.
+        """
+        if self.backbone != "osnet":
+            return None
+        names = list(names)
+        if not any(osnet_places(n, 0) is not None and not n.startswith(OSNET_DROPPED) for n in names):
+            return None
+        nb = len(self.branches)
+        own = list(self.state_dict())
+        keys = set(own)
+        places: dict[str, tuple[str, ...]] = {}
+        unplaced: list[str] = []
+        for n in names:
+            p = osnet_places(n, nb)
+            if p is None or not all(k in keys for k in p):  # no OSNet module of this backbone (an IN layer ...)
+                unplaced.append(n)
+            else:
+                places[n] = p
+        lacking = [k for k in own if osnet_name(k) is not None and osnet_name(k) not in places]
+        if strict and (unplaced or lacking):
+            from nasreid.models.weights import few_keys
+
+            parts = []
+            if unplaced:
+                parts.append(f"{len(unplaced)} tensor(s) of the file with no place in the rmgl osnet backbone "
+                             f"(names after the file's format): {few_keys(unplaced)}")
+            if lacking:
+                parts.append(f"{len(lacking)} tensor(s) of the rmgl network not in the file: {few_keys(lacking)} "
+                             f"(the plain OSNet's {few_keys([str(osnet_name(k)) for k in lacking])})")
+            raise PretrainedWeightsError(
+                "; ".join(parts) + ". The rmgl space's osnet backbone takes a plain OSNet: torchreid's osnet_x1_0 .. "
+                "osnet_x0_25 (format torchreid; not OSNet-AIN / OSNet-IBN, whose IN layers it lacks) or the "
+                "osnet_ain space's preset osnet, with space.kwargs.width_mult the file's width")
+        return places, tuple(self.head_prefixes)
 
     def stages(self) -> list[tuple[str, nn.Module]]:
         """The trunk, then branch 0's stages on its original path (see :attr:`feature_info`); every branch

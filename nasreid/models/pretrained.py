@@ -22,7 +22,10 @@ as that file holds NumPy RNG states too) or ``"model_state_dict"``; a ``module.`
 Module names must match the model's, or be translated by a registered weights format
 (:data:`nasreid.models.weights.WEIGHT_FORMATS`): torchreid's OSNet-family files (``conv1.conv.weight`` where nasreid
 has ``conv1.0.weight``) are recognised and translated exactly (:mod:`nasreid.models.torchreid`,
-``format="torchreid"``); a plugin registers another naming; ``rename`` translates one file ad hoc.
+``format="torchreid"``); a plugin registers another naming; ``rename`` translates one file ad hoc. A network whose
+layout repeats another network's modules places the renamed keys itself with a method ``pretrained_places`` (one
+file tensor into several of its keys; its own new layers left at init): RMGL's OSNet trunk and per-branch stage
+copies from a plain OSNet file (:meth:`nasreid.search_spaces.rmgl.RMGLSpace.pretrained_places`).
 
 Example::
 
@@ -88,22 +91,47 @@ def fitting_prefixes(skip: Iterable[str], file_keys: Mapping[str, torch.Tensor],
     return tuple(out)
 
 
+def _places(model: nn.Module | None, names: list[str], strict: bool, source: str
+            ) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]] | None:
+    """The model's own placing of a file's (renamed) keys, when it has one: ``model.pretrained_places(names,
+    strict=...)`` returns ``({name: (model key, ...)}, new prefixes)`` or ``None`` (names kept). A network whose
+    modules repeat those of another network of the project (RMGL's OSNet trunk and per-branch stage copies,
+    :meth:`nasreid.search_spaces.rmgl.RMGLSpace.pretrained_places`) fans one file tensor out to several of its keys
+    (each takes a copy) and names the prefixes of its own new layers, which the file never holds (left at their
+    initialisation like a ``skip`` prefix). Its errors are re-raised naming ``source``."""
+    hook = getattr(model, "pretrained_places", None)
+    if not callable(hook):
+        return None
+    try:
+        return hook(names, strict=strict)
+    except PretrainedWeightsError as e:
+        raise PretrainedWeightsError(f"pretrained weights {source}: {e}") from None
+
+
 def _select(file_sd: Mapping[str, torch.Tensor], rename: Callable[[str], str | None] | None, skip: tuple[str, ...],
-            fit_to: Mapping[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], list[str], tuple[str, ...]]:
-    """The file's tensors under the model's names, the file keys dropped (by ``rename`` or ``skip``), and the
-    ``skip`` prefixes still in force: those whose tensors fit ``fit_to`` exactly are lifted (``keep_fitting``)."""
+            fit_to: Mapping[str, torch.Tensor] | None, model: nn.Module | None = None, strict: bool = True,
+            source: str = "the weights") -> tuple[dict[str, torch.Tensor], list[str], tuple[str, ...]]:
+    """The file's tensors under the model's names, the file keys dropped (by ``rename``, ``skip`` or the model's
+    :func:`_places`), and the ``skip`` prefixes still in force (plus the model's new layers, :func:`_places`):
+    those whose tensors fit ``fit_to`` exactly are lifted (``keep_fitting``)."""
     named = {k: (rename(k) if rename is not None else k) for k in file_sd}
+    targets: dict[str, tuple[str, ...]] = {k: (() if n is None else (n,)) for k, n in named.items()}
+    placed = _places(model, [n for n in named.values() if n is not None], strict, source)
+    if placed is not None:  # the model's own placing: one file tensor may go to several keys, or nowhere
+        places, new = placed
+        targets = {k: (() if n is None else places.get(n, (n,))) for k, n in named.items()}
+        skip = (*skip, *(p for p in new if p not in skip))
     if fit_to is not None:
-        fits = fitting_prefixes(skip, {n: file_sd[k] for k, n in named.items() if n is not None}, fit_to)
+        fits = fitting_prefixes(skip, {t: file_sd[k] for k, ts in targets.items() for t in ts}, fit_to)
         skip = tuple(p for p in skip if p not in fits)
     kept: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     for key, value in file_sd.items():
-        new = named[key]
-        if new is None or under_prefixes(new, skip):
+        use = [t for t in targets[key] if not under_prefixes(t, skip)]
+        if not use:
             skipped.append(key)
-        else:
-            kept[new] = value
+        for t in use:
+            kept[t] = value
     return kept, skipped, skip
 
 
@@ -137,7 +165,10 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
             ``osnet_ain_torchreid`` presets), ``"torchvision"`` (a torchvision ResNet-50 state dict into a model
             whose modules are torchvision's, e.g. RMGL's ``resnet50`` trunk: names kept, ``fc.*`` dropped), one a
             plugin registered, or ``"auto"`` (the format whose recogniser accepts the file -- torchreid for
-            torchreid's keys -- else names as they are). Ignored when ``rename`` is given.
+            torchreid's keys -- else names as they are). Ignored when ``rename`` is given. After the format (or
+            ``rename``), a model with a ``pretrained_places(names, strict=...)`` method places the names itself
+            (:func:`_places`; the ``rmgl`` space's OSNet backbone: torchreid's conv3..conv5 into every branch, its
+            reductions and classifiers added to ``skip``).
 
     Returns:
         ``{"loaded": n, "skipped": [...], "missing": [...], "unexpected": [...], "mismatched": [...]}``:
@@ -162,7 +193,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, skip: Iterable
     if rename is None:
         rename, hint = file_naming(file_sd, path, format)
 
-    kept, skipped, skip = _select(file_sd, rename, skip, model_sd if keep_fitting else None)
+    kept, skipped, skip = _select(file_sd, rename, skip, model_sd if keep_fitting else None, model, strict,
+                                   str(path))
     wanted = [k for k in model_sd if not under_prefixes(k, skip)]
     missing = [k for k in wanted if k not in kept]
     unexpected = [k for k in kept if k not in model_sd]
@@ -247,7 +279,9 @@ def warm_start(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str]
     tensor must be in the file with the same shape; a normalisation layer of the file the model does not have
     (a BN, or an OS block's IN, e.g. the BN of a plain OS block's last 1x1 conv that torchreid's ``OSBlockINin``
     lacks) is reported as unused. The file is read with ``weights_only`` and named by
-    ``format`` as in :func:`load_pretrained` (torchreid files translated exactly).
+    ``format`` as in :func:`load_pretrained` (torchreid files translated exactly), then placed by the model's
+    ``pretrained_places`` when it has one (strictly: the ``rmgl`` space's OSNet backbone takes a plain OSNet
+    file's every tensor and refuses another's, norm layers included).
 
     With a file of exactly the model's architecture this loads the same tensors as :func:`load_pretrained`.
 
@@ -280,7 +314,7 @@ def warm_start(model: nn.Module, path: str | os.PathLike, *, skip: Iterable[str]
     file_sd = read_state_dict(path, weights_only=weights_only)
     rename, hint = file_naming(file_sd, path, format)
     fixed_sd = {fixed_name(k): v for k, v in model.state_dict().items()} if keep_fitting else None
-    src, skipped, skip = _select(file_sd, rename, skip, fixed_sd)
+    src, skipped, skip = _select(file_sd, rename, skip, fixed_sd, model, True, str(path))
     modules = dict(model.named_modules())
     load: dict[str, torch.Tensor] = {}
     used: set[str] = set()
