@@ -86,7 +86,8 @@ def read_paths():
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op torch thread for a module's tests (tiny nets run faster so; the CPU cores are shared).
-    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``; a module-scoped fixture that trains requests it
+    as an argument, so that it runs inside it too."""
     import torch
 
     n = torch.get_num_threads()

@@ -30,7 +30,7 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def qaconv_run(tmp_path_factory, shared_data):
+def qaconv_run(tmp_path_factory, shared_data, one_thread):
     import yaml
 
     tmp = tmp_path_factory.mktemp("qaconv")
@@ -38,7 +38,6 @@ def qaconv_run(tmp_path_factory, shared_data):
     d["data"]["dataset"]["root"] = str(shared_data / "cuhk01")
     d["output_root"] = str(tmp / "results")
     (tmp / "tiny_qaconv.yaml").write_text(yaml.safe_dump(d))
-    torch.set_num_threads(1)
     run = pipeline.run_train(load_recipe(tmp / "tiny_qaconv.yaml"), run_dir=tmp / "run", progress=False)
     return tmp, run
 

@@ -53,17 +53,12 @@ def _search(root: Path, data: Path, base: dict, name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, shared_data):
+def runs(tmp_path_factory, shared_data, one_thread):
     if not (shared_data / "cuhk01" / "campus").is_dir():
         missing(f"cuhk01 not present in {shared_data}")
     root = tmp_path_factory.mktemp("rank")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return {k: _search(root, shared_data, base, k) for k, base in
-                (("gumbel", GUMBEL), ("random", RANDOM), ("darts", DARTS))}
-    finally:
-        torch.set_num_threads(n)
+    return {k: _search(root, shared_data, base, k) for k, base in
+            (("gumbel", GUMBEL), ("random", RANDOM), ("darts", DARTS))}
 
 
 

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from conftest import missing, opened_images
@@ -85,21 +84,16 @@ def _edit_run(src: Path, dst: Path, **kwargs) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, shared_data):
+def runs(tmp_path_factory, shared_data, one_thread):
     """An uninterrupted spos run (every image it opens recorded) and a gumbel run, both with 4 validation ids."""
     if not (shared_data / "cuhk01" / "campus").is_dir():
         missing(f"cuhk01 not present in {shared_data}")
     root = tmp_path_factory.mktemp("spos")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     recipe = _write(root, shared_data, SPOS, "spos")
     with opened_images() as opened:
         ref = pipeline.run_search(load_recipe(recipe), run_dir=root / "ref", progress=False)
-    try:
-        gumbel = pipeline.run_search(load_recipe(_write(root, shared_data, GUMBEL, "gumbel")), run_dir=root / "g",
-                                     progress=False)
-    finally:
-        torch.set_num_threads(n)
+    gumbel = pipeline.run_search(load_recipe(_write(root, shared_data, GUMBEL, "gumbel")), run_dir=root / "g",
+                                 progress=False)
     return {"recipe": recipe, "ref": ref, "opened": opened, "gumbel": gumbel, "root": root}
 
 
