@@ -146,10 +146,12 @@ def test_domainmix_rsa_and_in_study_job_graphs(tmp_path):
     assert "--target synthetic:" in _cmd(dm[0]) and "--target cuhk03np=cuhk03" in _cmd(dm[0])
 
     rsa = S.enumerate_jobs(S.load_study(RECIPES / "study_rsa_rmgl_pretrained_cpu.yaml", over))
-    assert [j.id for j in rsa] == ["zero_shot/osnet/plain_split0", "train/plain/osnet/split0_seed0",
-                                   "train/rsa/osnet/split0_seed0", "train/plain/osnet/split0_seed1",
-                                   "train/rsa/osnet/split0_seed1"]
-    assert "data.augment.rsa=" in _cmd(rsa[2]) and "augment" not in _cmd(rsa[1])
+    assert [j.id for j in rsa] == ["zero_shot/osnet/plain_split0", "zero_shot/global_rsa/rmgl_split0",
+                                   "zero_shot/rmgl_paper/rmgl_split0",
+                                   *(f"train/{a}/split0_seed{r}" for r in (0, 1) for a in
+                                     ("plain/osnet", "rsa/osnet", "rmgl/global_rsa", "rmgl/rmgl_paper"))]
+    assert "data.augment.rsa=" in _cmd(rsa[4]) and "augment" not in _cmd(rsa[3])
+    assert "rmgl_finetune_cuhk03_cpu.yaml --genotype preset:rmgl_paper" in _cmd(rsa[6])  # the RMGL head's own recipe
 
     c01 = S.enumerate_jobs(S.load_study(RECIPES / "study_rsa_cuhk01_pretrained_cpu.yaml", over))
     zero = [j for j in c01 if j.phase == "zero_shot"]
