@@ -351,11 +351,7 @@ def _cmd_study(args) -> int:
     from nasreid import study as S
 
     srec = S.load_study(args.recipe, _overrides(args.set))
-    if args.print_commands:
-        if srec.ranking is not None:  # a ranking study's selection is fixed once its pool is scored
-            from nasreid.study.ranking import selection_pending
-
-            selection_pending(srec)
+    if args.print_commands:  # a ranking study's selection is fixed there once its pool is scored
         S.print_commands(srec, pending_only=not args.all)
     elif args.report_only:
         print(S.build_report(srec))

@@ -449,8 +449,8 @@ def print_commands(recipe: Union[StudyRecipe, str, os.PathLike], pending_only: b
     lines between them), for an external scheduler: every command of a phase may run in parallel, and a
     phase starts when the previous one is finished. Each command is resumable: a job interrupted after
     this was printed is best re-listed (its command then carries ``--resume``). A ranking study's score and
-    ranked train jobs appear once its selection is fixed (``nasreid study --print-commands`` fixes it when the pool
-    is scored: :func:`nasreid.study.ranking.selection_pending`).
+    ranked train jobs appear once its selection is fixed: listing fixes it when the pool is scored
+    (:func:`nasreid.study.ranking.selection_pending`, as :func:`~nasreid.study.runner.run_study` does).
 
     Args:
         recipe: a :class:`StudyRecipe`, a study YAML file or a study folder.
@@ -461,7 +461,12 @@ def print_commands(recipe: Union[StudyRecipe, str, os.PathLike], pending_only: b
         The printed commands (without the comment lines).
     """
     file = file or sys.stdout
-    jobs = enumerate_jobs(recipe)
+    study = _as_study(recipe)
+    if study.ranking is not None:
+        from .ranking import selection_pending  # here: nasreid.study.ranking imports this module
+
+        selection_pending(study)
+    jobs = enumerate_jobs(study)
     out = []
     phases = [ph for ph in PHASES if ph in ("search", "train") or any(j.phase == ph for j in jobs)]
     for i, phase in enumerate(phases, 1):
