@@ -2,6 +2,7 @@
 selection spread over a scored pool, the job graph (search -> pool -> score -> train), and a tiny ranking study run
 end to end on synthetic data and resumed."""
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -171,3 +172,9 @@ def test_tiny_ranking_study_end_to_end_and_resumed(tmp_path):
     assert (st.study_dir / "plots" / "ranking_split0_gumbel_bn2_val_mAP.png").is_file()
     again = S.run_study(st, report=False, echo=lambda s: None)
     assert not again["ran"] and not again["failed"]
+    # listing the commands (an external scheduler's path) fixes a scored pool's selection the same way
+    fixed = S.jobs.ranking_dir(st, 0) / "selected.json"
+    text = fixed.read_text()
+    fixed.unlink()
+    listed = S.print_commands(st, pending_only=False, file=io.StringIO())
+    assert fixed.read_text() == text and sum("ranking/split0/gumbel_bn2" in c for c in listed) == 1
