@@ -57,10 +57,9 @@ from .jobs import (
     evaluation_tag,
     find_evaluation,
     find_tagged_evaluation,
-    print_commands,
 )
 from .report import METRICS, build_report, collect_results
-from .runner import run_study
+from .runner import print_commands, run_study
 from .schema import (
                      Seeds,
                      StudyArm,

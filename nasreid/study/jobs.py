@@ -1,12 +1,11 @@
 """The study's job graph: :class:`StudyJob` (one ``nasreid search`` / ``train`` / ``evaluate`` command in its
 own run folder, with its state and its fresh or resumed command line), :func:`enumerate_jobs` (every job, phase by
-phase), :func:`print_commands` (for an external scheduler) and :func:`find_evaluation` (one dataset's result in a
-run's ``metrics.json``)."""
+phase) and :func:`find_evaluation` (one dataset's result in a run's ``metrics.json``); the commands for an external
+scheduler: :func:`nasreid.study.runner.print_commands`."""
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -440,46 +439,4 @@ def _ranked_train_jobs(study: StudyRecipe, targets: list[DatasetRef]) -> list[St
                     run_dir=study.study_dir / "train" / name / f"split{split}_seed{r}",
                     recipe=Path(study.retrain.recipe), sets=_retrain_sets(study, split, r),
                     genotype=str(d / "genotypes" / f"{name}.json"), targets=targets))
-    return out
-
-
-def print_commands(recipe: Union[StudyRecipe, str, os.PathLike], pending_only: bool = True,
-                   file=None) -> list[str]:
-    """Print one shell command per job, phase by phase (``# phase 1: search`` / ``# phase 2: train`` comment
-    lines between them), for an external scheduler: every command of a phase may run in parallel, and a
-    phase starts when the previous one is finished. Each command is resumable: a job interrupted after
-    this was printed is best re-listed (its command then carries ``--resume``). A ranking study's score and
-    ranked train jobs appear once its selection is fixed: listing fixes it when the pool is scored
-    (:func:`nasreid.study.ranking.selection_pending`, as :func:`~nasreid.study.runner.run_study` does).
-
-    Args:
-        recipe: a :class:`StudyRecipe`, a study YAML file or a study folder.
-        pending_only: skip finished jobs (default); ``False`` lists every job.
-        file: where to print (default ``sys.stdout``).
-
-    Returns:
-        The printed commands (without the comment lines).
-    """
-    file = file or sys.stdout
-    study = _as_study(recipe)
-    if study.ranking is not None:
-        from .ranking import selection_pending  # here: nasreid.study.ranking imports this module
-
-        selection_pending(study)
-    jobs = enumerate_jobs(study)
-    out = []
-    phases = [ph for ph in PHASES if ph in ("search", "train") or any(j.phase == ph for j in jobs)]
-    for i, phase in enumerate(phases, 1):
-        sel = [j for j in jobs if j.phase == phase]
-        cmds = []
-        for j in sel:
-            st = j.state()
-            if pending_only and st == DONE:
-                continue
-            cmds.append(shlex.join(j.command(st)))
-        print(f"# phase {i}: {phase} ({len(cmds)} of {len(sel)} jobs" + (" pending)" if pending_only else ")"),
-              file=file)
-        for c in cmds:
-            print(c, file=file)
-        out += cmds
     return out

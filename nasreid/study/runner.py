@@ -1,5 +1,6 @@
 """The local runner of a study: :func:`run_study` runs every unfinished job's plain CLI command, phase by phase,
-from a pool of worker processes, each job's output appended to its ``job.log``, and builds the report at the end."""
+from a pool of worker processes, each job's output appended to its ``job.log``, and builds the report at the end;
+:func:`print_commands` lists the same commands for an external scheduler."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -13,7 +14,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from nasreid.config import RecipeError
 
-from .jobs import DONE, EVALUATE, PHASES, StudyJob, _as_study, enumerate_jobs, print_commands
+from .jobs import DONE, EVALUATE, PHASES, StudyJob, _as_study, enumerate_jobs
 from .ranking import selection_pending
 from .report import build_report
 from .schema import StudyRecipe
@@ -43,6 +44,46 @@ def _run_job(job: StudyJob, env: Mapping[str, str]) -> dict:
                 break
     return {"id": job.id, "state_before": state, "rc": rc, "seconds": time.time() - t0,
             "state": job.state(), "log": str(job.run_dir / "job.log")}
+
+
+def print_commands(recipe: Union[StudyRecipe, str, os.PathLike], pending_only: bool = True,
+                   file=None) -> list[str]:
+    """Print one shell command per job, phase by phase (``# phase 1: search`` / ``# phase 2: train`` comment
+    lines between them), for an external scheduler: every command of a phase may run in parallel, and a
+    phase starts when the previous one is finished. Each command is resumable: a job interrupted after
+    this was printed is best re-listed (its command then carries ``--resume``). A ranking study's score and
+    ranked train jobs appear once its selection is fixed: listing fixes it when the pool is scored
+    (:func:`nasreid.study.ranking.selection_pending`, as :func:`run_study` does).
+
+    Args:
+        recipe: a :class:`StudyRecipe`, a study YAML file or a study folder.
+        pending_only: skip finished jobs (default); ``False`` lists every job.
+        file: where to print (default ``sys.stdout``).
+
+    Returns:
+        The printed commands (without the comment lines).
+    """
+    file = file or sys.stdout
+    study = _as_study(recipe)
+    if study.ranking is not None:
+        selection_pending(study)
+    jobs = enumerate_jobs(study)
+    out = []
+    phases = [ph for ph in PHASES if ph in ("search", "train") or any(j.phase == ph for j in jobs)]
+    for i, phase in enumerate(phases, 1):
+        sel = [j for j in jobs if j.phase == phase]
+        cmds = []
+        for j in sel:
+            st = j.state()
+            if pending_only and st == DONE:
+                continue
+            cmds.append(shlex.join(j.command(st)))
+        print(f"# phase {i}: {phase} ({len(cmds)} of {len(sel)} jobs" + (" pending)" if pending_only else ")"),
+              file=file)
+        for c in cmds:
+            print(c, file=file)
+        out += cmds
+    return out
 
 
 def run_study(recipe: Union[StudyRecipe, str, os.PathLike], workers: Optional[int] = None, dry_run: bool = False,
