@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,7 @@ def test_the_curve_ends_at_the_run_and_at_the_zero_shot_file(run, tmp_path, shar
     # the fine-tune moved the network: the two ends differ (else the test would not tell init from run)
     assert rows["0"][f"{same}/mAP"] != rows["1"][f"{same}/mAP"]
     md = (out / "wise_ft.md").read_text()
+    assert md.splitlines()[0] == f"# WiSE-FT: {os.path.relpath(run)}"  # no machine path in a committed table
     assert "best same-domain" in md and "best cross-domain" in md and "alpha 0 (zero-shot)" in md \
         and "alpha 1 (fine-tuned)" in md
     assert (out / "wise_ft.png").stat().st_size > 1000

@@ -221,7 +221,7 @@ def _report(out: Path, fields: list[str], rows: list[dict[str, str]], run: Path)
         v = [float(r[f"{k}/mAP"]) for k in cross if r.get(f"{k}/mAP")]
         return sum(v) / len(v) if v else float("nan")
 
-    lines = [f"# WiSE-FT: {run}", "",
+    lines = [f"# WiSE-FT: {os.path.relpath(run)}", "",  # relative to the current folder: no machine path
              "theta_alpha = (1 - alpha) * theta_0 (the run's `model.pretrained` init) + alpha * theta_1 (its "
              "fine-tuned weights); Wortsman et al., CVPR 2022, Eq. 1. rank-1 / mAP / mINP in percent.", "",
              "| alpha | " + " | ".join(f"{k} {m}" for k in keys for m in METRICS) + " |",
