@@ -33,23 +33,14 @@ from .statistics import BootstrapResult, _finite, decision_entropy, genotype_agr
 METRICS = ("rank1", "mAP", "mINP")
 
 
-def _shown(path: Union[str, os.PathLike]) -> str:
-    """A recipe path as the report shows it: relative to the current folder when below it, else its name (a
-    committed report carries no machine's absolute paths)."""
+def _shown(path: Union[str, os.PathLike], base: Optional[Union[str, os.PathLike]] = None) -> str:
+    """A path as the report shows it: relative to ``base`` (default the current folder; a study's folder for its run
+    folders) when below it, else its name (a committed report carries no machine's absolute paths)."""
     p = Path(path)
     try:
-        return str(p.resolve().relative_to(Path.cwd().resolve()))
+        return p.resolve().relative_to(Path(base if base is not None else Path.cwd()).resolve()).as_posix()
     except ValueError:
         return p.name
-
-
-def _relative(path: Union[str, os.PathLike], study: StudyRecipe) -> str:
-    """A run folder as the results table names it: relative to the study's folder (a committed table carries no
-    machine's absolute paths); a folder outside it keeps its name only."""
-    try:
-        return Path(path).resolve().relative_to(study.study_dir.resolve()).as_posix()
-    except ValueError:
-        return Path(path).name
 
 
 def _search_seconds(metrics: Mapping[str, Any], genotype: Mapping[str, Any]) -> float:
@@ -178,8 +169,8 @@ def collect_results(recipe: Union[StudyRecipe, str, os.PathLike]) -> list[dict[s
         row["train_triplet"] = float(last.get("triplet", float("nan")))  # a term stuck at its margin: see README
         row["train_acc"] = float(last.get("acc", float("nan")))
         row["device"] = str(m.get("device", ""))
-        row["run_dir"] = _relative(job.run_dir, study)
-        row["search_run"] = _relative(job.search_run, study) if job.search_run is not None else ""
+        row["run_dir"] = _shown(job.run_dir, study.study_dir)
+        row["search_run"] = _shown(job.search_run, study.study_dir) if job.search_run is not None else ""
         rows.append(row)
     return rows
 
@@ -221,7 +212,7 @@ def _methods_rows(study: StudyRecipe) -> list[dict[str, Any]]:
             row["train_seconds"] = float(m.get("train_seconds", float("nan")))
             row["train_acc"] = float(last.get("acc", float("nan")))
             row["device"] = str(m.get("device", ""))
-            row["run_dir"] = _relative(job.run_dir, study)
+            row["run_dir"] = _shown(job.run_dir, study.study_dir)
             rows.append(row)
     return rows
 
