@@ -120,3 +120,45 @@ def test_random_block_from_the_recipe_is_in_the_train_transform_only():
     te = build_transforms(64, 32, is_train=False, random_block={"p": 1.0, "max_ratio": 0.8})
     assert any(isinstance(t, RandomBlock) for t in tr.transforms)
     assert not any(isinstance(t, RandomBlock) for t in te.transforms)
+
+
+def test_a_fresh_head_on_a_pretrained_backbone_starts_as_a_working_matcher(shared_data, shared_weights):
+    """Defect found in issue 28's QAConv study: from the MSMT17 OSNet, QAConv fine-tuned on CUHK03 stayed at chance
+    (training accuracy 0.2-0.6 % over 372 classes, 0.44 mAP) while the plain QAConv similarity of the same conv4 maps
+    ranked the own class first for 35 % of the training images. PyTorch's default init of the BN-FC-BN's FC (half
+    the weights negative) and of the 1x1 reduction (a random bias on every location) started the head as a random
+    matcher. A fresh head must rank like QAConv's matching of the pretrained maps: here 40 CUHK03 training ids,
+    one image each in the memory and another one as the probe, the head in training mode as in a training step."""
+    from nasreid.data import ImageDataset
+    from nasreid.data.datasets.base import build_dataset
+    from nasreid.data.transforms import build_transforms
+    from nasreid.genotype import preset_genotype
+    from nasreid.models.pretrained import load_pretrained
+    from nasreid.models.qaconv import attach_qaconv
+
+    ds = build_dataset("cuhk03np", shared_data / "cuhk03")
+    by_pid: dict[int, list] = {}
+    for r in ds.train:
+        by_pid.setdefault(r.pid, []).append(r)
+    pids = sorted(by_pid)[:40]
+    transform = build_transforms(128, 64, is_train=False)
+
+    def images(records):
+        data = ImageDataset(records, ds.read_image, transform)
+        return torch.stack([data[i]["img"] for i in range(len(data))])
+
+    net = preset_genotype("osnet_ain", "osnet", width_mult=0.25).build(num_classes=1041)
+    load_pretrained(net, shared_weights / "osnet_x0_25_msmt17" / "osnet_x0_25_msmt17.pth", skip=())
+    net.eval()
+    torch.manual_seed(0)
+    for dim in (128, None):  # conv4 has 128 channels: a 1x1 rotation, or no reduction
+        net.__dict__["_modules"].pop("qaconv", None)
+        head = attach_qaconv(net, "conv4", (128, 64), dim=dim).train()
+        with torch.no_grad():
+            memory = head.extract(net, images([by_pid[p][0] for p in pids]))
+            probe = head.extract(net, images([by_pid[p][-1] for p in pids]))
+            logits = head(probe, memory)  # [40 probes, 40 classes]
+        acc = float((logits.argmax(dim=1) == torch.arange(len(pids))).float().mean())
+        plain = head.match(probe, memory).mean(dim=-1)  # QAConv's similarity without the learned block
+        acc_plain = float((plain.argmax(dim=1) == torch.arange(len(pids))).float().mean())
+        assert acc >= 0.15 and acc == pytest.approx(acc_plain), (dim, acc, acc_plain)  # chance: 0.025

@@ -109,8 +109,8 @@ def test_qaconv_study_job_graph(tmp_path):
     jobs = S.enumerate_jobs(st)
     zero = [j for j in jobs if j.phase == "zero_shot"]
     train = [j for j in jobs if j.phase == "train"]
-    assert len(jobs) == 10 and [j.phase for j in jobs[:2]] == ["zero_shot"] * 2
-    arms = ["ce", "memory", "qaconv_conv4", "qaconv_trans3"]
+    assert len(jobs) == 12 and [j.phase for j in jobs[:2]] == ["zero_shot"] * 2
+    arms = ["ce", "memory", "ce_sgd", "qaconv_conv4", "qaconv_trans3"]
     assert [j.id for j in train] == [f"train/{a}/osnet/split0_seed{r}" for r in (0, 1) for a in arms]
     assert [j.id for j in zero] == ["zero_shot/osnet/ce_split0", "zero_shot/osnet/ce+rerank_split0"]
     assert zero[0].owners == arms and zero[1].owners == [f"{a}+rerank" for a in arms]  # one init, 2 evaluations
@@ -119,9 +119,13 @@ def test_qaconv_study_job_graph(tmp_path):
         c = _cmd(j)
         assert "recipes/osnet_finetune_cuhk03_cpu.yaml" in c and f"--set seed={j.retrain_seed}" in c
         assert "split_seed" not in c  # CUHK03 has one fixed split (split_key null)
-    c4 = _cmd(train[2])
+    c4 = _cmd(train[3])
     assert "--set training.method=qaconv" in c4 and "stage: conv4" in c4 and "eval.matcher={name: qaconv" in c4
-    assert "stage: trans3" in _cmd(train[3]) and "--set data.height=128 --set data.width=64" in c4
+    assert "stage: trans3" in _cmd(train[4]) and "--set data.height=128 --set data.width=64" in c4
+    for j in (train[2], train[3], train[4]):  # the paper's optimiser (Sec. 5.1) for QAConv and its CE baseline
+        assert "--set optim.name=sgd --set optim.lr=0.001" in _cmd(j)
+    assert "optim.lr_mult={qaconv.*: 10}" in c4 and "optim.lr_mult={head.classifier.*: 10}" in _cmd(train[2])
+    assert "optim." not in _cmd(train[0])
     assert "class_memory" in _cmd(train[1]) and "training.method" not in _cmd(train[0])
     z0, z1 = _cmd(zero[0]), _cmd(zero[1])
     assert " evaluate --weights ../shared/weights/osnet_x0_25_msmt17/osnet_x0_25_msmt17.pth" in z0

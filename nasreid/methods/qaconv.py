@@ -25,9 +25,16 @@ The head is a submodule of the network (``net.qaconv``), so ``model.pt`` and the
 ``qaconv`` is open with ``training.open_layers``) and ``model.pretrained``; the loss is Eq. 1, so the recipe's
 ``loss`` section is refused. Not available under torchrun yet (the head's stopped forward does not go through
 ``DistributedDataParallel``).
+
+Optimiser: the paper's (Sec. 5.1), SGD with momentum, the backbone at 0.001 and the new layers at 10x. The memory
+holds maps from up to an epoch ago, so the backbone must change slowly. Measured (issue 28, MSMT17 OSNet x0.25 on
+CUHK03 at 128x64, conv4): AMSGrad at the fine-tune rate 0.0015 (or 0.00015 with the head at 10x) drives the
+backbone away from its memory -- training accuracy over the 372 classes falls from 8 % after the frozen epoch to
+0.4-4 % -- where SGD 0.001 / 0.01 keeps learning (16.5 % -> 19.6 %). An Adam-type optimiser is logged as a warning.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from pydantic import Field
@@ -41,6 +48,8 @@ from nasreid.registry import METHODS
 from .base import COMMON_KEYS, TrainingMethod
 
 __all__ = ["QAConvMethod"]
+
+log = logging.getLogger("nasreid")
 
 
 @METHODS.register("qaconv")
@@ -98,6 +107,12 @@ class QAConvMethod(TrainingMethod):
         from nasreid.models.qaconv import QAConvMemory
 
         head = self.model.qaconv
+        optim = self.ctx.recipe.optim.name
+        if optim != "sgd":
+            log.warning("training.method qaconv with optim.name %s: the class memory holds maps from up to an epoch "
+                        "ago and an adaptive optimiser moves the backbone away from them (training collapsed in "
+                        "issue 28's measurements); the paper uses SGD (optim.name sgd, lr 0.001, optim.lr_mult "
+                        "{'qaconv.*': 10})", optim)
         self.memory = QAConvMemory(self.num_classes, head.dim, head.height, head.width).to(self.ctx.device.device)
 
     def build_hooks(self, hooks):
