@@ -170,7 +170,8 @@ class QAConvHead(nn.Module):
         nn.init.zeros_(self.fc.bias)
         if self.reduce is not None:
             nn.init.orthogonal_(self.reduce.weight.view(self.reduce.out_channels, -1))
-            nn.init.zeros_(self.reduce.bias)
+            if self.reduce.bias is not None:
+                nn.init.zeros_(self.reduce.bias)
         for bn in (self.bn_in, self.bn_out):
             bn.reset_parameters()
 
