@@ -152,7 +152,8 @@ def test_a_fresh_head_on_a_pretrained_backbone_starts_as_a_working_matcher(share
     net.eval()
     torch.manual_seed(0)
     for dim in (128, None):  # conv4 has 128 channels: a 1x1 rotation, or no reduction
-        net.__dict__["_modules"].pop("qaconv", None)
+        if getattr(net, "qaconv", None) is not None:
+            del net.qaconv  # attach_qaconv refuses a second head of another configuration
         head = attach_qaconv(net, "conv4", (128, 64), dim=dim).train()
         with torch.no_grad():
             memory = head.extract(net, images([by_pid[p][0] for p in pids]))
