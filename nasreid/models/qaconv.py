@@ -158,8 +158,8 @@ class QAConvHead(nn.Module):
           (uniform, half the weights negative) starts from a random mix of them.
         * ``reduce``: (semi-)orthogonal weight, bias 0 -- for ``d == C`` a rotation, which leaves every cosine
           similarity of the map unchanged (for ``d > C`` too: orthonormal columns); for ``d < C`` a projection onto
-          ``d`` orthonormal directions. The
-          default init adds one random bias vector to every location, which pulls all unit vectors towards it.
+          ``d`` orthonormal directions. The default init adds one random bias vector to every location, which pulls
+          all unit vectors towards it.
 
         Measured (issue 28; MSMT17 OSNet x0.25, CUHK03 at 128x64, conv4, AMSGrad 0.0015): after the frozen first
         epoch (head only) the training accuracy over the 372 classes was 0.58 % with the default init and 8.3 %
